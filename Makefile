@@ -1,0 +1,39 @@
+# Two commands do everything from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test lint typecheck schemas bench soak clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m worker demo
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check worker tests bench
+	$(PY) -m mypy
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check worker tests bench
+	$(PY) -m ruff format --check worker tests bench
+
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
+
+schemas: $(VENV)/.installed
+	$(PY) -m worker.messages schemas
+
+bench: $(VENV)/.installed
+	$(PY) bench/run.py
+
+soak: $(VENV)/.installed
+	$(PY) bench/soak.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,58 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``, served by aiohttp from the worker's own loop.
+
+Serving from the same event loop is the point of ``/healthz``: a loop blocked by a bug
+answers no probe, and the orchestrator restarts the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import prometheus_client
+from aiohttp import web
+
+__all__ = ["HealthServer"]
+
+
+class HealthServer:
+    """Health, readiness and metrics on ``port``; ``is_ready`` decides ``/readyz``."""
+
+    def __init__(self, is_ready: Callable[[], bool], port: int, host: str = "0.0.0.0") -> None:
+        self._is_ready = is_ready
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        await site.start()
+        if self._runner.addresses:  # port 0 in tests: learn the real one
+            self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        if self._is_ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not consuming"}, status=503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=prometheus_client.generate_latest(),
+            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
+        )

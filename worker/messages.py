@@ -1,0 +1,233 @@
+"""The contract's message models: request (Batch input line), delta, result, error codes.
+
+The JSON Schemas in ``schemas/`` are generated from these models:
+``python -m worker.messages`` rewrites them, and a test fails when they are stale.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "BatchRequest",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "DeltaChoice",
+    "ErrorCode",
+    "ErrorInfo",
+    "JobDelta",
+    "JobResult",
+    "ResultMetadata",
+    "Tool",
+    "UpstreamResponse",
+    "Usage",
+]
+
+CHAT_COMPLETIONS_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+
+class ErrorCode(StrEnum):
+    """``error.code`` of a failed job (contract §6)."""
+
+    INVALID_MESSAGE = "invalid_message"
+    INVALID_REQUEST = "invalid_request"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    FORBIDDEN_REPLY_TO = "forbidden_reply_to"
+    AUTHENTICATION_ERROR = "authentication_error"
+    NOT_FOUND = "not_found"
+    EXPIRED = "expired"
+    RATE_LIMITED = "rate_limited"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+
+
+class _Open(BaseModel):
+    """A model that keeps fields it does not know (providers add their own)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# --- request -----------------------------------------------------------------------------
+
+
+class FunctionCall(_Open):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(_Open):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class FunctionDefinition(_Open):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Open):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+class ChatCompletionRequest(_Open):
+    """The ``body`` of a job: an OpenAI chat-completion request; unknown fields pass through."""
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+
+
+class BatchRequest(BaseModel):
+    """A request message: one line of the OpenAI Batch API input format."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    custom_id: str | None = None
+    method: str | None = Field(None, description="when present: POST")
+    url: str | None = Field(None, description="when present: /v1/chat/completions")
+    body: ChatCompletionRequest
+
+
+# --- results -----------------------------------------------------------------------------
+
+
+class Usage(_Open):
+    """The upstream's usage object, repeated whole (details included when given)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+    status_code: int | None = None
+
+
+class UpstreamResponse(BaseModel):
+    status_code: int
+    request_id: str | None = None
+    body: dict[str, Any] | None = None
+
+
+class ResultMetadata(_Open):
+    attempts: int
+    model: str | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    worker: str
+    finished_at: datetime
+
+
+class JobResult(BaseModel):
+    """The one result of a job: always its last message."""
+
+    id: str
+    custom_id: str | None = None
+    type: Literal["result"] = "result"
+    response: UpstreamResponse | None = None
+    error: ErrorInfo | None = None
+    usage: Usage | None = None
+    metadata: ResultMetadata
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class DeltaChoice(_Open):
+    index: int
+    delta: dict[str, Any]
+    finish_reason: str | None = None
+
+
+class JobDelta(BaseModel):
+    """Partial output of a streamed job; ``seq`` restarts at 0 with each ``attempt``."""
+
+    id: str
+    custom_id: str | None = None
+    type: Literal["delta"] = "delta"
+    attempt: int
+    seq: int
+    choices: list[DeltaChoice]
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "request.schema.json": BatchRequest,
+    "result.schema.json": JobResult,
+    "delta.schema.json": JobDelta,
+}
+
+
+def render_schemas() -> dict[str, bytes]:
+    """The JSON Schema files of ``schemas/``, by file name."""
+    return {
+        name: orjson.dumps(model.model_json_schema(), option=orjson.OPT_INDENT_2) + b"\n"
+        for name, model in SCHEMAS.items()
+    }
+
+
+def write_schemas(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in render_schemas().items():
+        (folder / name).write_bytes(text)
+
+
+if __name__ == "__main__":
+    write_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "schemas"))

@@ -1,0 +1,255 @@
+"""Everything the worker publishes: deltas, results, delay-queue retries, dead letters.
+
+Every publish waits for the broker's confirm; the caller acknowledges the request only
+after that (contract §8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from worker.jobs import Deferral, Envelope, JobOutcome
+from worker.messages import ErrorInfo, JobResult, ResultMetadata, UpstreamResponse, Usage
+from worker.settings import Settings
+from worker.topology import (
+    DELTA,
+    H_ATTEMPTS,
+    H_CUSTOM_ID,
+    H_DELIVERY_COUNT,
+    H_ERROR_CODE,
+    H_ERROR_MESSAGE,
+    H_JOB_ID,
+    H_REDELIVERIES,
+    H_STATUS,
+    H_USAGE_COMPLETION,
+    H_USAGE_PROMPT,
+    H_USAGE_TOTAL,
+    RESULT_ERROR,
+    RESULT_OK,
+    TYPE_DELTA,
+    TYPE_RESULT,
+    delay_queue_name,
+    delay_tier,
+)
+
+__all__ = ["Publisher", "build_result"]
+
+log = structlog.get_logger(__name__)
+
+APP_ID = "chat-worker"
+# Header values are free text from an upstream; keep dead-letter headers small.
+MAX_HEADER_TEXT = 1000
+
+
+def build_result(
+    envelope: Envelope,
+    custom_id: str | None,
+    model: str | None,
+    outcome: JobOutcome,
+    worker: str,
+) -> JobResult:
+    """The result document of contract §4."""
+    response = None
+    if outcome.status_code is not None:
+        response = UpstreamResponse(
+            status_code=outcome.status_code, request_id=outcome.request_id, body=outcome.body
+        )
+    return JobResult(
+        id=envelope.job_id,
+        custom_id=custom_id,
+        response=response,
+        error=outcome.error.info() if outcome.error else None,
+        usage=Usage.model_validate(outcome.usage) if outcome.usage else None,
+        metadata=ResultMetadata(
+            attempts=outcome.attempts,
+            model=model,
+            latency_ms=outcome.latency_ms,
+            ttft_ms=outcome.ttft_ms,
+            worker=worker,
+            finished_at=outcome.finished_at,
+        ),
+    )
+
+
+class Publisher:
+    """Publishes on one confirm channel; routes replies to ``reply_to`` or the exchange."""
+
+    def __init__(
+        self, channel: AbstractChannel, results: AbstractExchange, settings: Settings
+    ) -> None:
+        self._default = channel.default_exchange
+        self._results = results
+        self._settings = settings
+
+    @classmethod
+    async def open(cls, channel: AbstractChannel, settings: Settings) -> Publisher:
+        results = await channel.get_exchange(settings.result_exchange, ensure=False)
+        return cls(channel, results, settings)
+
+    async def delta(
+        self,
+        envelope: Envelope,
+        custom_id: str | None,
+        attempt: int,
+        seq: int,
+        choices: list[dict[str, Any]],
+        trace: Mapping[str, str],
+    ) -> None:
+        body = orjson.dumps(
+            {
+                "id": envelope.job_id,
+                "custom_id": custom_id,
+                "type": "delta",
+                "attempt": attempt,
+                "seq": seq,
+                "choices": choices,
+            }
+        )
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            type=TYPE_DELTA,
+            correlation_id=envelope.correlation_id,
+            # Deltas are worth nothing once the result is out: no need to hit the disk.
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            headers={H_JOB_ID: envelope.job_id, **trace},
+            app_id=APP_ID,
+        )
+        await self._reply(envelope, message, DELTA)
+
+    async def result(self, envelope: Envelope, result: JobResult, trace: Mapping[str, str]) -> None:
+        headers: dict[str, Any] = {
+            H_JOB_ID: result.id,
+            H_STATUS: "ok" if result.ok else "error",
+            H_ATTEMPTS: result.metadata.attempts,
+            **trace,
+        }
+        if result.custom_id is not None:
+            headers[H_CUSTOM_ID] = result.custom_id
+        if result.error is not None:
+            headers[H_ERROR_CODE] = result.error.code.value
+        if result.usage is not None:
+            headers[H_USAGE_PROMPT] = result.usage.prompt_tokens
+            headers[H_USAGE_COMPLETION] = result.usage.completion_tokens
+            headers[H_USAGE_TOTAL] = result.usage.total_tokens
+        message = aio_pika.Message(
+            result.model_dump_json().encode(),
+            content_type="application/json",
+            type=TYPE_RESULT,
+            correlation_id=envelope.correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=headers,
+            app_id=APP_ID,
+            timestamp=datetime.now(UTC),
+        )
+        await self._reply(envelope, message, RESULT_OK if result.ok else RESULT_ERROR)
+
+    async def _reply(self, envelope: Envelope, message: aio_pika.Message, routing_key: str) -> None:
+        if envelope.reply_to:
+            try:
+                await self._default.publish(message, envelope.reply_to, mandatory=True)
+                return
+            except aiormq.exceptions.DeliveryError as exc:
+                if not _returned(exc):
+                    raise
+                log.warning(
+                    "reply_to queue does not exist; sending to the result exchange instead",
+                    job_id=envelope.job_id,
+                    reply_to=envelope.reply_to,
+                )
+                # Later messages of this job go straight to the exchange.
+                envelope.reply_to = None
+        await self._results.publish(message, routing_key)
+
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, envelope: Envelope, error: ErrorInfo, attempts: int
+    ) -> None:
+        """Keep the original request, with why it failed, in the dead-letter queue."""
+        headers = _carried_headers(message)
+        headers.update(
+            {
+                H_ERROR_CODE: error.code.value,
+                H_ERROR_MESSAGE: error.message[:MAX_HEADER_TEXT],
+                H_ATTEMPTS: attempts,
+                H_JOB_ID: envelope.job_id,
+            }
+        )
+        await self._default.publish(
+            _copy(message, envelope, headers), self._settings.dead_letter_queue
+        )
+
+    async def defer(
+        self, message: AbstractIncomingMessage, envelope: Envelope, deferral: Deferral
+    ) -> int:
+        """Send the request round a delay queue; returns the tier's seconds."""
+        tier = delay_tier(deferral.wait)
+        headers = _carried_headers(message)
+        headers[H_ATTEMPTS] = deferral.attempts
+        await self._default.publish(
+            _copy(message, envelope, headers), delay_queue_name(self._settings, tier)
+        )
+        return tier
+
+    async def requeue_counted(
+        self, message: AbstractIncomingMessage, envelope: Envelope, redeliveries: int
+    ) -> None:
+        """Put a redelivered request back with its redelivery count (classic queues keep
+        none, and without one a message that crashes workers would loop for ever)."""
+        headers = _carried_headers(message)
+        headers[H_REDELIVERIES] = redeliveries
+        await self._default.publish(_copy(message, envelope, headers), self._settings.request_queue)
+
+
+def _returned(exc: aiormq.exceptions.DeliveryError) -> bool:
+    """True when the broker returned the message as unroutable (rather than nacking it)."""
+    frame = getattr(exc, "frame", None)
+    return frame is not None and type(frame).__name__ == "Return"
+
+
+def _carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    # The broker's own bookkeeping starts again on the copy.
+    return {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if k
+        not in (
+            H_DELIVERY_COUNT,
+            H_REDELIVERIES,
+            "x-death",
+            "x-first-death-queue",
+            "x-first-death-reason",
+            "x-first-death-exchange",
+            "x-last-death-queue",
+            "x-last-death-reason",
+            "x-last-death-exchange",
+        )
+    }
+
+
+def _copy(
+    message: AbstractIncomingMessage, envelope: Envelope, headers: dict[str, Any]
+) -> aio_pika.Message:
+    """The request as it came, under the job id it has had since its first delivery."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        expiration=message.expiration,
+        message_id=envelope.job_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )

@@ -1,0 +1,329 @@
+"""The worker's life: connect, declare, consume, settle each job, drain on a signal, reconnect.
+
+Settlement rules, in one place (:meth:`Worker._settle`):
+
+- a result (ok or error) is published and confirmed, a failed job's request is also
+  copied to the dead-letter queue and confirmed, *then* the request is acknowledged;
+- a retry that must wait long is republished to a delay queue and confirmed, then acked;
+- anything else (a publish that failed, a lost channel, a bug) leaves the request
+  unacknowledged: the broker delivers it again, and the delivery count bounds the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
+
+from worker.jobs import (
+    Deferral,
+    Envelope,
+    Job,
+    JobOutcome,
+    JobRunner,
+    Rejection,
+    decode_job,
+    read_envelope,
+)
+from worker.publisher import Publisher, build_result
+from worker.settings import Settings
+from worker.topology import H_DELIVERY_COUNT, declare
+from worker.upstream import Upstream
+
+__all__ = ["BrokerUnavailable", "Worker"]
+
+log = structlog.get_logger(__name__)
+
+# Not consuming for this long (at start or after a lost connection) ends the process with
+# an error, so that an orchestrator restarts it rather than keeping a silent zombie.
+RESUME_DEADLINE = 60.0
+RECONNECT_MAX_DELAY = 5.0
+CONNECT_TIMEOUT = 10.0
+
+
+class BrokerUnavailable(RuntimeError):
+    """The worker could not (re)start consuming within :data:`RESUME_DEADLINE`."""
+
+
+class Worker:
+    """Consumes the request queue until :meth:`stop`; see the module docstring."""
+
+    def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
+        self.settings = settings
+        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        self.upstream = upstream or Upstream(
+            settings.upstream_url, key, max_connections=settings.concurrency
+        )
+        self.runner = JobRunner(settings, self.upstream)
+        self.identity = f"{socket.gethostname()}/{os.getpid()}"
+        self._consuming = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._hard_stop = asyncio.Event()
+        self._draining = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._publisher: Publisher | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Connected to the broker and consuming: what ``/readyz`` reports."""
+        return self._consuming.is_set()
+
+    async def wait_ready(self) -> None:
+        await self._consuming.wait()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def stop(self) -> None:
+        """Stop taking jobs and drain (first call); end at once (second call)."""
+        if self._stopping.is_set():
+            log.warning("second stop signal: ending now, unfinished jobs return to the queue")
+            self._hard_stop.set()
+        self._stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    async def run(self) -> None:
+        """Serve until stopped. Raises :class:`BrokerUnavailable` when consuming cannot
+        (re)start in time."""
+        try:
+            while not self._stopping.is_set():
+                connection = await self._connect()
+                if connection is None:
+                    break
+                await self._serve(connection)
+        finally:
+            await self.upstream.aclose()
+        log.info("worker stopped")
+
+    async def _connect(self) -> AbstractConnection | None:
+        deadline = time.monotonic() + RESUME_DEADLINE
+        delay = 0.2
+        url = self.settings.amqp_url.get_secret_value()
+        while not self._stopping.is_set():
+            try:
+                return await aio_pika.connect(
+                    url,
+                    timeout=CONNECT_TIMEOUT,
+                    client_properties={"connection_name": f"chat-worker {self.identity}"},
+                )
+            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(
+                        f"no broker connection for {RESUME_DEADLINE:g}s: {exc!r}"
+                    ) from exc
+                log.warning("broker unreachable; retrying", error=repr(exc), retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        return None
+
+    async def _serve(self, connection: AbstractConnection) -> None:
+        """Consume on ``connection`` until a stop (drain, close) or a loss (drop, return)."""
+        interrupted = asyncio.Event()
+        try:
+            connection.close_callbacks.add(lambda *_: interrupted.set())
+            await declare(connection, self.settings)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel.close_callbacks.add(lambda *_: interrupted.set())
+            underlay = await channel.get_underlay_channel()
+            # A broker-side basic.cancel (queue deleted, node down) leaves the connection
+            # up and the consumer silently gone: treat it as a loss and start again.
+            underlay.on_consumer_cancel_callbacks.add(lambda *_: interrupted.set())
+            await channel.set_qos(prefetch_count=self.settings.concurrency)
+            self._publisher = await Publisher.open(channel, self.settings)
+            queue = await channel.get_queue(self.settings.request_queue, ensure=False)
+            tag = await queue.consume(self._on_message)
+        except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+            log.warning("could not start consuming; reconnecting", error=repr(exc))
+            await _close_quietly(connection)
+            return
+        self._consuming.set()
+        log.info(
+            "consuming",
+            queue=self.settings.request_queue,
+            prefetch=self.settings.concurrency,
+            worker=self.identity,
+        )
+        stop = asyncio.ensure_future(self._stopping.wait())
+        lost = asyncio.ensure_future(interrupted.wait())
+        await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        lost.cancel()
+        self._consuming.clear()
+        if self._stopping.is_set():
+            await self._drain(queue, tag)
+        else:
+            log.warning("broker connection or consumer lost; reconnecting")
+            # Jobs in flight cannot be acknowledged on a new channel: the broker has
+            # already put them back, so stop paying for their upstream calls.
+            for task in list(self._tasks):
+                task.cancel()
+        await _close_quietly(connection)
+
+    async def _drain(self, queue: AbstractQueue, tag: str) -> None:
+        """Stop deliveries at once; give in-flight jobs the grace period; cancel the rest."""
+        self._draining = True
+        with contextlib.suppress(Exception):
+            await queue.cancel(tag)
+        grace = self.settings.shutdown_grace
+        pending = set(self._tasks)
+        log.info("draining", in_flight=len(pending), grace_seconds=grace)
+        if not pending:
+            return
+        hard = asyncio.ensure_future(self._hard_stop.wait())
+        deadline = time.monotonic() + grace
+        while pending and not hard.done() and (remaining := deadline - time.monotonic()) > 0:
+            await asyncio.wait(
+                {*pending, hard}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending = {task for task in pending if not task.done()}
+        hard.cancel()
+        if pending:
+            log.warning("returning unfinished jobs to the queue", jobs=len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- one delivery ----------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._draining:
+            return  # not acknowledged: it goes back to the queue when the channel closes
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # The channel is gone or the publish failed: the broker redelivers the request.
+            log.warning("could not settle a job; it will be redelivered", error=repr(exc))
+        except Exception:
+            log.exception("bug while handling a job; it will be redelivered")
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+        finally:
+            self._tasks.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        assert self._publisher is not None
+        publisher = self._publisher
+        envelope = read_envelope(
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            headers=message.headers,
+            redelivered=bool(message.redelivered),
+            settings=self.settings,
+        )
+        headers = message.headers or {}
+        if message.redelivered and H_DELIVERY_COUNT not in headers:
+            # A classic queue counts nothing: count redeliveries ourselves on a copy.
+            redeliveries = envelope.redeliveries + 1
+            if envelope.prior_attempts < self.settings.max_attempts:
+                await publisher.requeue_counted(message, envelope, redeliveries)
+                await message.ack()
+                return
+        decoded = decode_job(message.body, envelope, self.settings)
+        trace: dict[str, str] = {}
+        if isinstance(decoded, Rejection):
+            custom_id, model = decoded.custom_id, None
+            outcome: JobOutcome | Deferral = JobOutcome(
+                attempts=envelope.prior_attempts, error=decoded.error
+            )
+        else:
+            custom_id, model = decoded.custom_id, decoded.model
+            outcome = await self.runner.run(
+                decoded, self._delta_sender(publisher, decoded, trace), trace
+            )
+        await self._settle(message, envelope, custom_id, model, outcome, trace)
+
+    def _delta_sender(
+        self, publisher: Publisher, job: Job, trace: dict[str, str]
+    ) -> Callable[[int, int, list[dict[str, Any]]], Any]:
+        return partial(publisher.delta, job.envelope, job.custom_id, trace=trace)
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        envelope: Envelope,
+        custom_id: str | None,
+        model: str | None,
+        outcome: JobOutcome | Deferral,
+        trace: dict[str, str],
+    ) -> None:
+        assert self._publisher is not None
+        if isinstance(outcome, Deferral):
+            tier = await self._publisher.defer(message, envelope, outcome)
+            await message.ack()
+            log.info(
+                "job deferred",
+                job_id=envelope.job_id,
+                error_code=outcome.error.code.value,
+                attempts=outcome.attempts,
+                retry_in_s=tier,
+            )
+            return
+        result = build_result(envelope, custom_id, model, outcome, self.identity)
+        if result.error is None:
+            await self._publisher.result(envelope, result, trace)
+        else:
+            await asyncio.gather(
+                self._publisher.result(envelope, result, trace),
+                self._publisher.dead_letter(message, envelope, result.error, outcome.attempts),
+            )
+        await message.ack()
+        usage = result.usage
+        log.info(
+            "job finished",
+            job_id=envelope.job_id,
+            custom_id=custom_id,
+            correlation_id=envelope.correlation_id,
+            model=model,
+            outcome="ok" if result.error is None else "error",
+            error_code=result.error.code.value if result.error else None,
+            attempts=outcome.attempts,
+            latency_ms=outcome.latency_ms,
+            ttft_ms=outcome.ttft_ms,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+        )
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    with contextlib.suppress(Exception):
+        await connection.close()
+
+
+async def serve(settings: Settings, *, upstream: Upstream | None = None) -> None:
+    """``chat-worker run``: the worker and its HTTP endpoints until SIGTERM/SIGINT."""
+    from worker.http import HealthServer
+
+    worker = Worker(settings, upstream=upstream)
+    worker.install_signal_handlers()
+    health = None
+    if settings.http_port:
+        health = HealthServer(lambda: worker.ready, settings.http_port)
+        await health.start()
+    try:
+        await worker.run()
+    finally:
+        if health is not None:
+            await health.stop()
