@@ -247,7 +247,7 @@ class MockUpstream:
         key = hashlib.blake2b(orjson.dumps(body["messages"], option=orjson.OPT_SORT_KEYS))
         digest = key.digest()
         stall = float(opts.get("stall", cfg.stall_seconds))
-        fault = opts.get("fault")
+        fault = None if opts.get("fault") is None else str(opts["fault"])
         if fault is not None:
             if fault not in _FAULTS:
                 raise _BadRequest(f"Unknown mock fault {fault!r}", "unknown_fault")
@@ -456,22 +456,15 @@ def _compose(
     text = sum(
         len((c.content or "").split()) + sum(len(a) // 4 for _, a in c.tool_calls) for c in choices
     )
-    usage = {
-        "prompt_tokens": prompt,
-        "completion_tokens": text + thought,
-        "total_tokens": prompt + text + thought,
-        "prompt_tokens_details": {
-            "cached_tokens": 0,
-            "text_tokens": prompt,
-            "audio_tokens": 0,
-            "image_tokens": 0,
-        },
-        "completion_tokens_details": {
-            "text_tokens": text,
-            "audio_tokens": 0,
-            "reasoning_tokens": thought,
-        },
-    }
+    total = prompt + text + thought
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": text + thought}
+    usage["total_tokens"] = total
+    usage["prompt_tokens_details"] = dict(
+        cached_tokens=0, text_tokens=prompt, audio_tokens=0, image_tokens=0
+    )
+    usage["completion_tokens_details"] = dict(
+        text_tokens=text, audio_tokens=0, reasoning_tokens=thought
+    )
     return choices, reasoning, usage
 
 

@@ -1,0 +1,165 @@
+"""Shared fixtures: a real broker, a real mock upstream over loopback, per-test queue names.
+
+The broker is found in this order: ``WORKER_TEST_AMQP_URL``, the local one on 5672, a
+throwaway RabbitMQ through testcontainers where Docker runs. With none, the session stops
+with one line saying so; integration tests are never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from worker.broker import docker_available, reachable, throwaway_broker
+from worker.mock_upstream import MockConfig, MockUpstream
+from worker.service import Worker
+from worker.settings import Settings
+from worker.topology import DELAY_TIERS
+
+LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    explicit = os.environ.get("WORKER_TEST_AMQP_URL")
+    candidates = [explicit] if explicit else [LOCAL_BROKER]
+    problems = []
+    for url in candidates:
+        problem = asyncio.run(reachable(url, wait=5))
+        if problem is None:
+            yield url
+            return
+        problems.append(f"{url.split('@')[-1]}: {problem}")
+    if not explicit and docker_available():
+        with throwaway_broker() as url:
+            yield url
+            return
+    pytest.exit(
+        "no RabbitMQ for the tests: set WORKER_TEST_AMQP_URL, start one on 127.0.0.1:5672 "
+        f"(`rabbitmq-server -detached`), or run Docker ({'; '.join(problems)})",
+        returncode=3,
+    )
+
+
+@pytest.fixture
+def names() -> dict[str, str]:
+    """Queue and exchange names of this test alone."""
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    return {
+        "request_queue": f"{prefix}.requests",
+        "result_exchange": f"{prefix}.results",
+        "result_queue": f"{prefix}.results",
+        "dead_letter_queue": f"{prefix}.dlq",
+    }
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockUpstream]:
+    async with MockUpstream(MockConfig(api_key="sk-test-0123456789")) as server:
+        yield server
+
+
+@pytest.fixture
+def settings(amqp_url: str, names: dict[str, str], mock: MockUpstream) -> Settings:
+    return make_settings(amqp_url, names, mock)
+
+
+def make_settings(
+    amqp_url: str, names: dict[str, str], mock: MockUpstream, **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "amqp_url": amqp_url,
+        "upstream_base_url": mock.base_url,
+        "upstream_api_key": mock.config.api_key,
+        "concurrency": 16,
+        "http_port": 0,
+        "stream_flush_interval": 0.01,
+        **names,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[AbstractConnection]:
+    """The test's own producer/consumer connection; deletes the test's queues after."""
+    conn = await aio_pika.connect(amqp_url)
+    yield conn
+    channel = await conn.channel()
+    for name in (names["request_queue"], names["result_queue"], names["dead_letter_queue"]):
+        await channel.queue_delete(name)
+    for seconds in DELAY_TIERS:
+        await channel.queue_delete(f"{names['request_queue']}.delay.{seconds}s")
+    await channel.exchange_delete(names["result_exchange"])
+    await conn.close()
+
+
+@pytest.fixture
+async def worker(settings: Settings, connection: AbstractConnection) -> AsyncIterator[Worker]:
+    """A worker consuming the test's queues in this event loop (stopped before the test's
+    queues are deleted)."""
+    running = Worker(settings)
+    task = asyncio.create_task(running.run())
+    async with asyncio.timeout(15):
+        await running.wait_ready()
+    yield running
+    running.stop()
+    await asyncio.wait_for(task, 30)
+
+
+
+class Replies:
+    """An exclusive reply queue of the test's, read message by message."""
+
+    def __init__(self, channel: AbstractChannel, queue: aio_pika.abc.AbstractQueue) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.name = queue.name
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def start(self) -> None:
+        await self.queue.consume(self._inbox.put, no_ack=True)
+
+    async def get(self, timeout: float = 15) -> AbstractIncomingMessage:
+        async with asyncio.timeout(timeout):
+            return await self._inbox.get()
+
+    async def until_results(self, count: int, timeout: float = 30) -> list[AbstractIncomingMessage]:
+        """Every message until ``count`` results have arrived (deltas included, in order)."""
+        seen: list[AbstractIncomingMessage] = []
+        results = 0
+        async with asyncio.timeout(timeout):
+            while results < count:
+                message = await self._inbox.get()
+                seen.append(message)
+                results += message.type == "chat.result"
+        return seen
+
+
+@pytest.fixture
+async def replies(connection: AbstractConnection) -> Replies:
+    channel = await connection.channel()
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    inbox = Replies(channel, queue)
+    await inbox.start()
+    return inbox
+
+
+async def publish(
+    connection: AbstractConnection, queue: str, body: bytes | dict[str, Any], **properties: Any
+) -> None:
+    """Publish a request as a producer would (persistent, confirmed)."""
+    import orjson
+
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    channel = await connection.channel()
+    properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
+    await channel.default_exchange.publish(aio_pika.Message(data, **properties), queue)
+    await channel.close()
