@@ -114,7 +114,6 @@ async def worker(settings: Settings, connection: AbstractConnection) -> AsyncIte
     await asyncio.wait_for(task, 30)
 
 
-
 class Replies:
     """An exclusive reply queue of the test's, read message by message."""
 

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection
-
 from conftest import Replies, publish
+
 from worker.messages import JobDelta, JobResult
 from worker.mock_upstream import MockUpstream
 from worker.service import Worker
@@ -25,10 +25,20 @@ def chat(content: str = "Hello there", **body: Any) -> dict[str, Any]:
 async def test_plain_job_result_goes_to_reply_to_with_ids_and_usage(
     worker: Worker, connection: AbstractConnection, replies: Replies, settings: Settings
 ) -> None:
-    request = {"custom_id": "order-42", "method": "POST", "url": "/v1/chat/completions",
-               "body": chat()}
-    await publish(connection, settings.request_queue, request, message_id="job-1",
-                  correlation_id="corr-1", reply_to=replies.name)
+    request = {
+        "custom_id": "order-42",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": chat(),
+    }
+    await publish(
+        connection,
+        settings.request_queue,
+        request,
+        message_id="job-1",
+        correlation_id="corr-1",
+        reply_to=replies.name,
+    )
 
     message = await replies.get()
     result = JobResult.model_validate_json(message.body)
@@ -83,11 +93,22 @@ async def test_body_fields_reach_the_upstream_unchanged_with_the_bearer_key(
 ) -> None:
     body = chat(
         "Seeds",
-        temperature=0.7, top_p=0.9, n=1, stop=["END"], max_tokens=50,
-        max_completion_tokens=60, presence_penalty=0.5, frequency_penalty=-0.5,
-        logit_bias={"50256": -100}, user="user-7", seed=1234, reasoning_effort="low",
-        response_format={"type": "json_object"}, modalities=["text"],
-        tool_choice="none", tools=[{"type": "function", "function": {"name": "f"}}],
+        temperature=0.7,
+        top_p=0.9,
+        n=1,
+        stop=["END"],
+        max_tokens=50,
+        max_completion_tokens=60,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={"50256": -100},
+        user="user-7",
+        seed=1234,
+        reasoning_effort="low",
+        response_format={"type": "json_object"},
+        modalities=["text"],
+        tool_choice="none",
+        tools=[{"type": "function", "function": {"name": "f"}}],
         vendor_extension={"keep": [1, 2.5, None, "x"]},
     )
     await publish(connection, settings.request_queue, {"body": body}, reply_to=replies.name)
@@ -106,10 +127,17 @@ async def test_streamed_job_deltas_concatenate_to_the_result(
     settings: Settings,
     mock: MockUpstream,
 ) -> None:
-    body = chat("Stream it", stream=True, mock={"chunks": 20, "chunk_interval": 0.002,
-                                                "reasoning": True})
-    await publish(connection, settings.request_queue, {"custom_id": "s-1", "body": body},
-                  message_id="stream-1", correlation_id="c-s", reply_to=replies.name)
+    body = chat(
+        "Stream it", stream=True, mock={"chunks": 20, "chunk_interval": 0.002, "reasoning": True}
+    )
+    await publish(
+        connection,
+        settings.request_queue,
+        {"custom_id": "s-1", "body": body},
+        message_id="stream-1",
+        correlation_id="c-s",
+        reply_to=replies.name,
+    )
     messages = await replies.until_results(1)
     *delta_messages, last = messages
     assert last.type == "chat.result"
@@ -135,10 +163,21 @@ async def test_streamed_job_deltas_concatenate_to_the_result(
 async def test_streamed_tool_call_arguments_are_merged(
     worker: Worker, connection: AbstractConnection, replies: Replies, settings: Settings
 ) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}]
-    await publish(connection, settings.request_queue,
-                  {"body": chat("Weather?", stream=True, tools=tools)}, reply_to=replies.name)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    await publish(
+        connection,
+        settings.request_queue,
+        {"body": chat("Weather?", stream=True, tools=tools)},
+        reply_to=replies.name,
+    )
     *delta_messages, last = await replies.until_results(1)
     result = JobResult.model_validate_json(last.body)
     (call,) = (result.response.body or {})["choices"][0]["message"]["tool_calls"]
@@ -175,8 +214,9 @@ async def test_invalid_messages_fail_without_an_upstream_call_and_the_worker_goe
     payload: bytes | dict[str, Any],
     code: str,
 ) -> None:
-    await publish(connection, settings.request_queue, payload, message_id="bad-1",
-                  reply_to=replies.name)
+    await publish(
+        connection, settings.request_queue, payload, message_id="bad-1", reply_to=replies.name
+    )
     message = await replies.get()
     result = JobResult.model_validate_json(message.body)
     assert result.error is not None and result.error.code == code
