@@ -285,7 +285,10 @@ def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None
     except ImportError:
         pass
     app = MockUpstream(config).app()
-    web.run_app(app, host=host, port=port, access_log=None, handler_cancellation=True, loop=loop)
+    # The CLI announces the address itself, so aiohttp's banner is silenced.
+    web.run_app(
+        app, host=host, port=port, access_log=None, handler_cancellation=True, loop=loop, print=None
+    )
 
 
 async def _status_fault(plan: _Plan, opts: dict[str, Any], headers: dict[str, str]) -> web.Response:
@@ -456,15 +459,22 @@ def _compose(
     text = sum(
         len((c.content or "").split()) + sum(len(a) // 4 for _, a in c.tool_calls) for c in choices
     )
-    total = prompt + text + thought
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": text + thought}
-    usage["total_tokens"] = total
-    usage["prompt_tokens_details"] = dict(
-        cached_tokens=0, text_tokens=prompt, audio_tokens=0, image_tokens=0
-    )
-    usage["completion_tokens_details"] = dict(
-        text_tokens=text, audio_tokens=0, reasoning_tokens=thought
-    )
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": text + thought,
+        "total_tokens": prompt + text + thought,
+        "prompt_tokens_details": {
+            "cached_tokens": 0,
+            "text_tokens": prompt,
+            "audio_tokens": 0,
+            "image_tokens": 0,
+        },
+        "completion_tokens_details": {
+            "text_tokens": text,
+            "audio_tokens": 0,
+            "reasoning_tokens": thought,
+        },
+    }
     return choices, reasoning, usage
 
 

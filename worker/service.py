@@ -73,6 +73,10 @@ class Worker:
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publisher: Publisher | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag = ""
+        self._interrupted = asyncio.Event()
+        self._not_consuming_since = time.monotonic()
 
     @property
     def ready(self) -> bool:
@@ -100,9 +104,10 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until stopped. Raises :class:`BrokerUnavailable` when consuming cannot
-        (re)start in time."""
+        (re)start within :data:`RESUME_DEADLINE`."""
         try:
             while not self._stopping.is_set():
+                self._not_consuming_since = time.monotonic()
                 connection = await self._connect()
                 if connection is None:
                     break
@@ -111,31 +116,36 @@ class Worker:
             await self.upstream.aclose()
         log.info("worker stopped")
 
+    def _check_deadline(self, problem: object) -> None:
+        if time.monotonic() - self._not_consuming_since >= RESUME_DEADLINE:
+            raise BrokerUnavailable(f"not consuming for {RESUME_DEADLINE:g}s: {problem!r}")
+
     async def _connect(self) -> AbstractConnection | None:
-        deadline = time.monotonic() + RESUME_DEADLINE
         delay = 0.2
         url = self.settings.amqp_url.get_secret_value()
         while not self._stopping.is_set():
             try:
-                return await aio_pika.connect(
+                connection = await aio_pika.connect(
                     url,
                     timeout=CONNECT_TIMEOUT,
                     client_properties={"connection_name": f"chat-worker {self.identity}"},
                 )
+                if await self._start_consuming(connection):
+                    return connection
+                problem: object = "could not declare the topology or start the consumer"
             except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(
-                        f"no broker connection for {RESUME_DEADLINE:g}s: {exc!r}"
-                    ) from exc
-                log.warning("broker unreachable; retrying", error=repr(exc), retry_in=delay)
+                problem = exc
+            self._check_deadline(problem)
+            log.warning("broker unavailable; retrying", error=repr(problem), retry_in=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
         return None
 
-    async def _serve(self, connection: AbstractConnection) -> None:
-        """Consume on ``connection`` until a stop (drain, close) or a loss (drop, return)."""
-        interrupted = asyncio.Event()
+    async def _start_consuming(self, connection: AbstractConnection) -> bool:
+        """Declare, open the confirm channel, start the consumer; False if any step failed."""
+        self._interrupted = asyncio.Event()
+        interrupted = self._interrupted
         try:
             connection.close_callbacks.add(lambda *_: interrupted.set())
             await declare(connection, self.settings)
@@ -147,12 +157,16 @@ class Worker:
             underlay.on_consumer_cancel_callbacks.add(lambda *_: interrupted.set())
             await channel.set_qos(prefetch_count=self.settings.concurrency)
             self._publisher = await Publisher.open(channel, self.settings)
-            queue = await channel.get_queue(self.settings.request_queue, ensure=False)
-            tag = await queue.consume(self._on_message)
+            self._queue = await channel.get_queue(self.settings.request_queue, ensure=False)
+            self._consumer_tag = await self._queue.consume(self._on_message)
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
-            log.warning("could not start consuming; reconnecting", error=repr(exc))
+            log.warning("could not start consuming", error=repr(exc))
             await _close_quietly(connection)
-            return
+            return False
+        return True
+
+    async def _serve(self, connection: AbstractConnection) -> None:
+        """Consume until a stop (drain, then close) or a loss (drop in-flight jobs, return)."""
         self._consuming.set()
         log.info(
             "consuming",
@@ -161,13 +175,13 @@ class Worker:
             worker=self.identity,
         )
         stop = asyncio.ensure_future(self._stopping.wait())
-        lost = asyncio.ensure_future(interrupted.wait())
+        lost = asyncio.ensure_future(self._interrupted.wait())
         await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         lost.cancel()
         self._consuming.clear()
         if self._stopping.is_set():
-            await self._drain(queue, tag)
+            await self._drain(self._queue, self._consumer_tag)
         else:
             log.warning("broker connection or consumer lost; reconnecting")
             # Jobs in flight cannot be acknowledged on a new channel: the broker has
@@ -176,11 +190,12 @@ class Worker:
                 task.cancel()
         await _close_quietly(connection)
 
-    async def _drain(self, queue: AbstractQueue, tag: str) -> None:
+    async def _drain(self, queue: AbstractQueue | None, tag: str) -> None:
         """Stop deliveries at once; give in-flight jobs the grace period; cancel the rest."""
         self._draining = True
-        with contextlib.suppress(Exception):
-            await queue.cancel(tag)
+        if queue is not None:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
         grace = self.settings.shutdown_grace
         pending = set(self._tasks)
         log.info("draining", in_flight=len(pending), grace_seconds=grace)

@@ -242,8 +242,8 @@ async def test_tool_call_fragments_carry_id_and_name_only_first(
         assert first["type"] == "function"
         assert first["function"] == {"name": "get_weather", "arguments": ""}
         assert len(rest) >= 3
-        assert all(set(f) == {"index", "function"} and set(f["function"]) == {"arguments"}
-                   for f in rest)  # fmt: skip
+        assert all(set(f) == {"index", "function"} for f in rest)
+        assert all(set(f["function"]) == {"arguments"} for f in rest)
         arguments = orjson.loads("".join(f["function"]["arguments"] for f in rest))
         assert set(arguments) == {"city", "days"}
         assert isinstance(arguments["city"], str)
