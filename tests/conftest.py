@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -102,6 +102,27 @@ async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[Abst
 
 
 @pytest.fixture
+async def start_worker(
+    amqp_url: str, names: dict[str, str], mock: MockUpstream, connection: AbstractConnection
+) -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
+    """Start workers with settings overrides; each is stopped at the end of the test."""
+    started: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> Worker:
+        running = Worker(make_settings(amqp_url, names, mock, **overrides))
+        task = asyncio.create_task(running.run())
+        started.append((running, task))
+        async with asyncio.timeout(15):
+            await running.wait_ready()
+        return running
+
+    yield start
+    for running, task in started:
+        running.stop()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
 async def worker(settings: Settings, connection: AbstractConnection) -> AsyncIterator[Worker]:
     """A worker consuming the test's queues in this event loop (stopped before the test's
     queues are deleted)."""
@@ -162,3 +183,16 @@ async def publish(
     properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
     await channel.default_exchange.publish(aio_pika.Message(data, **properties), queue)
     await channel.close()
+
+
+async def get_one(
+    connection: AbstractConnection, queue: str, timeout: float = 15
+) -> AbstractIncomingMessage:
+    """The next message of a durable queue (polled, acknowledged)."""
+    channel = await connection.channel()
+    source = await channel.get_queue(queue)
+    async with asyncio.timeout(timeout):
+        while (message := await source.get(fail=False)) is None:
+            await asyncio.sleep(0.05)
+    await message.ack()
+    return message

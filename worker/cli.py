@@ -105,3 +105,59 @@ def mock_upstream(
     )
     click.echo(f"mock upstream on http://{host}:{port}/v1", err=True)
     serve(config, host, port)
+
+
+@main.group()
+def dlq() -> None:
+    """List and replay dead-lettered requests (WORKER_DEAD_LETTER_QUEUE)."""
+
+
+_codes = click.option(
+    "--code", "codes", multiple=True, help="Only this error code (repeatable), e.g. rate_limited."
+)
+
+
+@dlq.command("list")
+@_codes
+@click.option("--limit", type=int, default=None, help="Show at most this many.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+def dlq_list(codes: tuple[str, ...], limit: int | None, as_json: bool) -> None:
+    """Show dead letters (job id, error code, attempts, reason); leaves them in place."""
+    import orjson
+    from rich.console import Console
+    from rich.table import Table
+
+    from worker.dlq import list_dead_letters
+
+    letters = run_async(list_dead_letters(settings_or_exit(), codes=codes, limit=limit))
+    if as_json:
+        for letter in letters:
+            click.echo(orjson.dumps(letter.as_dict()).decode())
+        return
+    table = Table(title=f"{len(letters)} dead letters")
+    for column in ("job_id", "error_code", "attempts", "reason", "bytes", "error_message"):
+        table.add_column(column, overflow="fold")
+    for letter in letters:
+        table.add_row(
+            letter.job_id or "-",
+            letter.error_code or "-",
+            "-" if letter.attempts is None else str(letter.attempts),
+            letter.reason,
+            str(letter.size),
+            (letter.error_message or "")[:80],
+        )
+    Console().print(table)
+
+
+@dlq.command("replay")
+@_codes
+@click.option("--limit", type=int, default=None, help="Replay at most this many.")
+@click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(codes: tuple[str, ...], limit: int | None, everything: bool) -> None:
+    """Send dead letters back to the request queue with fresh attempts."""
+    from worker.dlq import replay_dead_letters
+
+    if not codes and not everything:
+        raise click.UsageError("say which: --code CODE (repeatable) or --all")
+    count = run_async(replay_dead_letters(settings_or_exit(), codes=codes, limit=limit))
+    click.echo(f"replayed {count} dead letters to the request queue")

@@ -40,7 +40,7 @@ from worker.topology import (
     delay_tier,
 )
 
-__all__ = ["Publisher", "build_result"]
+__all__ = ["Publisher", "build_result", "copy_request"]
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +152,9 @@ class Publisher:
         )
         await self._reply(envelope, message, RESULT_OK if result.ok else RESULT_ERROR)
 
-    async def _reply(self, envelope: Envelope, message: aio_pika.Message, routing_key: str) -> None:
+    async def _reply(
+        self, envelope: Envelope, message: aio_pika.Message, routing_key: str
+    ) -> None:
         if envelope.reply_to:
             try:
                 await self._default.publish(message, envelope.reply_to, mandatory=True)
@@ -167,7 +169,23 @@ class Publisher:
                 )
                 # Later messages of this job go straight to the exchange.
                 envelope.reply_to = None
-        await self._results.publish(message, routing_key)
+        if routing_key == DELTA:
+            # Deltas are for whoever listens; with no binding they are simply not wanted.
+            await self._results.publish(message, routing_key, mandatory=False)
+            return
+        try:
+            await self._results.publish(message, routing_key, mandatory=True)
+        except aiormq.exceptions.DeliveryError as exc:
+            if not _returned(exc):
+                raise
+            # Nothing is bound for results (WORKER_RESULT_QUEUE empty and no queue of the
+            # operator's): retrying cannot help, and a failed job is in the DLQ anyway.
+            log.error(
+                "result unroutable: no queue bound to the result exchange for it",
+                job_id=envelope.job_id,
+                exchange=self._settings.result_exchange,
+                routing_key=routing_key,
+            )
 
     async def dead_letter(
         self, message: AbstractIncomingMessage, envelope: Envelope, error: ErrorInfo, attempts: int
@@ -238,6 +256,13 @@ def _copy(
     message: AbstractIncomingMessage, envelope: Envelope, headers: dict[str, Any]
 ) -> aio_pika.Message:
     """The request as it came, under the job id it has had since its first delivery."""
+    return copy_request(message, message_id=envelope.job_id, headers=headers)
+
+
+def copy_request(
+    message: AbstractIncomingMessage, *, message_id: str | None, headers: dict[str, Any]
+) -> aio_pika.Message:
+    """A persistent copy of a delivered request with other headers, to publish again."""
     return aio_pika.Message(
         message.body,
         headers=headers,
@@ -248,7 +273,7 @@ def _copy(
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         expiration=message.expiration,
-        message_id=envelope.job_id,
+        message_id=message_id,
         timestamp=message.timestamp,
         type=message.type,
         app_id=message.app_id,

@@ -228,8 +228,10 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            # The channel is gone or the publish failed: the broker redelivers the request.
+            # A publish failed or the channel is gone: the broker delivers the request again.
             log.warning("could not settle a job; it will be redelivered", error=repr(exc))
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
         except Exception:
             log.exception("bug while handling a job; it will be redelivered")
             with contextlib.suppress(Exception):

@@ -1,0 +1,141 @@
+"""``chat-worker dlq``: list dead-lettered requests and replay a selection to the request queue.
+
+Listing is non-destructive: messages are fetched unacknowledged and all go back when the
+channel closes. A replayed request is republished (confirmed) with a fresh attempt count,
+then removed from the dead-letter queue; the others stay where they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from worker.publisher import copy_request
+from worker.settings import Settings
+from worker.topology import (
+    H_ATTEMPTS,
+    H_DELIVERY_COUNT,
+    H_ERROR_CODE,
+    H_ERROR_MESSAGE,
+    H_JOB_ID,
+    H_REDELIVERIES,
+)
+
+__all__ = ["DeadLetter", "list_dead_letters", "replay_dead_letters"]
+
+H_REPLAYS = "x-replays"
+# Headers that describe a past failure; a replayed request starts clean.
+_FAILURE_HEADERS = frozenset(
+    {H_ERROR_CODE, H_ERROR_MESSAGE, H_ATTEMPTS, H_DELIVERY_COUNT, H_REDELIVERIES, "x-death"}
+)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """What the dead-letter queue says of one request (never its content)."""
+
+    job_id: str | None
+    error_code: str | None
+    error_message: str | None
+    attempts: int | None
+    size: int
+    reason: str  # "worker" (failed job) or the broker's x-death reason (e.g. delivery_limit)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "attempts": self.attempts,
+            "size": self.size,
+            "reason": self.reason,
+        }
+
+
+def describe(message: AbstractIncomingMessage) -> DeadLetter:
+    headers = message.headers or {}
+    deaths = headers.get("x-death")
+    reason = "worker"
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        reason = str(deaths[0].get("reason", "broker"))
+    attempts = headers.get(H_ATTEMPTS)
+    return DeadLetter(
+        job_id=str(headers.get(H_JOB_ID) or message.message_id or "") or None,
+        error_code=_text(headers.get(H_ERROR_CODE)),
+        error_message=_text(headers.get(H_ERROR_MESSAGE)),
+        attempts=int(attempts) if isinstance(attempts, int) else None,
+        size=len(message.body),
+        reason=reason,
+    )
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def _browse(
+    channel: AbstractChannel, queue_name: str
+) -> AsyncIterator[AbstractIncomingMessage]:
+    """Every message in the queue, each fetched once: unacknowledged ones are not handed
+    out again while the channel is open, so the walk ends when the queue looks empty."""
+    queue = await channel.get_queue(queue_name, ensure=True)
+    while (message := await queue.get(no_ack=False, fail=False)) is not None:
+        yield message
+
+
+async def list_dead_letters(
+    settings: Settings, *, codes: Collection[str] = (), limit: int | None = None
+) -> list[DeadLetter]:
+    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+        channel = await connection.channel()
+        found: list[DeadLetter] = []
+        async for message in _browse(channel, settings.dead_letter_queue):
+            letter = describe(message)
+            if _selected(letter, codes):
+                found.append(letter)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found  # closing the channel puts every message back
+
+
+async def replay_dead_letters(
+    settings: Settings,
+    *,
+    codes: Collection[str] = (),
+    limit: int | None = None,
+    on_replay: Callable[[DeadLetter], None] | None = None,
+) -> int:
+    """Republish the selected dead letters to the request queue; returns how many."""
+    replayed = 0
+    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        async for message in _browse(channel, settings.dead_letter_queue):
+            letter = describe(message)
+            if not _selected(letter, codes):
+                continue
+            await channel.default_exchange.publish(_replay_copy(message), settings.request_queue)
+            await message.ack()
+            replayed += 1
+            if on_replay is not None:
+                on_replay(letter)
+            if limit is not None and replayed >= limit:
+                break
+    return replayed
+
+
+def _selected(letter: DeadLetter, codes: Collection[str]) -> bool:
+    return not codes or (letter.error_code or letter.reason) in codes
+
+
+def _replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in _FAILURE_HEADERS}
+    replays = headers.get(H_REPLAYS)
+    headers[H_REPLAYS] = (replays if isinstance(replays, int) else 0) + 1
+    job_id = message.message_id or _text((message.headers or {}).get(H_JOB_ID))
+    return copy_request(message, message_id=job_id, headers=headers)
