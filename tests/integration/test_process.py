@@ -1,0 +1,231 @@
+"""Real worker processes against the real broker: kill -9, SIGTERM, connections cut.
+
+Each test counts what it promised: every job ends with a result (lost = 0), and reports
+how many jobs got a second result (allowed by at-least-once delivery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from conftest import publish
+
+from worker.messages import JobResult
+from worker.mock_upstream import MockUpstream
+from worker.settings import Settings
+from worker.topology import declare
+
+pytestmark = pytest.mark.integration
+
+
+class WorkerProcess:
+    """``python -m worker run`` with the test's settings, in its own process."""
+
+    def __init__(self, settings: Settings, **overrides: Any) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+        values = {**settings.model_dump(), **overrides}
+        for name, value in values.items():
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            if isinstance(value, frozenset):
+                value = ",".join(value)
+            if value is None:
+                continue
+            env[f"WORKER_{name.upper()}"] = str(value)
+        env["WORKER_LOG_LEVEL"] = "warning"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait(self, timeout: float) -> int:
+        async with asyncio.timeout(timeout):
+            while (code := self.process.poll()) is None:
+                await asyncio.sleep(0.05)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+class Results:
+    """Counts results by job id as they land on the durable result queue."""
+
+    def __init__(self) -> None:
+        self.by_id: collections.Counter[str] = collections.Counter()
+        self.changed = asyncio.Event()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        result = JobResult.model_validate_json(message.body)
+        assert result.error is None, result.error
+        self.by_id[result.id] += 1
+        self.changed.set()
+
+    async def until(self, predicate: Any, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    def report(self, expected: set[str], label: str) -> tuple[int, int]:
+        lost = len(expected - set(self.by_id))
+        duplicated = sum(n - 1 for n in self.by_id.values())
+        print(f"\n{label}: jobs {len(expected)}, lost {lost}, duplicated {duplicated}")
+        return lost, duplicated
+
+
+@pytest.fixture
+async def results(connection: AbstractConnection, settings: Settings) -> AsyncIterator[Results]:
+    collected = Results()
+    # Jobs are published before any worker runs: declare what the worker would.
+    await declare(connection, settings)
+    channel = await connection.channel()
+    queue = await channel.get_queue(settings.result_queue)
+    await queue.consume(collected.on_message, no_ack=True)
+    yield collected
+
+
+async def fill(
+    connection: AbstractConnection, settings: Settings, count: int, latency: float
+) -> set[str]:
+    ids = {f"job-{n}" for n in range(count)}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello"}],
+        "mock": {"latency": latency},
+    }
+    for job_id in sorted(ids):
+        await publish(connection, settings.request_queue, {"body": body}, message_id=job_id)
+    return ids
+
+
+async def test_kill_9_with_jobs_in_flight_loses_nothing(
+    settings: Settings, connection: AbstractConnection, results: Results, mock: MockUpstream
+) -> None:
+    ids = await fill(connection, settings, 200, latency=0.2)
+    first = WorkerProcess(settings, concurrency=16)
+    try:
+        await results.until(lambda: len(results.by_id) >= 40, timeout=60)
+        assert mock.stats.total > len(results.by_id), "jobs are in flight at the kill"
+        os.kill(first.pid, signal.SIGKILL)
+        assert await first.wait(10) == -signal.SIGKILL
+    finally:
+        first.kill()
+    second = WorkerProcess(settings, concurrency=16)
+    try:
+        await results.until(lambda: set(results.by_id) >= ids, timeout=90)
+    finally:
+        second.kill()
+    lost, duplicated = results.report(ids, "kill -9")
+    assert lost == 0
+    assert duplicated <= 16, "only jobs in flight at the kill may be done twice"
+
+
+async def test_sigterm_drains_in_flight_jobs_and_exits_0(
+    settings: Settings, connection: AbstractConnection, results: Results, mock: MockUpstream
+) -> None:
+    ids = await fill(connection, settings, 20, latency=1.5)
+    process = WorkerProcess(settings, concurrency=8, shutdown_grace=10)
+    try:
+        async with asyncio.timeout(30):
+            while mock.stats.total < 8:
+                await asyncio.sleep(0.05)
+        started = asyncio.get_running_loop().time()
+        process.process.send_signal(signal.SIGTERM)
+        assert await process.wait(15) == 0
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        process.kill()
+    assert elapsed < 10, "exits within the grace period"
+    finished = set(results.by_id)
+    assert len(finished) >= 8, "jobs in flight at SIGTERM finish"
+    assert mock.stats.total == 8, "no job is started after SIGTERM"
+    channel = await connection.channel()
+    queue = await channel.declare_queue(settings.request_queue, passive=True)
+    assert queue.declaration_result.message_count == len(ids) - len(finished)
+    rest = WorkerProcess(settings)
+    try:
+        await results.until(lambda: set(results.by_id) >= ids, timeout=60)
+    finally:
+        rest.kill()
+    lost, _ = results.report(ids, "SIGTERM")
+    assert lost == 0
+
+
+async def test_sigterm_past_the_grace_period_returns_jobs_to_the_queue(
+    settings: Settings, connection: AbstractConnection, results: Results, mock: MockUpstream
+) -> None:
+    ids = await fill(connection, settings, 4, latency=30)
+    process = WorkerProcess(settings, concurrency=4, shutdown_grace=1)
+    try:
+        async with asyncio.timeout(30):
+            while mock.stats.total < 4:
+                await asyncio.sleep(0.05)
+        process.process.send_signal(signal.SIGTERM)
+        assert await process.wait(10) == 0
+    finally:
+        process.kill()
+    assert not results.by_id
+    channel = await connection.channel()
+    queue = await channel.declare_queue(settings.request_queue, passive=True)
+    assert queue.declaration_result.message_count == len(ids)
+
+
+def worker_connections(pid: int) -> list[str]:
+    """Broker-side pids of the connections a worker process opened (by connection name)."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [
+        line.split("\t", 1)[0]
+        for line in listing.splitlines()
+        if re.search(rf"chat-worker [^\"]*/{pid}\"", line)
+    ]
+
+
+async def test_connections_cut_under_load_resume_and_lose_nothing(
+    settings: Settings, connection: AbstractConnection, results: Results, mock: MockUpstream
+) -> None:
+    ids = await fill(connection, settings, 400, latency=0.05)
+    process = WorkerProcess(settings, concurrency=32)
+    try:
+        for cut in (50, 200):
+            await results.until(lambda n=cut: len(results.by_id) >= n, timeout=60)
+            pids = await asyncio.to_thread(worker_connections, process.pid)
+            assert pids, "the worker's connection is listed by the broker"
+            for pid in pids:
+                await asyncio.to_thread(
+                    subprocess.run,
+                    ["rabbitmqctl", "close_connection", pid, "test: cut under load"],
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
+        await results.until(lambda: set(results.by_id) >= ids, timeout=120)
+        assert process.process.poll() is None, "the worker survived both cuts"
+    finally:
+        process.kill()
+    lost, _ = results.report(ids, "connection cuts")
+    assert lost == 0

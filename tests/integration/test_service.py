@@ -1,0 +1,49 @@
+"""The worker's life cycle in-process: lost consumers, an unreachable broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aio_pika.abc import AbstractConnection
+from conftest import Replies, make_settings, publish
+
+import worker.service
+from worker.messages import JobResult
+from worker.mock_upstream import MockUpstream
+from worker.service import BrokerUnavailable, Worker
+
+pytestmark = pytest.mark.integration
+
+BODY = {"body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+
+
+async def test_consuming_resumes_after_the_broker_cancels_the_consumer(
+    start_worker: Callable[..., Awaitable[Worker]],
+    connection: AbstractConnection,
+    replies: Replies,
+) -> None:
+    running = await start_worker()
+    channel = await connection.channel()
+    # Deleting the queue makes the broker cancel the consumer while the connection stays up
+    # (aio-pika issues #231, #334): the worker must notice and consume again.
+    await channel.queue_delete(running.settings.request_queue)
+    async with asyncio.timeout(15):
+        while running.ready:
+            await asyncio.sleep(0.01)
+        await running.wait_ready()
+    await publish(connection, running.settings.request_queue, BODY, reply_to=replies.name)
+    result = JobResult.model_validate_json((await replies.get()).body)
+    assert result.error is None
+
+
+async def test_an_unreachable_broker_ends_the_worker_with_an_error(
+    monkeypatch: pytest.MonkeyPatch, names: dict[str, str], mock: MockUpstream
+) -> None:
+    monkeypatch.setattr(worker.service, "RESUME_DEADLINE", 1.0)
+    settings = make_settings("amqp://guest:guest@127.0.0.1:1/", names, mock)
+    running = Worker(settings)
+    with pytest.raises(BrokerUnavailable, match="not consuming for 1s"):
+        await asyncio.wait_for(running.run(), 20)
+    assert not running.ready
