@@ -73,6 +73,34 @@ def demo(jobs: str | None) -> None:
     sys.exit(run_async(run_demo(settings_or_exit(), lines)))
 
 
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Batch output JSONL [default: FILE.out.jsonl next to FILE].",
+)
+@click.option("--resume", is_flag=True, help="Continue OUT: skip the custom_ids it has.")
+@click.option(
+    "--max-in-flight",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Jobs published and not yet answered.",
+)
+def submit(file: Path, output: Path | None, resume: bool, max_in_flight: int) -> None:
+    """Publish a Batch input file, wait for the results, write them in Batch output format.
+
+    Exit 0 when every job succeeded, 1 otherwise, 2 when OUT exists without --resume,
+    130 when interrupted (run again with --resume).
+    """
+    from worker.submit import run_submit
+
+    code = run_submit(settings_or_exit(), file, output, resume=resume, max_in_flight=max_in_flight)
+    sys.exit(run_async(code))
+
+
 @main.command("mock-upstream")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)

@@ -8,11 +8,13 @@ Timeouts are not left to the transport: callers bound a plain call with
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
@@ -26,6 +28,11 @@ __all__ = ["Completion", "Upstream", "default_transport", "retry_after_seconds"]
 # Connecting is the one phase the transport times itself: a host that does not answer a
 # SYN should fail fast and be retried, not eat the whole request timeout.
 CONNECT_TIMEOUT = 10.0
+
+# What a broken connection or a malformed HTTP answer raises. httpx-aiohttp maps most aiohttp
+# errors to httpx ones but lets others through (a bad status line or chunk size raises
+# aiohttp's ClientResponseError): every one is an upstream_error, to retry.
+TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +85,7 @@ class Upstream:
         """One non-streamed call; raises a :class:`JobError` for anything but a 2xx JSON."""
         try:
             response = await self._client.post(self.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         request_id = response.headers.get("x-request-id")
         if response.status_code >= 300:
@@ -117,7 +124,7 @@ class Upstream:
                     if not event.data:
                         continue
                     yield _parse_chunk(event.event, event.data, meta)
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from exc
         except SSEError as exc:
             raise UpstreamError(f"upstream stream is not server-sent events: {exc}") from exc
@@ -166,20 +173,24 @@ def _status_error(response: httpx.Response) -> JobError:
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     """The wait an upstream asks for: ``retry-after-ms``, else ``Retry-After`` (seconds or
     an HTTP date)."""
-    if value := headers.get("retry-after-ms"):
-        try:
-            return max(float(value) / 1000, 0.0)
-        except ValueError:
-            pass
+    if (millis := _finite(headers.get("retry-after-ms"))) is not None:
+        return max(millis / 1000, 0.0)
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
+    if (seconds := _finite(value)) is not None:
+        return max(seconds, 0.0)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     return max(when.timestamp() - time.time(), 0.0)
+
+
+def _finite(value: str | None) -> float | None:
+    """``value`` as a finite number, else None: a NaN wait would reach ``asyncio.sleep``."""
+    try:
+        number = float(value) if value else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -93,14 +92,14 @@ class Results:
 
 
 @pytest.fixture
-async def results(connection: AbstractConnection, settings: Settings) -> AsyncIterator[Results]:
+async def results(connection: AbstractConnection, settings: Settings) -> Results:
     collected = Results()
     # Jobs are published before any worker runs: declare what the worker would.
     await declare(connection, settings)
     channel = await connection.channel()
     queue = await channel.get_queue(settings.result_queue)
     await queue.consume(collected.on_message, no_ack=True)
-    yield collected
+    return collected
 
 
 async def fill(
