@@ -33,7 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/run.py
 
 soak: $(VENV)/.installed
-	$(PY) bench/soak.py
+	$(PY) tests/soak/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -90,6 +90,21 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``WORKER_*`` variables, secrets included: for a child process."""
+        env = {}
+        for name, value in self:
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, frozenset):
+                value = ",".join(sorted(value))
+            elif isinstance(value, re.Pattern):
+                value = value.pattern
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env
+
     @property
     def upstream_url(self) -> str:
         """The chat-completions endpoint; only ``run`` requires a base URL."""

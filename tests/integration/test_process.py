@@ -32,15 +32,7 @@ class WorkerProcess:
 
     def __init__(self, settings: Settings, **overrides: Any) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-        values = {**settings.model_dump(), **overrides}
-        for name, value in values.items():
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            if isinstance(value, frozenset):
-                value = ",".join(value)
-            if value is None:
-                continue
-            env[f"WORKER_{name.upper()}"] = str(value)
+        env.update(settings.model_copy(update=overrides).to_env())
         env["WORKER_LOG_LEVEL"] = "warning"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker", "run"],
