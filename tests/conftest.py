@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
+import prometheus_client
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
@@ -21,9 +22,15 @@ from worker.broker import docker_available, reachable, throwaway_broker
 from worker.mock_upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
+from worker.telemetry import Telemetry
 from worker.topology import DELAY_TIERS
 
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def fresh_telemetry() -> Telemetry:
+    """Metrics of one test's worker alone (the process-wide registry would add up)."""
+    return Telemetry(registry=prometheus_client.CollectorRegistry())
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +116,9 @@ async def start_worker(
     started: list[tuple[Worker, asyncio.Task[None]]] = []
 
     async def start(**overrides: Any) -> Worker:
-        running = Worker(make_settings(amqp_url, names, mock, **overrides))
+        running = Worker(
+            make_settings(amqp_url, names, mock, **overrides), telemetry=fresh_telemetry()
+        )
         task = asyncio.create_task(running.run())
         started.append((running, task))
         async with asyncio.timeout(15):
@@ -126,7 +135,7 @@ async def start_worker(
 async def worker(settings: Settings, connection: AbstractConnection) -> AsyncIterator[Worker]:
     """A worker consuming the test's queues in this event loop (stopped before the test's
     queues are deleted)."""
-    running = Worker(settings)
+    running = Worker(settings, telemetry=fresh_telemetry())
     task = asyncio.create_task(running.run())
     async with asyncio.timeout(15):
         await running.wait_ready()

@@ -17,8 +17,16 @@ __all__ = ["HealthServer"]
 class HealthServer:
     """Health, readiness and metrics on ``port``; ``is_ready`` decides ``/readyz``."""
 
-    def __init__(self, is_ready: Callable[[], bool], port: int, host: str = "0.0.0.0") -> None:
+    def __init__(
+        self,
+        is_ready: Callable[[], bool],
+        port: int,
+        *,
+        registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
+        host: str = "0.0.0.0",
+    ) -> None:
         self._is_ready = is_ready
+        self._registry = registry
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -53,6 +61,6 @@ class HealthServer:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(
-            body=prometheus_client.generate_latest(),
+            body=prometheus_client.generate_latest(self._registry),
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
         )

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import structlog
 from pydantic import ValidationError
 
 from worker.errors import (
@@ -32,6 +33,7 @@ from worker.errors import (
 from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
 from worker.settings import Settings
 from worker.streaming import CompletionAssembler, DeltaStream
+from worker.telemetry import Telemetry
 from worker.topology import H_ATTEMPTS, H_DEADLINE, H_DELIVERY_COUNT, H_REDELIVERIES
 from worker.upstream import Upstream
 
@@ -45,6 +47,8 @@ __all__ = [
     "decode_job",
     "read_envelope",
 ]
+
+log = structlog.get_logger(__name__)
 
 # Retries that wait longer than this leave the process through a delay queue, so a long
 # Retry-After does not hold a consumer slot that other jobs could use.
@@ -248,13 +252,12 @@ def backoff(attempt: int, retry_after: float | None) -> float:
 class JobRunner:
     """Calls the upstream for a :class:`Job`, retrying as contract §6 says."""
 
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(self, settings: Settings, upstream: Upstream, telemetry: Telemetry) -> None:
         self.settings = settings
         self.upstream = upstream
+        self.telemetry = telemetry
 
-    async def run(
-        self, job: Job, send_delta: SendDelta, headers: Mapping[str, str]
-    ) -> JobOutcome | Deferral:
+    async def run(self, job: Job, send_delta: SendDelta) -> JobOutcome | Deferral:
         attempt = job.envelope.prior_attempts
         if attempt >= self.settings.max_attempts:
             return JobOutcome(
@@ -266,17 +269,48 @@ class JobRunner:
         body = _stream_body(job.body) if job.stream else orjson.dumps(job.body)
         while True:
             attempt += 1
+            structlog.contextvars.bind_contextvars(attempt=attempt)
             try:
-                if job.stream:
-                    return await self._stream_once(job, body, attempt, send_delta, headers)
-                return await self._call_once(body, attempt, headers)
+                return await self._attempt(job, body, attempt, send_delta)
             except JobError as exc:
                 if not exc.retryable or attempt >= self.settings.max_attempts:
                     return _failed(exc, attempt)
                 wait = backoff(attempt, exc.retry_after)
+                self.telemetry.retries.add(1, {"error_code": exc.code.value})
+                log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
                 if wait > INLINE_RETRY_LIMIT:
                     return Deferral(wait=wait, attempts=attempt, error=exc)
                 await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, job: Job, body: bytes, attempt: int, send_delta: SendDelta
+    ) -> JobOutcome:
+        """One upstream call inside its CLIENT span, recorded in the metrics."""
+        with self.telemetry.upstream_span(self.upstream.url, job.body, attempt) as span:
+            headers = self.telemetry.outgoing_headers()
+            started = time.perf_counter()
+            try:
+                if job.stream:
+                    outcome = await self._stream_once(job, body, attempt, send_delta, headers)
+                else:
+                    outcome = await self._call_once(body, attempt, headers)
+            except JobError as exc:
+                self.telemetry.record_attempt(
+                    span,
+                    job.model,
+                    seconds=time.perf_counter() - started,
+                    body=exc.response,
+                    error_type=exc.code.value,
+                )
+                raise
+            self.telemetry.record_attempt(
+                span,
+                job.model,
+                seconds=time.perf_counter() - started,
+                body=outcome.body,
+                ttft_seconds=None if outcome.ttft_ms is None else outcome.ttft_ms / 1000,
+            )
+            return outcome
 
     async def _call_once(self, body: bytes, attempt: int, headers: Mapping[str, str]) -> JobOutcome:
         started = time.perf_counter()

@@ -152,9 +152,7 @@ class Publisher:
         )
         await self._reply(envelope, message, RESULT_OK if result.ok else RESULT_ERROR)
 
-    async def _reply(
-        self, envelope: Envelope, message: aio_pika.Message, routing_key: str
-    ) -> None:
+    async def _reply(self, envelope: Envelope, message: aio_pika.Message, routing_key: str) -> None:
         if envelope.reply_to:
             try:
                 await self._default.publish(message, envelope.reply_to, mandatory=True)

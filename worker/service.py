@@ -38,6 +38,7 @@ from worker.jobs import (
 )
 from worker.publisher import Publisher, build_result
 from worker.settings import Settings
+from worker.telemetry import Telemetry
 from worker.topology import H_DELIVERY_COUNT, declare
 from worker.upstream import Upstream
 
@@ -59,13 +60,20 @@ class BrokerUnavailable(RuntimeError):
 class Worker:
     """Consumes the request queue until :meth:`stop`; see the module docstring."""
 
-    def __init__(self, settings: Settings, *, upstream: Upstream | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        upstream: Upstream | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry()
         key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         self.upstream = upstream or Upstream(
             settings.upstream_url, key, max_connections=settings.concurrency
         )
-        self.runner = JobRunner(settings, self.upstream)
+        self.runner = JobRunner(settings, self.upstream, self.telemetry)
         self.identity = f"{socket.gethostname()}/{os.getpid()}"
         self._consuming = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -223,6 +231,7 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.telemetry.in_flight.add(1)
         try:
             await self._handle(message)
         except asyncio.CancelledError:
@@ -238,10 +247,12 @@ class Worker:
                 await message.nack(requeue=True)
         finally:
             self._tasks.discard(task)
+            self.telemetry.in_flight.add(-1)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         assert self._publisher is not None
         publisher = self._publisher
+        started = time.perf_counter()
         envelope = read_envelope(
             message_id=message.message_id,
             correlation_id=message.correlation_id,
@@ -250,27 +261,46 @@ class Worker:
             redelivered=bool(message.redelivered),
             settings=self.settings,
         )
-        headers = message.headers or {}
-        if message.redelivered and H_DELIVERY_COUNT not in headers:
-            # A classic queue counts nothing: count redeliveries ourselves on a copy.
-            redeliveries = envelope.redeliveries + 1
-            if envelope.prior_attempts < self.settings.max_attempts:
-                await publisher.requeue_counted(message, envelope, redeliveries)
-                await message.ack()
-                return
-        decoded = decode_job(message.body, envelope, self.settings)
-        trace: dict[str, str] = {}
-        if isinstance(decoded, Rejection):
-            custom_id, model = decoded.custom_id, None
-            outcome: JobOutcome | Deferral = JobOutcome(
-                attempts=envelope.prior_attempts, error=decoded.error
-            )
-        else:
-            custom_id, model = decoded.custom_id, decoded.model
-            outcome = await self.runner.run(
-                decoded, self._delta_sender(publisher, decoded, trace), trace
-            )
-        await self._settle(message, envelope, custom_id, model, outcome, trace)
+        if (
+            message.redelivered
+            and H_DELIVERY_COUNT not in envelope.headers
+            and envelope.prior_attempts < self.settings.max_attempts
+        ):
+            # A classic queue counts nothing: count redeliveries ourselves, on a copy.
+            await publisher.requeue_counted(message, envelope, envelope.redeliveries + 1)
+            await message.ack()
+            return
+        structlog.contextvars.bind_contextvars(
+            job_id=envelope.job_id, correlation_id=envelope.correlation_id
+        )
+        with self.telemetry.job_span(
+            self.settings.request_queue,
+            envelope.headers,
+            job_id=envelope.job_id,
+            correlation_id=envelope.correlation_id,
+            delivery_tag=message.delivery_tag,
+        ) as span:
+            decoded = decode_job(message.body, envelope, self.settings)
+            trace = self.telemetry.outgoing_headers()
+            if isinstance(decoded, Rejection):
+                custom_id, model = decoded.custom_id, None
+                outcome: JobOutcome | Deferral = JobOutcome(
+                    attempts=envelope.prior_attempts, error=decoded.error
+                )
+            else:
+                custom_id, model = decoded.custom_id, decoded.model
+                structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
+                outcome = await self.runner.run(
+                    decoded, self._delta_sender(publisher, decoded, trace)
+                )
+            await self._settle(message, envelope, custom_id, model, outcome, trace)
+            if isinstance(outcome, JobOutcome):
+                self.telemetry.record_job(
+                    span,
+                    model=model,
+                    error_code=outcome.error.code.value if outcome.error else None,
+                    seconds=time.perf_counter() - started,
+                )
 
     def _delta_sender(
         self, publisher: Publisher, job: Job, trace: dict[str, str]
@@ -292,7 +322,6 @@ class Worker:
             await message.ack()
             log.info(
                 "job deferred",
-                job_id=envelope.job_id,
                 error_code=outcome.error.code.value,
                 attempts=outcome.attempts,
                 retry_in_s=tier,
@@ -310,10 +339,6 @@ class Worker:
         usage = result.usage
         log.info(
             "job finished",
-            job_id=envelope.job_id,
-            custom_id=custom_id,
-            correlation_id=envelope.correlation_id,
-            model=model,
             outcome="ok" if result.error is None else "error",
             error_code=result.error.code.value if result.error else None,
             attempts=outcome.attempts,
@@ -337,10 +362,13 @@ async def serve(settings: Settings, *, upstream: Upstream | None = None) -> None
     worker.install_signal_handlers()
     health = None
     if settings.http_port:
-        health = HealthServer(lambda: worker.ready, settings.http_port)
+        health = HealthServer(
+            lambda: worker.ready, settings.http_port, registry=worker.telemetry.registry
+        )
         await health.start()
     try:
         await worker.run()
     finally:
         if health is not None:
             await health.stop()
+        worker.telemetry.shutdown()  # flushes spans still waiting for export

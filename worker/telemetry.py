@@ -1,53 +1,91 @@
-"""Logging setup: structlog for the worker's own lines, the standard library's routed in.
+"""Logs, traces and metrics: structlog and OpenTelemetry, wrapped round the job handler.
 
-Every line is one JSON object on stdout by default (``WORKER_LOG_FORMAT=console`` for
-people). No prompt, completion or secret is ever passed to a logger.
+- Logs: one JSON object a line on stdout (``WORKER_LOG_FORMAT=console`` for people), the
+  standard library's loggers (aio-pika, aiormq, httpx) routed through the same pipeline,
+  ``trace_id``/``span_id`` added from the current span. No prompt, completion or secret is
+  ever handed to a logger or put on a span.
+- Traces: a CONSUMER span per job (messaging conventions) whose parent is the producer's
+  ``traceparent``; a CLIENT span per upstream attempt (GenAI conventions). OTLP export when
+  ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise spans are not recorded at all, and the
+  producer's context still flows through to the upstream and the result.
+- Metrics: OpenTelemetry instruments read by a Prometheus reader, served on ``/metrics``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
-from typing import Any
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import orjson
+import prometheus_client
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-__all__ = ["configure_logging"]
+__all__ = ["Telemetry", "configure_logging"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _NOISY = ("aio_pika", "aiormq", "httpx", "httpcore", "aiohttp.access")
+
+SERVICE_NAME = "chat-worker"
+PROVIDER = "openai"  # the API flavour spoken, whoever serves it (semconv well-known value)
+# Bucket boundaries recommended by the GenAI semantic conventions.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+                   20.48, 40.96, 81.92)  # fmt: skip
+
+
+# --- logs --------------------------------------------------------------------------------
+
+
+def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event["trace_id"] = format(span_context.trace_id, "032x")
+        event["span_id"] = format(span_context.span_id, "016x")
+    return event
 
 
 def _orjson_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def configure_logging(fmt: str = "json", level: str = "info") -> None:
+def configure_logging(
+    fmt: str = "json", level: str = "info", *, stream: TextIO | None = None, cache: bool = True
+) -> None:
+    """Set up structlog and the standard library's root logger to write to ``stream``."""
+    stream = stream or sys.stdout
     numeric = _LEVELS.get(level, logging.INFO)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_trace_ids,
     ]
     renderer: structlog.types.Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=cache,
     )
-    # Libraries log through the standard library; give their lines the same shape.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
@@ -64,3 +102,233 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     for name in _NOISY:
         # Their INFO lines are per request or per frame: too many for a hot path.
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+# --- traces and metrics ------------------------------------------------------------------
+
+
+def _otlp_configured() -> bool:
+    return any(
+        os.environ.get(name)
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def _sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+class Telemetry:
+    """The worker's tracer and instruments; one per worker process (or per test)."""
+
+    def __init__(
+        self,
+        *,
+        span_processor: SpanProcessor | None = None,
+        registry: prometheus_client.CollectorRegistry | None = None,
+        metric_readers: tuple[MetricReader, ...] = (),
+    ) -> None:
+        os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
+        resource = Resource.create()
+        self.registry = registry or prometheus_client.REGISTRY
+        self._tracer_provider: TracerProvider | None = None
+        if span_processor is not None or (_otlp_configured() and not _sdk_disabled()):
+            provider = TracerProvider(resource=resource)
+            if span_processor is not None:
+                provider.add_span_processor(span_processor)
+            else:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+                from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            self._tracer_provider = provider
+            self.tracer: trace.Tracer = provider.get_tracer("worker")
+        else:
+            # Nothing would be exported: no span is recorded, context still propagates.
+            self.tracer = trace.NoOpTracer()
+        readers: list[MetricReader] = [*metric_readers]
+        if not _sdk_disabled():
+            readers.append(PrometheusMetricReader(registry=self.registry))
+        self._meter_provider = MeterProvider(
+            resource=resource,
+            metric_readers=readers,
+            views=[
+                View(
+                    instrument_name="gen_ai.client.token.usage",
+                    aggregation=ExplicitBucketHistogramAggregation(TOKEN_BUCKETS),
+                ),
+                View(
+                    instrument_name="*duration*",
+                    aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
+                ),
+                View(
+                    instrument_name="*first_chunk*",
+                    aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
+                ),
+            ],
+        )
+        meter = self._meter_provider.get_meter("worker")
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per call"
+        )
+        self.operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Upstream call duration"
+        )
+        self.time_to_first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time from the upstream request to its first streamed output",
+        )
+        self.jobs = meter.create_counter(
+            "chat_worker.jobs", unit="{job}", description="Jobs finished, by outcome"
+        )
+        self.job_duration = meter.create_histogram(
+            "chat_worker.job.duration", unit="s", description="Time from delivery to result"
+        )
+        self.in_flight = meter.create_up_down_counter(
+            "chat_worker.jobs.in_flight", unit="{job}", description="Jobs being processed"
+        )
+        self.retries = meter.create_counter(
+            "chat_worker.retries", unit="{retry}", description="Upstream attempts retried"
+        )
+        self.dead_lettered = meter.create_counter(
+            "chat_worker.dead_lettered", unit="{job}", description="Requests dead-lettered"
+        )
+
+    def shutdown(self) -> None:
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        self._meter_provider.shutdown()
+
+    # Spans -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def job_span(
+        self,
+        queue: str,
+        headers: Mapping[str, Any],
+        *,
+        job_id: str,
+        correlation_id: str,
+        delivery_tag: int | None,
+    ) -> Iterator[Span]:
+        """The CONSUMER span of one job, child of the producer's trace context."""
+        carrier = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
+        parent = propagate.extract(carrier)
+        token = otel_context.attach(parent)
+        try:
+            with self.tracer.start_as_current_span(
+                f"process {queue}",
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.name": "process",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": queue,
+                    "messaging.message.id": job_id,
+                    "messaging.message.conversation_id": correlation_id,
+                    "messaging.rabbitmq.message.delivery_tag": delivery_tag or 0,
+                },
+            ) as span:
+                yield span
+        finally:
+            otel_context.detach(token)
+
+    @contextlib.contextmanager
+    def upstream_span(self, url: str, body: Mapping[str, Any], attempt: int) -> Iterator[Span]:
+        """The CLIENT span of one upstream attempt (GenAI conventions, no content)."""
+        model = str(body.get("model"))
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": model,
+            "chat_worker.attempt": attempt,
+        }
+        parts = urlsplit(url)
+        if parts.hostname:
+            attributes["server.address"] = parts.hostname
+            attributes["server.port"] = parts.port or (443 if parts.scheme == "https" else 80)
+        for key, name in (
+            ("max_tokens", "gen_ai.request.max_tokens"),
+            ("max_completion_tokens", "gen_ai.request.max_tokens"),
+            ("temperature", "gen_ai.request.temperature"),
+            ("top_p", "gen_ai.request.top_p"),
+        ):
+            if isinstance(body.get(key), int | float):
+                attributes[name] = body[key]
+        with self.tracer.start_as_current_span(
+            f"chat {model}",
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield span
+
+    @staticmethod
+    def outgoing_headers() -> dict[str, str]:
+        """``traceparent``/``tracestate`` of the current context, for a message or request."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return carrier
+
+    # Recording -------------------------------------------------------------------------
+
+    def record_attempt(
+        self,
+        span: Span,
+        model: str,
+        *,
+        seconds: float,
+        body: Mapping[str, Any] | None,
+        ttft_seconds: float | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": model,
+        }
+        usage = (body or {}).get("usage") or {}
+        if body is not None and span.is_recording():
+            if response_id := body.get("id"):
+                span.set_attribute("gen_ai.response.id", str(response_id))
+            if response_model := body.get("model"):
+                span.set_attribute("gen_ai.response.model", str(response_model))
+            reasons = [
+                str(c.get("finish_reason"))
+                for c in body.get("choices") or ()
+                if isinstance(c, dict) and c.get("finish_reason")
+            ]
+            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+            if "prompt_tokens" in usage:
+                span.set_attribute("gen_ai.usage.input_tokens", usage["prompt_tokens"])
+            if "completion_tokens" in usage:
+                span.set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
+        if error_type is not None:
+            attributes["error.type"] = error_type
+            span.set_attribute("error.type", error_type)
+            span.set_status(Status(StatusCode.ERROR))
+        self.operation_duration.record(seconds, attributes)
+        if ttft_seconds is not None:
+            self.time_to_first_chunk.record(ttft_seconds, attributes)
+        for kind, key in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+            if isinstance(usage.get(key), int):
+                self.token_usage.record(usage[key], {**attributes, "gen_ai.token.type": kind})
+
+    def record_job(
+        self, span: Span, *, model: str | None, error_code: str | None, seconds: float
+    ) -> None:
+        attributes = {
+            "outcome": "error" if error_code else "ok",
+            "error_code": error_code or "",
+            "gen_ai.request.model": model or "",
+        }
+        self.jobs.add(1, attributes)
+        self.job_duration.record(seconds, {"outcome": attributes["outcome"]})
+        if error_code:
+            span.set_attribute("error.type", error_code)
+            span.set_status(Status(StatusCode.ERROR))
+            self.dead_lettered.add(1, {"error_code": error_code})

@@ -94,9 +94,9 @@ class Upstream:
             parsed = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             parsed = None
-        if not isinstance(parsed, dict):
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("usage") or {}, dict):
             raise UpstreamError(
-                "upstream sent a body that is not a JSON object",
+                "upstream sent a body that is not a chat completion object",
                 status_code=response.status_code,
                 request_id=request_id,
             )
@@ -138,8 +138,11 @@ def _parse_chunk(event: str, data: str, meta: Mapping[str, Any]) -> dict[str, An
             "upstream sent a stream chunk that is not JSON", status_code=meta["status_code"]
         ) from None
     if not isinstance(chunk, dict):
-        raise UpstreamError("upstream sent a stream chunk that is not a JSON object")
-    if "error" in chunk or event == "error":
+        raise UpstreamError(
+            "upstream sent a stream chunk that is not a JSON object",
+            status_code=meta["status_code"],
+        )
+    if chunk.get("error") is not None or event == "error":
         error = chunk.get("error") if isinstance(chunk.get("error"), dict) else chunk
         message = error.get("message") if isinstance(error, dict) else None
         raise UpstreamError(
@@ -148,7 +151,41 @@ def _parse_chunk(event: str, data: str, meta: Mapping[str, Any]) -> dict[str, An
             response=chunk,
             request_id=meta.get("request_id"),
         )
+    if problem := _chunk_problem(chunk):
+        raise UpstreamError(
+            f"upstream sent a malformed stream chunk: {problem}",
+            status_code=meta["status_code"],
+            request_id=meta.get("request_id"),
+        )
     return chunk
+
+
+def _chunk_problem(chunk: dict[str, Any]) -> str | None:
+    """What in a chunk :mod:`worker.streaming` could not use, or None: a malformed stream
+    must fail as ``upstream_error``, not crash the job."""
+    if not isinstance(chunk.get("usage") or {}, dict):
+        return "usage is not an object"
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        return "choices is not an array"
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+            return "a choice is not an object with an integer index"
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict) or not isinstance(delta.get("content") or "", str):
+            return "a delta is not an object with string content"
+        calls = delta.get("tool_calls") or []
+        if not isinstance(calls, list):
+            return "tool_calls is not an array"
+        for call in calls:
+            if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+                return "a tool call fragment is not an object with an integer index"
+            function = call.get("function") or {}
+            if not isinstance(function, dict) or not all(
+                isinstance(function.get(key) or "", str) for key in ("name", "arguments")
+            ):
+                return "a tool call fragment has no function object with string fields"
+    return None
 
 
 def _status_error(response: httpx.Response) -> JobError:

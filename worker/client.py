@@ -1,0 +1,427 @@
+"""The producer side: submit jobs, await their results, stream their deltas.
+
+ChatClientError
+├── PublishFailed      the broker refused the request or could not route it
+├── ConnectionLost     the connection closed while a result was awaited
+├── JobTimeout         no result in time (also a ``TimeoutError``)
+└── JobFailed          the result is an error; carries it and its ``ErrorCode``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Annotated, Any, Self
+
+import aio_pika
+import aiormq
+import orjson
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from opentelemetry import propagate, trace
+from pydantic import Field, TypeAdapter, ValidationError
+
+from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
+from worker.settings import Settings, load_settings
+from worker.topology import H_DEADLINE
+
+__all__ = [
+    "ChatClient",
+    "ChatClientError",
+    "ConnectionLost",
+    "JobFailed",
+    "JobTimeout",
+    "PublishFailed",
+    "Reply",
+    "StreamText",
+]
+
+#: seconds :meth:`ChatClient.complete` and :meth:`ChatClient.stream` wait by default
+DEFAULT_TIMEOUT = 600.0
+BATCH_URL = "/v1/chat/completions"
+
+ChatBody = Mapping[str, Any] | ChatCompletionRequest
+"""A chat-completion request: a plain mapping, or the validated model."""
+Reply = JobDelta | JobResult
+_REPLY: TypeAdapter[Reply] = TypeAdapter(Annotated[Reply, Field(discriminator="type")])
+
+
+class ChatClientError(Exception):
+    """Base of everything the client raises about a job."""
+
+
+class PublishFailed(ChatClientError):
+    """The broker nacked the request, or no queue was bound to its routing key."""
+
+
+class ConnectionLost(ChatClientError):
+    """The broker connection closed while a result was awaited: the job may still finish."""
+
+
+class JobTimeout(ChatClientError, TimeoutError):
+    """No result arrived in time. The job is not cancelled: a worker may still run it."""
+
+    def __init__(self, job_id: str, timeout: float) -> None:
+        super().__init__(f"no result for job {job_id} within {timeout:g}s")
+        self.job_id = job_id
+        self.timeout = timeout
+
+
+class JobFailed(ChatClientError):
+    """The job's result is an error (contract §6); ``result`` is the whole result."""
+
+    def __init__(self, result: JobResult) -> None:
+        assert result.error is not None
+        super().__init__(f"job {result.id} failed: {result.error.code}: {result.error.message}")
+        self.result = result
+        self.code: ErrorCode = result.error.code
+
+
+@dataclass(slots=True)
+class _Waiter:
+    deltas: bool
+    replies: asyncio.Queue[Reply | ChatClientError] = field(default_factory=asyncio.Queue)
+
+
+class ChatClient:
+    """Publishes jobs to the request queue; results come back on one private reply queue.
+
+    ``async with ChatClient.connect(url) as client`` opens (and closes) its own connection;
+    ``async with ChatClient(connection)`` borrows one. Queue names default to the settings'
+    (``WORKER_*`` variables), so a producer sharing the workers' environment needs none.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        *,
+        settings: Settings | None = None,
+        request_queue: str | None = None,
+    ) -> None:
+        self.connection = connection
+        self.request_queue = request_queue or (settings or load_settings()).request_queue
+        self._channel: AbstractChannel | None = None
+        self._replies: AbstractQueue | None = None
+        self._replies_lock = asyncio.Lock()
+        self._waiters: dict[str, _Waiter] = {}
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        request_queue: str | None = None,
+    ) -> AsyncIterator[Self]:
+        """A client on a connection of its own to ``url`` (default ``WORKER_AMQP_URL``)."""
+        if url is None:
+            settings = settings or load_settings()
+            url = settings.amqp_url.get_secret_value()
+        connection = await aio_pika.connect(url)
+        try:
+            async with cls(connection, settings=settings, request_queue=request_queue) as client:
+                yield client
+        finally:
+            await connection.close()
+
+    async def __aenter__(self) -> Self:
+        self._channel = await self.connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._fail_waiters(ConnectionLost("the client was closed"))
+        for channel in (self._replies.channel if self._replies else None, self._channel):
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        self._channel = self._replies = None
+
+    # --- publishing --------------------------------------------------------------------
+
+    async def submit(
+        self,
+        body: ChatBody,
+        *,
+        custom_id: str | None = None,
+        reply_to: str | None = None,
+        deadline: datetime | None = None,
+        priority: int | None = None,
+        job_id: str | None = None,
+    ) -> str:
+        """Publish one job (persistent, confirmed by the broker); returns its job id.
+
+        Without ``reply_to`` its result goes to the result exchange (contract §4).
+        """
+        return await self.submit_line(
+            _batch_line(body, custom_id),
+            reply_to=reply_to,
+            deadline=deadline,
+            priority=priority,
+            job_id=job_id,
+        )
+
+    async def submit_line(
+        self,
+        line: bytes,
+        *,
+        reply_to: str | None = None,
+        deadline: datetime | None = None,
+        priority: int | None = None,
+        job_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> str:
+        """Publish one Batch input line exactly as given (it is not checked here)."""
+        if self._channel is None:
+            raise RuntimeError("use the client inside `async with`")
+        job_id = job_id or uuid.uuid4().hex
+        headers: dict[str, Any] = {}
+        if deadline is not None:
+            if deadline.tzinfo is None:
+                raise ValueError("deadline must be an aware datetime (with a time zone)")
+            headers[H_DEADLINE] = deadline.astimezone(UTC).isoformat()
+        if trace.get_current_span().get_span_context().is_valid:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            headers.update(carrier)
+        message = aio_pika.Message(
+            line,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=job_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            priority=priority,
+            headers=headers or None,
+        )
+        try:
+            # mandatory: a request queue that does not exist fails here, not silently.
+            await self._channel.default_exchange.publish(
+                message, self.request_queue, mandatory=True
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise PublishFailed(f"no queue {self.request_queue!r} to take the job") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishFailed(f"the broker refused job {job_id}") from exc
+        return job_id
+
+    # --- request / reply -----------------------------------------------------------------
+
+    async def complete(
+        self,
+        body: ChatBody,
+        *,
+        custom_id: str | None = None,
+        deadline: datetime | None = None,
+        priority: int | None = None,
+        job_id: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (JobTimeout names the job)
+        raise_on_error: bool = True,
+    ) -> JobResult:
+        """Submit a job and wait for its result (deltas of a streamed job are skipped).
+
+        Raises :class:`JobTimeout` after ``timeout`` seconds (``None``: wait for ever) and,
+        unless ``raise_on_error`` is false, :class:`JobFailed` for an error result.
+        """
+        line = _batch_line(body, custom_id)
+        job_id = job_id or uuid.uuid4().hex
+        async with self._waiting(deltas=False) as (correlation_id, waiter):
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._send(line, job_id, correlation_id, deadline, priority)
+                    reply = await waiter.replies.get()
+            except TimeoutError:
+                raise JobTimeout(job_id, timeout or 0) from None
+        return _settled(reply, raise_on_error)
+
+    async def stream(
+        self,
+        body: ChatBody,
+        *,
+        custom_id: str | None = None,
+        deadline: datetime | None = None,
+        priority: int | None = None,
+        job_id: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (JobTimeout names the job)
+        raise_on_error: bool = True,
+    ) -> AsyncIterator[Reply]:
+        """Submit a job with ``stream: true``; yield its deltas, then its result.
+
+        A delta whose ``attempt`` is higher than the last one's means the worker retried:
+        drop the partial text of earlier attempts (:class:`StreamText` does). ``timeout``
+        bounds the whole job; errors are raised as in :meth:`complete`.
+        """
+        line = _batch_line({**_payload(body), "stream": True}, custom_id)
+        job_id = job_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        until = None if timeout is None else loop.time() + timeout
+        async with self._waiting(deltas=True) as (correlation_id, waiter):
+            try:
+                async with asyncio.timeout_at(until):
+                    await self._send(line, job_id, correlation_id, deadline, priority)
+                while True:
+                    # The timeout must not span a `yield`: it would cancel the consumer.
+                    async with asyncio.timeout_at(until):
+                        reply = await waiter.replies.get()
+                    if isinstance(reply, JobDelta):
+                        yield reply
+                        continue
+                    yield _settled(reply, raise_on_error)
+                    return
+            except TimeoutError:
+                raise JobTimeout(job_id, timeout or 0) from None
+
+    async def _send(
+        self,
+        line: bytes,
+        job_id: str,
+        correlation_id: str,
+        deadline: datetime | None,
+        priority: int | None,
+    ) -> None:
+        reply_to = await self._reply_queue()
+        await self.submit_line(
+            line,
+            reply_to=reply_to,
+            deadline=deadline,
+            priority=priority,
+            job_id=job_id,
+            correlation_id=correlation_id,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _waiting(self, *, deltas: bool) -> AsyncIterator[tuple[str, _Waiter]]:
+        correlation_id = uuid.uuid4().hex
+        waiter = self._waiters[correlation_id] = _Waiter(deltas)
+        try:
+            yield correlation_id, waiter
+        finally:
+            self._waiters.pop(correlation_id, None)
+
+    async def _reply_queue(self) -> str:
+        """The client's exclusive reply queue, declared and consumed on first use."""
+        async with self._replies_lock:
+            if self._replies is None:
+                channel = await self.connection.channel(publisher_confirms=False)
+                channel.close_callbacks.add(self._on_close)
+                queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+                await queue.consume(self._on_reply, no_ack=True)
+                self._replies = queue
+            return self._replies.name
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        waiter = self._waiters.get(message.correlation_id or "")
+        if waiter is None:
+            return  # a late reply: its caller timed out or stopped listening
+        try:
+            reply = _REPLY.validate_json(message.body)
+        except ValidationError:
+            return
+        if isinstance(reply, JobResult):
+            # The result is the job's last message: nothing more comes for this id.
+            self._waiters.pop(message.correlation_id or "", None)
+            waiter.replies.put_nowait(reply)
+        elif waiter.deltas:
+            waiter.replies.put_nowait(reply)
+
+    def _on_close(self, _: object, exc: BaseException | None = None) -> None:
+        self._replies = None
+        self._fail_waiters(ConnectionLost(f"the reply channel closed: {exc!r}"))
+
+    def _fail_waiters(self, error: ChatClientError) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            waiter.replies.put_nowait(error)
+
+
+class StreamText:
+    """The text of a streamed job so far; a delta of a new attempt starts it again.
+
+    ``text.add(delta)`` for each delta; ``text.content()`` is what the last attempt said
+    (choice 0 by default), equal to the result's content once the stream has ended.
+    """
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self._content: dict[int, list[str]] = {}
+        self._reasoning: dict[int, list[str]] = {}
+        self._tools: dict[int, dict[int, dict[str, Any]]] = {}
+
+    def add(self, delta: JobDelta) -> None:
+        if delta.attempt < self.attempt:
+            return  # a straggler of an abandoned attempt
+        if delta.attempt > self.attempt:
+            self.attempt = delta.attempt
+            self._content, self._reasoning, self._tools = {}, {}, {}
+        for choice in delta.choices:
+            part = choice.delta
+            if isinstance(content := part.get("content"), str):
+                self._content.setdefault(choice.index, []).append(content)
+            if isinstance(reasoning := part.get("reasoning_content"), str):
+                self._reasoning.setdefault(choice.index, []).append(reasoning)
+            for fragment in part.get("tool_calls") or ():
+                _merge_tool_call(self._tools.setdefault(choice.index, {}), fragment)
+
+    def content(self, index: int = 0) -> str:
+        return "".join(self._content.get(index, ()))
+
+    def reasoning(self, index: int = 0) -> str:
+        return "".join(self._reasoning.get(index, ()))
+
+    def tool_calls(self, index: int = 0) -> list[dict[str, Any]]:
+        """The tool calls so far, merged by their ``index`` as in the final message."""
+        calls = self._tools.get(index, {})
+        return [calls[k] for k in sorted(calls)]
+
+    def __str__(self) -> str:
+        return self.content()
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
+    call = calls.setdefault(
+        int(fragment.get("index", 0)),
+        {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
+    )
+    call["id"] = fragment.get("id") or call["id"]
+    call["type"] = fragment.get("type") or call["type"]
+    function = fragment.get("function") or {}
+    call["function"]["name"] = function.get("name") or call["function"]["name"]
+    call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def _payload(body: ChatBody) -> dict[str, Any]:
+    if isinstance(body, ChatCompletionRequest):
+        return body.model_dump(mode="json", exclude_unset=True)
+    return dict(body)
+
+
+def _batch_line(body: ChatBody, custom_id: str | None) -> bytes:
+    line: dict[str, Any] = {"method": "POST", "url": BATCH_URL, "body": _payload(body)}
+    if custom_id is not None:
+        line = {"custom_id": custom_id, **line}
+    return orjson.dumps(line)
+
+
+def _settled(reply: Reply | ChatClientError, raise_on_error: bool) -> JobResult:
+    if isinstance(reply, ChatClientError):
+        raise reply
+    assert isinstance(reply, JobResult)
+    if raise_on_error and reply.error is not None:
+        raise JobFailed(reply)
+    return reply
