@@ -1,0 +1,110 @@
+"""``chat-worker dlq``: list dead letters without removing them, replay a selection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+from aio_pika.abc import AbstractConnection
+from conftest import Replies, publish
+
+from worker.dlq import list_dead_letters, replay_dead_letters
+from worker.messages import JobResult
+from worker.service import Worker
+
+pytestmark = pytest.mark.integration
+
+
+def failing(key: str, fault: str, times: int | None = None) -> dict[str, object]:
+    mock: dict[str, object] = {"fault": fault, "key": key}
+    if times is not None:
+        mock["times"] = times
+    return {
+        "custom_id": key,
+        "body": {"model": "m", "mock": mock, "messages": [{"role": "user", "content": key}]},
+    }
+
+
+async def test_list_then_replay_one_error_code(
+    worker: Worker, connection: AbstractConnection, replies: Replies
+) -> None:
+    settings = worker.settings
+    await publish(
+        connection,
+        settings.request_queue,
+        failing("a", "400"),
+        message_id="a",
+        reply_to=replies.name,
+    )
+    await publish(
+        connection,
+        settings.request_queue,
+        failing("b", "400"),
+        message_id="b",
+        reply_to=replies.name,
+    )
+    await publish(
+        connection,
+        settings.request_queue,
+        failing("c", "404", times=1),
+        message_id="c",
+        reply_to=replies.name,
+    )
+    await replies.until_results(3)
+    async with asyncio.timeout(10):
+        while len(letters := await list_dead_letters(settings)) < 3:
+            await asyncio.sleep(0.05)
+    assert sorted((x.job_id, x.error_code, x.attempts) for x in letters) == [
+        ("a", "invalid_request", 1),
+        ("b", "invalid_request", 1),
+        ("c", "not_found", 1),
+    ]
+    assert all(x.reason == "worker" for x in letters)
+    assert len(await list_dead_letters(settings)) == 3, "listing leaves them in place"
+    assert [x.job_id for x in await list_dead_letters(settings, codes=["not_found"])] == ["c"]
+
+    env = {**os.environ, **settings.to_env()}
+    listed = subprocess.run(
+        [sys.executable, "-m", "worker", "dlq", "list", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert sorted(orjson.loads(line)["job_id"] for line in listed.stdout.splitlines()) == [
+        "a",
+        "b",
+        "c",
+    ]
+
+    assert await replay_dead_letters(settings, codes=["not_found"]) == 1
+    result = JobResult.model_validate_json((await replies.get()).body)
+    assert result.id == "c"
+    assert result.error is None, "the replayed job ran again with fresh attempts"
+    assert result.metadata.attempts == 1
+    assert sorted(x.job_id for x in await list_dead_letters(settings)) == ["a", "b"]
+
+    replayed = subprocess.run(
+        [sys.executable, "-m", "worker", "dlq", "replay", "--all", "--limit", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "replayed 1" in replayed.stdout
+    await replies.until_results(1)
+    refused = subprocess.run(
+        [sys.executable, "-m", "worker", "dlq", "replay"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "--code" in refused.stderr
