@@ -1,3 +1,39 @@
-"""chat-worker: a RabbitMQ worker for OpenAI-compatible chat completions."""
+"""chat-worker: a RabbitMQ worker for OpenAI-compatible chat completions.
+
+    from worker import ChatClient, JobResult, Settings
+
+The worker itself and the producer client are imported on first use, so that reading a
+model or a setting does not load the broker client and OpenTelemetry.
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING, Any
+
+from worker.messages import BatchRequest, ErrorCode, JobDelta, JobResult
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.service import Worker
+
+__all__ = [
+    "BatchRequest",
+    "ErrorCode",
+    "JobDelta",
+    "JobResult",
+    "Settings",
+    "Worker",
+    "__version__",
+]
+
+_LAZY = {"Worker": "worker.service"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'worker' has no attribute {name!r}")

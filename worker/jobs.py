@@ -171,10 +171,6 @@ def decode_job(data: bytes, envelope: Envelope, settings: Settings) -> Job | Rej
                 f"message is {len(data)} bytes, over WORKER_MAX_MESSAGE_BYTES "
                 f"({settings.max_message_bytes})"
             )
-        if envelope.bad_deadline is not None:
-            raise InvalidMessage(
-                f"x-deadline is not an RFC 3339 time with a zone: {envelope.bad_deadline!r}"
-            )
         try:
             raw = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -183,6 +179,10 @@ def decode_job(data: bytes, envelope: Envelope, settings: Settings) -> Job | Rej
             raise InvalidMessage("body is not a JSON object")
         if isinstance(raw.get("custom_id"), str):
             custom_id = raw["custom_id"]
+        if envelope.bad_deadline is not None:
+            raise InvalidMessage(
+                f"x-deadline is not an RFC 3339 time with a zone: {envelope.bad_deadline!r}"
+            )
         try:
             request = BatchRequest.model_validate(raw)
         except ValidationError as exc:

@@ -15,6 +15,7 @@ import aiormq
 import orjson
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from pydantic import ValidationError
 
 from worker.jobs import Deferral, Envelope, JobOutcome
 from worker.messages import ErrorInfo, JobResult, ResultMetadata, UpstreamResponse, Usage
@@ -67,7 +68,7 @@ def build_result(
         custom_id=custom_id,
         response=response,
         error=outcome.error.info() if outcome.error else None,
-        usage=Usage.model_validate(outcome.usage) if outcome.usage else None,
+        usage=_usage(outcome.usage, envelope.job_id),
         metadata=ResultMetadata(
             attempts=outcome.attempts,
             model=model,
@@ -77,6 +78,18 @@ def build_result(
             finished_at=outcome.finished_at,
         ),
     )
+
+
+def _usage(usage: dict[str, Any] | None, job_id: str) -> Usage | None:
+    """The upstream's usage, kept whole; a count sent as null is taken as absent."""
+    if not usage:
+        return None
+    try:
+        return Usage.model_validate({k: v for k, v in usage.items() if v is not None})
+    except ValidationError:
+        # Never fail a paid call over its bookkeeping: the body still carries it as sent.
+        log.warning("upstream usage unreadable; result has usage null", job_id=job_id)
+        return None
 
 
 class Publisher:

@@ -78,6 +78,9 @@ async def test_one_trace_from_the_producer_through_the_worker_to_the_result(
     result = JobResult.model_validate_json(last.body)
     assert result.error is None
 
+    async with asyncio.timeout(5):  # the job span ends just after the ack
+        while len(spans.get_finished_spans()) < 2:
+            await asyncio.sleep(0.01)
     finished = {span.kind: span for span in spans.get_finished_spans()}
     consumer, client = finished[SpanKind.CONSUMER], finished[SpanKind.CLIENT]
     assert format(consumer.context.trace_id, "032x") == TRACE_ID

@@ -1,0 +1,421 @@
+"""The contract's message models and the JSON Schemas generated from them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from worker.messages import (
+    BatchRequest,
+    ChatCompletionRequest,
+    ErrorCode,
+    JobDelta,
+    JobResult,
+    render_schemas,
+)
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+
+# Every body field of the API reference (/v1/chat/completions, "Request").
+DOCUMENTED_FIELDS = {
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "max_tokens",
+    "max_completion_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "seed",
+    "reasoning_effort",
+    "modalities",
+    "audio",
+}
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+FULL_BODY: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "developer", "content": "answer in English"},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}], "name": "alice"},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "the user wants the weather",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": '{"temp": 3}', "tool_call_id": "call_1"},
+    ],
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "n": 2,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "stop": "\n\n",
+    "max_tokens": 256,
+    "max_completion_tokens": 256,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "logit_bias": {"50256": -100},
+    "user": "user-42",
+    "tools": [WEATHER_TOOL],
+    "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {}}},
+    "seed": 7,
+    "reasoning_effort": "medium",
+    "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"},
+}
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    """A minimal valid body with ``changes`` applied."""
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}], **changes}
+
+
+def valid(data: dict[str, Any]) -> bool:
+    try:
+        ChatCompletionRequest.model_validate(data)
+    except ValidationError:
+        return False
+    return True
+
+
+# --- schemas -------------------------------------------------------------------------------
+
+
+def test_schemas_are_current() -> None:
+    rendered = render_schemas()
+    on_disk = {path.name: path.read_bytes() for path in SCHEMAS.glob("*.json")}
+    assert on_disk == rendered, "schemas/ is stale: run `make schemas` and commit the result"
+
+
+def test_schemas_are_json_schema() -> None:
+    for name, text in render_schemas().items():
+        schema = orjson.loads(text)
+        assert schema["type"] == "object", name
+        assert "properties" in schema, name
+
+
+def test_request_schema_states_the_ranges() -> None:
+    schema = orjson.loads(render_schemas()["request.schema.json"])
+    fields = schema["$defs"]["ChatCompletionRequest"]["properties"]
+    temperature = fields["temperature"]["anyOf"][0]
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
+    assert fields["n"]["anyOf"][0]["minimum"] == 1
+    assert set(DOCUMENTED_FIELDS) <= set(fields)
+
+
+# --- request -------------------------------------------------------------------------------
+
+
+def test_model_knows_every_documented_field() -> None:
+    assert set(ChatCompletionRequest.model_fields) == DOCUMENTED_FIELDS
+
+
+def test_every_documented_field_accepted() -> None:
+    request = ChatCompletionRequest.model_validate(FULL_BODY)
+    assert request.model_extra == {}
+    dumped = request.model_dump(mode="json", exclude_unset=True)
+    assert dumped == FULL_BODY
+
+
+def test_batch_line_accepted() -> None:
+    line = {
+        "custom_id": "order-42",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": FULL_BODY,
+    }
+    request = BatchRequest.model_validate_json(orjson.dumps(line))
+    assert request.custom_id == "order-42"
+    assert request.body.model == "gpt-4o-mini"
+
+
+def test_batch_line_needs_only_a_body() -> None:
+    request = BatchRequest.model_validate({"body": body()})
+    assert (request.custom_id, request.method, request.url) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {},
+        {"custom_id": "x"},
+        {"body": "not an object"},
+        {"body": {"messages": [{"role": "user", "content": "Hi"}]}},
+        {"body": {"model": "m"}},
+        {"body": {"model": "m", "messages": []}},
+        {"body": {"model": "", "messages": [{"role": "user", "content": "Hi"}]}},
+        {"body": {"model": "m", "messages": [{"content": "no role"}]}},
+        {"body": {"model": "m", "messages": [{"role": "robot", "content": "Hi"}]}},
+        {"body": body(), "custom_id": 42},
+    ],
+)
+def test_batch_line_rejected(line: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        BatchRequest.model_validate(line)
+
+
+def test_unknown_body_fields_are_kept() -> None:
+    data = body(
+        top_k=40,
+        repetition_penalty=1.1,
+        chat_template_kwargs={"enable_thinking": False},
+        messages=[{"role": "user", "content": "Hi", "cache_control": {"type": "ephemeral"}}],
+    )
+    request = ChatCompletionRequest.model_validate(data)
+    assert request.model_extra == {
+        "top_k": 40,
+        "repetition_penalty": 1.1,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    assert request.model_dump(exclude_unset=True) == data
+
+
+def test_validation_does_not_change_the_input() -> None:
+    data = copy.deepcopy(FULL_BODY)
+    ChatCompletionRequest.model_validate(data)
+    assert data == FULL_BODY
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 0),
+        ("temperature", 2),
+        ("top_p", 0),
+        ("top_p", 1),
+        ("n", 1),
+        ("n", 8),
+        ("presence_penalty", -2),
+        ("presence_penalty", 2),
+        ("frequency_penalty", -2),
+        ("frequency_penalty", 2),
+        ("tool_choice", "none"),
+        ("tool_choice", "auto"),
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}),
+        ("reasoning_effort", "low"),
+        ("reasoning_effort", "medium"),
+        ("reasoning_effort", "high"),
+        ("modalities", []),
+        ("modalities", ["text"]),
+        ("modalities", ["audio"]),
+        ("modalities", ["text", "audio"]),
+        ("stop", ["END", "STOP"]),
+    ],
+)
+def test_in_range_accepted(field: str, value: Any) -> None:
+    assert valid(body(**{field: value}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -0.01),
+        ("temperature", 2.01),
+        ("top_p", -0.1),
+        ("top_p", 1.5),
+        ("n", 0),
+        ("n", -1),
+        ("n", 1.5),
+        ("presence_penalty", -2.5),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", 3),
+        ("tool_choice", "any"),
+        ("tool_choice", "function"),
+        ("tool_choice", {"type": "function"}),
+        ("tool_choice", {"type": "function", "function": {}}),
+        ("tool_choice", {"type": "function", "function": {"name": ""}}),
+        ("tool_choice", {"type": "web_search", "function": {"name": "f"}}),
+        ("reasoning_effort", "extreme"),
+        ("reasoning_effort", "LOW"),
+        ("modalities", ["video"]),
+        ("modalities", ["text", "image"]),
+        ("modalities", "text"),
+        ("tools", [{"type": "function", "function": {"description": "no name"}}]),
+        ("tools", [{"type": "retrieval", "function": {"name": "f"}}]),
+        ("messages", [{"role": "user", "content": 42}]),
+        ("stream", "yes please"),
+    ],
+)
+def test_out_of_range_rejected(field: str, value: Any) -> None:
+    assert not valid(body(**{field: value}))
+
+
+def test_range_error_names_the_field() -> None:
+    with pytest.raises(ValidationError) as caught:
+        BatchRequest.model_validate({"body": body(temperature=3)})
+    assert caught.value.errors()[0]["loc"][:2] == ("body", "temperature")
+
+
+RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
+
+
+@st.composite
+def out_of_range(draw: st.DrawFn) -> tuple[str, float]:
+    field = draw(st.sampled_from(sorted(RANGES)))
+    low, high = RANGES[field]
+    value = draw(
+        st.floats(max_value=low, exclude_max=True, allow_nan=False, allow_infinity=False)
+        | st.floats(min_value=high, exclude_min=True, allow_nan=False, allow_infinity=False)
+    )
+    return field, value
+
+
+@hypothesis_settings(database=None, max_examples=200)
+@given(
+    temperature=st.floats(0, 2),
+    top_p=st.floats(0, 1),
+    presence_penalty=st.floats(-2, 2),
+    frequency_penalty=st.floats(-2, 2),
+)
+def test_any_in_range_sampling_validates(
+    temperature: float, top_p: float, presence_penalty: float, frequency_penalty: float
+) -> None:
+    request = ChatCompletionRequest.model_validate(
+        body(
+            temperature=temperature,
+            top_p=top_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+        )
+    )
+    assert request.temperature == temperature
+    assert request.top_p == top_p
+
+
+@hypothesis_settings(database=None, max_examples=200)
+@given(case=out_of_range())
+def test_any_out_of_range_sampling_fails(case: tuple[str, float]) -> None:
+    field, value = case
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate(body(**{field: value}))
+    assert caught.value.errors()[0]["loc"][0] == field
+
+
+# --- results and deltas --------------------------------------------------------------------
+
+
+def test_result_document_round_trips() -> None:
+    document = {
+        "id": "job-1",
+        "custom_id": "order-42",
+        "type": "result",
+        "response": {
+            "status_code": 200,
+            "request_id": "req-1",
+            "body": {"object": "chat.completion", "choices": []},
+        },
+        "error": None,
+        "usage": {
+            "prompt_tokens": 9,
+            "completion_tokens": 12,
+            "total_tokens": 21,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+        "metadata": {
+            "attempts": 1,
+            "model": "gpt-4o-mini",
+            "latency_ms": 812.4,
+            "ttft_ms": None,
+            "worker": "host/1",
+            "finished_at": "2025-11-25T18:00:00Z",
+        },
+    }
+    result = JobResult.model_validate(document)
+    assert result.ok
+    assert orjson.loads(result.model_dump_json()) == document
+
+
+def test_failed_result() -> None:
+    result = JobResult.model_validate(
+        {
+            "id": "job-1",
+            "error": {"code": "rate_limited", "message": "slow down", "status_code": 429},
+            "metadata": {"attempts": 5, "worker": "host/1", "finished_at": "2025-11-25T18:00Z"},
+        }
+    )
+    assert not result.ok
+    assert result.error is not None and result.error.code is ErrorCode.RATE_LIMITED
+    assert result.usage is None
+
+
+def test_usage_keeps_unknown_detail_fields() -> None:
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "cost": 0.001}
+    document = {
+        "id": "j",
+        "usage": usage,
+        "metadata": {"attempts": 1, "worker": "w", "finished_at": "2025-11-25T18:00:00Z"},
+    }
+    result = JobResult.model_validate(document)
+    assert result.usage is not None
+    assert result.usage.model_dump(exclude_unset=True) == usage
+
+
+def test_delta_document() -> None:
+    document = {
+        "id": "job-1",
+        "custom_id": "order-42",
+        "type": "delta",
+        "attempt": 1,
+        "seq": 0,
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "content": "Hel",
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"a"'},
+                        }
+                    ],
+                },
+                "finish_reason": None,
+            }
+        ],
+    }
+    assert orjson.loads(JobDelta.model_validate(document).model_dump_json()) == document
