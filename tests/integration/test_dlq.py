@@ -19,6 +19,17 @@ from worker.service import Worker
 pytestmark = pytest.mark.integration
 
 
+async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker", "dlq", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def failing(key: str, fault: str, times: int | None = None) -> dict[str, object]:
     mock: dict[str, object] = {"fault": fault, "key": key}
     if times is not None:
@@ -68,14 +79,8 @@ async def test_list_then_replay_one_error_code(
     assert [x.job_id for x in await list_dead_letters(settings, codes=["not_found"])] == ["c"]
 
     env = {**os.environ, **settings.to_env()}
-    listed = subprocess.run(
-        [sys.executable, "-m", "worker", "dlq", "list", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    listed = await cli(env, "list", "--json")
+    assert listed.returncode == 0
     assert sorted(orjson.loads(line)["job_id"] for line in listed.stdout.splitlines()) == [
         "a",
         "b",
@@ -89,22 +94,10 @@ async def test_list_then_replay_one_error_code(
     assert result.metadata.attempts == 1
     assert sorted(x.job_id for x in await list_dead_letters(settings)) == ["a", "b"]
 
-    replayed = subprocess.run(
-        [sys.executable, "-m", "worker", "dlq", "replay", "--all", "--limit", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    replayed = await cli(env, "replay", "--all", "--limit", "1")
+    assert replayed.returncode == 0
     assert "replayed 1" in replayed.stdout
     await replies.until_results(1)
-    refused = subprocess.run(
-        [sys.executable, "-m", "worker", "dlq", "replay"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = await cli(env, "replay")
     assert refused.returncode == 2
     assert "--code" in refused.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import subprocess
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,6 +13,7 @@ import prometheus_client
 import pytest
 import structlog
 from aio_pika.abc import AbstractConnection
+from brokerctl import close_connections_of
 from conftest import Replies, make_settings, publish
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -283,26 +284,6 @@ async def test_log_lines_are_json_with_job_fields_and_never_content_or_secrets(
     assert all("timestamp" in line and "level" in line for line in lines)
 
 
-def close_worker_connection() -> None:
-    listing = subprocess.run(
-        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q", "--no-table-headers"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    import os
-
-    for line in listing.splitlines():
-        if f'/{os.getpid()}"' in line and "chat-worker" in line:
-            subprocess.run(
-                ["rabbitmqctl", "close_connection", line.split("\t", 1)[0], "test"],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-
-
 async def test_readyz_turns_503_without_the_broker_and_200_when_back(
     observed: tuple[Worker, InMemorySpanExporter, HealthServer],
 ) -> None:
@@ -324,7 +305,7 @@ async def test_readyz_turns_503_without_the_broker_and_200_when_back(
                 await asyncio.sleep(0.01)
 
         watcher = asyncio.create_task(watch())
-        await asyncio.to_thread(close_worker_connection)
+        assert await asyncio.to_thread(close_connections_of, os.getpid())
         await asyncio.wait_for(watcher, 30)
     assert 503 in seen
     assert seen[-1] == 200

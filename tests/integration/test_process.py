@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from brokerctl import close_connections_of
 from conftest import publish
 
 from worker.messages import JobResult
@@ -180,22 +180,6 @@ async def test_sigterm_past_the_grace_period_returns_jobs_to_the_queue(
     assert queue.declaration_result.message_count == len(ids)
 
 
-def worker_connections(pid: int) -> list[str]:
-    """Broker-side pids of the connections a worker process opened (by connection name)."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q", "--no-table-headers"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return [
-        line.split("\t", 1)[0]
-        for line in listing.splitlines()
-        if re.search(rf"chat-worker [^\"]*/{pid}\"", line)
-    ]
-
-
 async def test_connections_cut_under_load_resume_and_lose_nothing(
     settings: Settings, connection: AbstractConnection, results: Results, mock: MockUpstream
 ) -> None:
@@ -204,16 +188,8 @@ async def test_connections_cut_under_load_resume_and_lose_nothing(
     try:
         for cut in (50, 200):
             await results.until(lambda n=cut: len(results.by_id) >= n, timeout=60)
-            pids = await asyncio.to_thread(worker_connections, process.pid)
-            assert pids, "the worker's connection is listed by the broker"
-            for pid in pids:
-                await asyncio.to_thread(
-                    subprocess.run,
-                    ["rabbitmqctl", "close_connection", pid, "test: cut under load"],
-                    check=True,
-                    capture_output=True,
-                    timeout=60,
-                )
+            closed = await asyncio.to_thread(close_connections_of, process.pid)
+            assert closed, "the worker's connection is listed by the broker"
         await results.until(lambda: set(results.by_id) >= ids, timeout=120)
         assert process.process.poll() is None, "the worker survived both cuts"
     finally:

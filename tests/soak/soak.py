@@ -14,12 +14,12 @@ import asyncio
 import collections
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -27,6 +27,10 @@ import httpx
 import orjson
 
 from worker.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from brokerctl import close_connections_of
+
 from worker.topology import DELAY_TIERS, declare, delay_queue_name
 
 MOCK_PORT = 18765
@@ -39,27 +43,6 @@ def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.DEVNULL
     )
-
-
-def close_connections_of(pid: int) -> int:
-    listing = subprocess.run(
-        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q", "--no-table-headers"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    ).stdout
-    closed = 0
-    for line in listing.splitlines():
-        if re.search(rf"chat-worker [^\"]*/{pid}\"", line):
-            subprocess.run(
-                ["rabbitmqctl", "close_connection", line.split("\t", 1)[0], "soak"],
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-            closed += 1
-    return closed
 
 
 async def main(args: argparse.Namespace) -> int:
