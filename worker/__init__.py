@@ -16,19 +16,32 @@ from worker.messages import BatchRequest, ErrorCode, JobDelta, JobResult
 from worker.settings import Settings
 
 if TYPE_CHECKING:
+    from worker.client import ChatClient, ChatClientError, JobFailed, JobTimeout, StreamText
     from worker.service import Worker
 
 __all__ = [
     "BatchRequest",
+    "ChatClient",
+    "ChatClientError",
     "ErrorCode",
     "JobDelta",
+    "JobFailed",
     "JobResult",
+    "JobTimeout",
     "Settings",
+    "StreamText",
     "Worker",
     "__version__",
 ]
 
-_LAZY = {"Worker": "worker.service"}
+_LAZY = {
+    "ChatClient": "worker.client",
+    "ChatClientError": "worker.client",
+    "JobFailed": "worker.client",
+    "JobTimeout": "worker.client",
+    "StreamText": "worker.client",
+    "Worker": "worker.service",
+}
 
 
 def __getattr__(name: str) -> Any:

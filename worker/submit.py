@@ -177,9 +177,12 @@ class RichReporter:
             console=console,
         )
         self.task = self.progress.add_task("submit", total=None, ok=0, failed=0, tokens=0, rate=0.0)
-        self.progress.start()
+        self.started = False
 
     def update(self, tally: Tally) -> None:
+        if not self.started:  # here, so that a run that never starts shows no bar
+            self.progress.start()
+            self.started = True
         self.progress.update(
             self.task,
             total=tally.total,
@@ -194,7 +197,8 @@ class RichReporter:
         self.progress.console.print(text, markup=False, highlight=False)
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.started:
+            self.progress.stop()
 
 
 def _progress_line(tally: Tally) -> str:
@@ -280,7 +284,7 @@ def _job_line(raw: bytes, number: int) -> tuple[str, bytes | None, str | None]:
         return custom_id, None, f"{where}: {error['msg']}"
     if given is None:
         # The result must name its line: give the job the custom_id the output will show.
-        return custom_id, orjson.dumps({"custom_id": custom_id, **document}), None
+        return custom_id, orjson.dumps({**document, "custom_id": custom_id}), None
     return custom_id, raw.strip(), None
 
 
@@ -517,6 +521,11 @@ async def submit_file(
     stop = stop or asyncio.Event()
     tally = Tally(total=start.total, earlier_failed=earlier.failed)
     reply_queue = reply_queue_name(output)
+    if start.outstanding:
+        reporter.warn(
+            f"awaiting the results of {len(start.outstanding)} jobs an earlier run published "
+            f"(listed in {journal.name}; remove it to publish them again)"
+        )
 
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     try:
@@ -552,6 +561,7 @@ async def submit_file(
 
 
 async def _run(run: _Submission, queue: AbstractQueue, source: Path, stop: asyncio.Event) -> None:
+    run.reporter.update(run.tally)
     tag = await queue.consume(run.on_reply)
     reader = asyncio.create_task(run.read(source, stop))
     reader.add_done_callback(run.reader_done)
@@ -606,6 +616,9 @@ async def run_submit(
         except (OSError, aiormq.exceptions.AMQPError, ChatClientError) as exc:
             _say(console, f"chat-worker submit: {exc!r}")
             return 1
+        except asyncio.CancelledError:  # a second Ctrl-C
+            _say(console, "chat-worker submit: cancelled; run again with --resume to continue")
+            return EXIT_INTERRUPTED
         finally:
             reporter.close()
     for line in _summary(tally, output):

@@ -7,11 +7,25 @@ from importlib.metadata import version
 import pytest
 
 import worker
+from worker.client import ChatClient, ChatClientError, JobFailed, JobTimeout, StreamText
 from worker.messages import BatchRequest, ErrorCode, JobDelta, JobResult
 from worker.service import Worker
 from worker.settings import Settings
 
-PUBLIC = ["BatchRequest", "ErrorCode", "JobDelta", "JobResult", "Settings", "Worker", "__version__"]
+PUBLIC = [
+    "BatchRequest",
+    "ChatClient",
+    "ChatClientError",
+    "ErrorCode",
+    "JobDelta",
+    "JobFailed",
+    "JobResult",
+    "JobTimeout",
+    "Settings",
+    "StreamText",
+    "Worker",
+    "__version__",
+]
 
 
 def test_all_is_pinned() -> None:
@@ -27,6 +41,11 @@ def test_all_is_pinned() -> None:
         ("JobResult", JobResult),
         ("Settings", Settings),
         ("Worker", Worker),
+        ("ChatClient", ChatClient),
+        ("ChatClientError", ChatClientError),
+        ("JobFailed", JobFailed),
+        ("JobTimeout", JobTimeout),
+        ("StreamText", StreamText),
     ],
 )
 def test_public_names_are_the_real_objects(name: str, obj: object) -> None:
