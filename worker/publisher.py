@@ -7,7 +7,6 @@ after that (contract §8).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -15,10 +14,9 @@ import aiormq
 import orjson
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
-from pydantic import ValidationError
 
+from worker.errors import JobError
 from worker.jobs import Deferral, Envelope, JobOutcome
-from worker.messages import ErrorInfo, JobResult, ResultMetadata, UpstreamResponse, Usage
 from worker.settings import Settings
 from worker.topology import (
     DELTA,
@@ -41,7 +39,7 @@ from worker.topology import (
     delay_tier,
 )
 
-__all__ = ["Publisher", "build_result", "copy_request"]
+__all__ = ["Publisher", "copy_request", "render_result"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,46 +48,44 @@ APP_ID = "chat-worker"
 MAX_HEADER_TEXT = 1000
 
 
-def build_result(
+def render_result(
     envelope: Envelope,
     custom_id: str | None,
     model: str | None,
     outcome: JobOutcome,
     worker: str,
-) -> JobResult:
-    """The result document of contract §4."""
-    response = None
-    if outcome.status_code is not None:
-        response = UpstreamResponse(
-            status_code=outcome.status_code, request_id=outcome.request_id, body=outcome.body
-        )
-    return JobResult(
-        id=envelope.job_id,
-        custom_id=custom_id,
-        response=response,
-        error=outcome.error.info() if outcome.error else None,
-        usage=_usage(outcome.usage, envelope.job_id),
-        metadata=ResultMetadata(
-            attempts=outcome.attempts,
-            model=model,
-            latency_ms=outcome.latency_ms,
-            ttft_ms=outcome.ttft_ms,
-            worker=worker,
-            finished_at=outcome.finished_at,
-        ),
-    )
+) -> bytes:
+    """The result document of contract §4 (schema: :class:`~worker.messages.JobResult`).
 
-
-def _usage(usage: dict[str, Any] | None, job_id: str) -> Usage | None:
-    """The upstream's usage, kept whole; a count sent as null is taken as absent."""
-    if not usage:
-        return None
-    try:
-        return Usage.model_validate({k: v for k, v in usage.items() if v is not None})
-    except ValidationError:
-        # Never fail a paid call over its bookkeeping: the body still carries it as sent.
-        log.warning("upstream usage unreadable; result has usage null", job_id=job_id)
-        return None
+    Built as a dict and serialised once: the upstream's body and usage pass through as
+    parsed, never re-validated, which is most of a job's JSON.
+    """
+    error = outcome.error
+    document = {
+        "id": envelope.job_id,
+        "custom_id": custom_id,
+        "type": "result",
+        "response": None
+        if outcome.status_code is None
+        else {
+            "status_code": outcome.status_code,
+            "request_id": outcome.request_id,
+            "body": outcome.body,
+        },
+        "error": None
+        if error is None
+        else {"code": error.code.value, "message": error.message, "status_code": error.status_code},
+        "usage": outcome.usage or None,
+        "metadata": {
+            "attempts": outcome.attempts,
+            "model": model,
+            "latency_ms": outcome.latency_ms,
+            "ttft_ms": outcome.ttft_ms,
+            "worker": worker,
+            "finished_at": outcome.finished_at,
+        },
+    }
+    return orjson.dumps(document, option=orjson.OPT_UTC_Z)
 
 
 class Publisher:
@@ -138,32 +134,45 @@ class Publisher:
         )
         await self._reply(envelope, message, DELTA)
 
-    async def result(self, envelope: Envelope, result: JobResult, trace: Mapping[str, str]) -> None:
+    async def result(
+        self,
+        envelope: Envelope,
+        custom_id: str | None,
+        outcome: JobOutcome,
+        document: bytes,
+        trace: Mapping[str, str],
+    ) -> None:
+        """Publish a rendered result (:func:`render_result`) with the contract's headers."""
         headers: dict[str, Any] = {
-            H_JOB_ID: result.id,
-            H_STATUS: "ok" if result.ok else "error",
-            H_ATTEMPTS: result.metadata.attempts,
+            H_JOB_ID: envelope.job_id,
+            H_STATUS: "ok" if outcome.error is None else "error",
+            H_ATTEMPTS: outcome.attempts,
             **trace,
         }
-        if result.custom_id is not None:
-            headers[H_CUSTOM_ID] = result.custom_id
-        if result.error is not None:
-            headers[H_ERROR_CODE] = result.error.code.value
-        if result.usage is not None:
-            headers[H_USAGE_PROMPT] = result.usage.prompt_tokens
-            headers[H_USAGE_COMPLETION] = result.usage.completion_tokens
-            headers[H_USAGE_TOTAL] = result.usage.total_tokens
+        if custom_id is not None:
+            headers[H_CUSTOM_ID] = custom_id
+        if outcome.error is not None:
+            headers[H_ERROR_CODE] = outcome.error.code.value
+        usage = outcome.usage or {}
+        for name, key in (
+            (H_USAGE_PROMPT, "prompt_tokens"),
+            (H_USAGE_COMPLETION, "completion_tokens"),
+            (H_USAGE_TOTAL, "total_tokens"),
+        ):
+            if isinstance(usage.get(key), int):
+                headers[name] = usage[key]
         message = aio_pika.Message(
-            result.model_dump_json().encode(),
+            document,
             content_type="application/json",
             type=TYPE_RESULT,
             correlation_id=envelope.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers=headers,
             app_id=APP_ID,
-            timestamp=datetime.now(UTC),
+            timestamp=outcome.finished_at,
         )
-        await self._reply(envelope, message, RESULT_OK if result.ok else RESULT_ERROR)
+        routing_key = RESULT_OK if outcome.error is None else RESULT_ERROR
+        await self._reply(envelope, message, routing_key)
 
     async def _reply(self, envelope: Envelope, message: aio_pika.Message, routing_key: str) -> None:
         if envelope.reply_to:
@@ -199,7 +208,7 @@ class Publisher:
             )
 
     async def dead_letter(
-        self, message: AbstractIncomingMessage, envelope: Envelope, error: ErrorInfo, attempts: int
+        self, message: AbstractIncomingMessage, envelope: Envelope, error: JobError, attempts: int
     ) -> None:
         """Keep the original request, with why it failed, in the dead-letter queue."""
         headers = _carried_headers(message)

@@ -36,7 +36,7 @@ from worker.jobs import (
     decode_job,
     read_envelope,
 )
-from worker.publisher import Publisher, build_result
+from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
 from worker.topology import H_DELIVERY_COUNT, declare
@@ -85,6 +85,7 @@ class Worker:
         self._consumer_tag = ""
         self._interrupted = asyncio.Event()
         self._not_consuming_since = time.monotonic()
+        self.telemetry.watch_in_flight(lambda: len(self._tasks))
 
     @property
     def ready(self) -> bool:
@@ -231,7 +232,6 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self.telemetry.in_flight.add(1)
         try:
             await self._handle(message)
         except asyncio.CancelledError:
@@ -247,7 +247,6 @@ class Worker:
                 await message.nack(requeue=True)
         finally:
             self._tasks.discard(task)
-            self.telemetry.in_flight.add(-1)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         assert self._publisher is not None
@@ -327,25 +326,26 @@ class Worker:
                 retry_in_s=tier,
             )
             return
-        result = build_result(envelope, custom_id, model, outcome, self.identity)
-        if result.error is None:
-            await self._publisher.result(envelope, result, trace)
+        document = render_result(envelope, custom_id, model, outcome, self.identity)
+        error = outcome.error
+        if error is None:
+            await self._publisher.result(envelope, custom_id, outcome, document, trace)
         else:
             await asyncio.gather(
-                self._publisher.result(envelope, result, trace),
-                self._publisher.dead_letter(message, envelope, result.error, outcome.attempts),
+                self._publisher.result(envelope, custom_id, outcome, document, trace),
+                self._publisher.dead_letter(message, envelope, error, outcome.attempts),
             )
         await message.ack()
-        usage = result.usage
+        usage = outcome.usage or {}
         log.info(
             "job finished",
-            outcome="ok" if result.error is None else "error",
-            error_code=result.error.code.value if result.error else None,
+            outcome="ok" if error is None else "error",
+            error_code=error.code.value if error else None,
             attempts=outcome.attempts,
             latency_ms=outcome.latency_ms,
             ttft_ms=outcome.ttft_ms,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
         )
 
 

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
@@ -27,6 +27,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -187,8 +188,12 @@ class Telemetry:
         self.job_duration = meter.create_histogram(
             "chat_worker.job.duration", unit="s", description="Time from delivery to result"
         )
-        self.in_flight = meter.create_up_down_counter(
-            "chat_worker.jobs.in_flight", unit="{job}", description="Jobs being processed"
+        self._in_flight: Callable[[], int] = lambda: 0
+        meter.create_observable_up_down_counter(
+            "chat_worker.jobs.in_flight",
+            callbacks=[lambda _: [Observation(self._in_flight())]],
+            unit="{job}",
+            description="Jobs being processed",
         )
         self.retries = meter.create_counter(
             "chat_worker.retries", unit="{retry}", description="Upstream attempts retried"
@@ -196,6 +201,15 @@ class Telemetry:
         self.dead_lettered = meter.create_counter(
             "chat_worker.dead_lettered", unit="{job}", description="Requests dead-lettered"
         )
+
+    @property
+    def recording(self) -> bool:
+        """True when spans are recorded (an exporter or a test's processor is set)."""
+        return self._tracer_provider is not None
+
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        """Read the in-flight gauge from ``count`` at scrape time (free on the hot path)."""
+        self._in_flight = count
 
     def shutdown(self) -> None:
         if self._tracer_provider is not None:
@@ -215,6 +229,9 @@ class Telemetry:
         delivery_tag: int | None,
     ) -> Iterator[Span]:
         """The CONSUMER span of one job, child of the producer's trace context."""
+        if not self.recording and "traceparent" not in headers:
+            yield trace.INVALID_SPAN  # nothing to record, nothing to pass on
+            return
         carrier = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
         parent = propagate.extract(carrier)
         token = otel_context.attach(parent)
@@ -239,6 +256,9 @@ class Telemetry:
     @contextlib.contextmanager
     def upstream_span(self, url: str, body: Mapping[str, Any], attempt: int) -> Iterator[Span]:
         """The CLIENT span of one upstream attempt (GenAI conventions, no content)."""
+        if not self.recording:
+            yield trace.get_current_span()
+            return
         model = str(body.get("model"))
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
@@ -271,7 +291,8 @@ class Telemetry:
     def outgoing_headers() -> dict[str, str]:
         """``traceparent``/``tracestate`` of the current context, for a message or request."""
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        if trace.get_current_span().get_span_context().is_valid:
+            propagate.inject(carrier)
         return carrier
 
     # Recording -------------------------------------------------------------------------
