@@ -348,14 +348,20 @@ class JobRunner:
         meta: dict[str, Any] = {}
         started = time.perf_counter()
         ttft_ms: float | None = None
+        # Moving the deadline costs a timer per chunk; moving it when a tenth of it has
+        # gone keeps the bound (never early, at most 10 % late) at a fraction of the cost.
+        slack = idle / 10
         try:
             async with asyncio.timeout(idle) as silence:
+                rescheduled = loop.time()
                 chunks = self.upstream.stream(body, headers, meta)
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
-                        silence.reschedule(loop.time() + idle)
-                        assembler.add(chunk)
-                        if await deltas.add(chunk) and ttft_ms is None:
+                        now = loop.time()
+                        if now - rescheduled > slack:
+                            silence.reschedule(now + idle + slack)
+                            rescheduled = now
+                        if await deltas.add_parts(assembler.add(chunk)) and ttft_ms is None:
                             ttft_ms = _ms_since(started)
             await deltas.close()
         except TimeoutError:

@@ -9,9 +9,11 @@ from typing import Any
 
 __all__ = [
     "ChoiceDelta",
+    "ChoicePart",
     "CompletionAssembler",
     "DeltaBuffer",
     "DeltaStream",
+    "choice_parts",
     "normalise_delta",
 ]
 
@@ -93,10 +95,19 @@ class ChoiceDelta:
         return out
 
 
-def _choice_parts(chunk: dict[str, Any]) -> Iterable[tuple[int, dict[str, Any], str | None]]:
-    for choice in chunk.get("choices") or ():
-        delta = normalise_delta(choice.get("delta") or {})
-        yield choice.get("index", 0), delta, choice.get("finish_reason")
+ChoicePart = tuple[int, dict[str, Any], str | None]
+"""``(index, normalised delta, finish_reason)`` of one choice in one chunk."""
+
+
+def choice_parts(chunk: dict[str, Any]) -> list[ChoicePart]:
+    return [
+        (
+            choice.get("index", 0),
+            normalise_delta(choice.get("delta") or {}),
+            choice.get("finish_reason"),
+        )
+        for choice in chunk.get("choices") or ()
+    ]
 
 
 class DeltaBuffer:
@@ -107,8 +118,11 @@ class DeltaBuffer:
 
     def add(self, chunk: dict[str, Any]) -> bool:
         """Buffer a chunk; True when it carried anything a consumer would see."""
+        return self.add_parts(choice_parts(chunk))
+
+    def add_parts(self, parts: Iterable[ChoicePart]) -> bool:
         seen = False
-        for index, delta, finish_reason in _choice_parts(chunk):
+        for index, delta, finish_reason in parts:
             if delta or finish_reason:
                 self._choices.setdefault(index, ChoiceDelta()).add(delta, finish_reason)
                 seen = True
@@ -136,7 +150,8 @@ class CompletionAssembler:
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add(self, chunk: dict[str, Any]) -> list[ChoicePart]:
+        """Take a chunk; returns its normalised choices (for the deltas, parsed once)."""
         self.chunks += 1
         if not self._head:
             self._head = {
@@ -144,11 +159,15 @@ class CompletionAssembler:
             }
         if usage := chunk.get("usage"):
             self.usage = usage
-        for choice in chunk.get("choices") or ():
-            raw = choice.get("delta") or {}
-            state = self._choices.setdefault(choice.get("index", 0), ChoiceDelta())
-            state.role = raw.get("role") or state.role
-            state.add(normalise_delta(raw), choice.get("finish_reason"))
+        parts = choice_parts(chunk)
+        for (index, delta, finish_reason), choice in zip(
+            parts, chunk["choices"] or (), strict=True
+        ):
+            state = self._choices.setdefault(index, ChoiceDelta())
+            if role := (choice.get("delta") or {}).get("role"):
+                state.role = role
+            state.add(delta, finish_reason)
+        return parts
 
     def completion(self) -> dict[str, Any]:
         choices = []
@@ -193,7 +212,10 @@ class DeltaStream:
 
     async def add(self, chunk: dict[str, Any]) -> bool:
         """Take a chunk; True when it carried output (the caller times the first one)."""
-        if not self._buffer.add(chunk):
+        return await self.add_parts(choice_parts(chunk))
+
+    async def add_parts(self, parts: Iterable[ChoicePart]) -> bool:
+        if not self._buffer.add_parts(parts):
             return False
         if self._seq == 0 or self._interval <= 0:
             await self.flush()
