@@ -1,0 +1,123 @@
+"""The raw limit: consume → POST → publish (confirmed) → ack, and nothing else.
+
+No validation, telemetry or logging: the fastest this machine runs the job with aio-pika and
+an HTTP client. ``--client`` picks the HTTP client (``transports.py`` compares them):
+
+- ``aiohttp``: a bare ``aiohttp.ClientSession`` (the raw limit);
+- ``httpx``: ``httpx.AsyncClient`` with its default transport (httpcore);
+- ``httpx-aiohttp``: ``httpx.AsyncClient`` over ``httpx_aiohttp.AiohttpTransport``;
+- ``httpx-aiohttp-direct``: ``httpx.Request`` handed straight to ``AiohttpTransport``, no
+  ``AsyncClient`` (what ``worker.upstream.Upstream`` does).
+
+Every client gets a pool of ``--concurrency`` kept-alive connections.
+Run by the benchmarks as its own process; SIGTERM ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import aio_pika
+import aiohttp
+import httpx
+import orjson
+import uvloop
+from aio_pika.abc import AbstractIncomingMessage
+
+Post = Callable[[bytes], Awaitable[bytes]]
+HEADERS = {"content-type": "application/json"}
+CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp", "httpx-aiohttp-direct")
+
+
+async def http_client(kind: str, url: str, pool: int, stack: AsyncExitStack) -> Post:
+    if kind == "aiohttp":
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=pool))
+        )
+
+        async def post_aiohttp(body: bytes) -> bytes:
+            async with session.post(url, data=body, headers=HEADERS) as response:
+                return await response.read()
+
+        return post_aiohttp
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    if kind == "httpx-aiohttp-direct":
+        from httpx_aiohttp import AiohttpTransport
+
+        direct = AiohttpTransport(limits=limits)
+        stack.push_async_callback(direct.aclose)
+        target = httpx.URL(url)
+
+        async def post_direct(body: bytes) -> bytes:
+            request = httpx.Request("POST", target, headers=HEADERS, content=body)
+            response = await direct.handle_async_request(request)
+            try:
+                return await response.aread()
+            finally:
+                await response.aclose()
+
+        return post_direct
+    if kind == "httpx":
+        transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(limits=limits)
+    elif kind == "httpx-aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        transport = AiohttpTransport(limits=limits)
+    else:
+        raise ValueError(f"unknown client {kind!r}")
+    client = await stack.enter_async_context(
+        httpx.AsyncClient(transport=transport, headers=HEADERS, timeout=None)
+    )
+
+    async def post_httpx(body: bytes) -> bytes:
+        response = await client.post(url, content=body)
+        return response.content
+
+    return post_httpx
+
+
+async def main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        post = await http_client(
+            args.client, f"{args.upstream}/chat/completions", args.concurrency, stack
+        )
+        connection = await stack.enter_async_context(await aio_pika.connect(args.amqp))
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=args.concurrency)
+        results = await channel.get_exchange(args.exchange, ensure=False)
+        queue = await channel.get_queue(args.queue, ensure=False)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            answer = await post(orjson.dumps(orjson.loads(message.body)["body"]))
+            await results.publish(
+                aio_pika.Message(
+                    answer,
+                    content_type="application/json",
+                    correlation_id=message.correlation_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                "result.ok",
+            )
+            await message.ack()
+
+        await queue.consume(on_message)
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--amqp", required=True)
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--exchange", required=True)
+    parser.add_argument("--upstream", required=True, help="base URL, ending in /v1")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--client", default="aiohttp", choices=CLIENTS)
+    uvloop.run(main(parser.parse_args()))

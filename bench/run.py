@@ -1,0 +1,87 @@
+"""Every benchmark scenario in one go, one table: ``make bench`` (or ``python bench/run.py``).
+
+Each scenario runs side by side with its baseline in the same invocation, so the ratios hold
+on a noisy machine even when the absolute numbers move. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+from common import run_main
+from report import Row, Section, table, write_json
+from s1_overhead import run_s1, s1_worker_rate
+from s2_latency import run_s2
+from s3_streaming import run_s3
+from s4_scaleout import run_s4
+from transports import run_transports
+
+SCENARIOS = ("s1", "s2", "s3", "s4", "transports")
+DEFAULT = "s1,s2,s3,s4"
+
+
+async def main(args: argparse.Namespace) -> int:
+    chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    if unknown := set(chosen) - set(SCENARIOS):
+        sys.exit(f"unknown scenarios: {', '.join(sorted(unknown))} (known: {', '.join(SCENARIOS)})")
+    quick = args.quick
+    jobs = args.jobs or (2_000 if quick else 20_000)
+    started = time.monotonic()
+    sections: list[Section] = []
+    s1_rate: float | None = None
+    for name in chosen:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        if name == "s1":
+            section = await run_s1(jobs, args.repeat, args.timeout)
+            s1_rate = section.data["worker_rate"]
+        elif name == "s2":
+            if s1_rate is None:
+                print(
+                    "  (S2 bounds by the S1 rate: measuring the worker on S1 first)",
+                    file=sys.stderr,
+                )
+                s1_rate = await s1_worker_rate(min(jobs, 5_000), args.timeout)
+            seconds, cap = (3.0, 4_000) if quick else (12.0, 20_000)
+            section = await run_s2(s1_rate, seconds=seconds, max_jobs=cap, timeout=args.timeout)
+        elif name == "s3":
+            section = await run_s3(128 if quick else 384, timeout=args.timeout)
+        elif name == "s4":
+            section = await run_s4(jobs, args.repeat, args.timeout)
+        else:
+            section = await run_transports(jobs, args.repeat, timeout=args.timeout)
+        sections.append(section)
+    duration = time.monotonic() - started
+    rows: list[Row] = [row for section in sections for row in section.rows]
+    command = shlex.join([sys.executable, *sys.argv])
+    print()
+    print(table(rows))
+    print(f"\n{command}\n{duration / 60:.1f} min, {'quick smoke run' if quick else 'full run'}")
+    path = write_json(
+        "run",
+        {
+            "command": command,
+            "args": vars(args),
+            "duration_s": duration,
+            "rows": rows,
+            "sections": {section.name: section.data for section in sections},
+        },
+    )
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--scenarios",
+        default=DEFAULT,
+        help=f"comma-separated, of {', '.join(SCENARIOS)} (default {DEFAULT})",
+    )
+    parser.add_argument("--jobs", type=int, help="jobs per S1/S4/transport run (default 20000)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per contender (S1, S4)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run, at most")
+    sys.exit(run_main(main(parser.parse_args())))
