@@ -20,12 +20,11 @@ import structlog
 from conftest import make_settings
 
 from worker.mock_upstream import MockUpstream
+from worker.progress import PlainReporter, Tally
 from worker.service import Worker
 from worker.settings import Settings
 from worker.submit import (
     OutputExists,
-    PlainReporter,
-    Tally,
     default_output,
     job_id_for,
     journal_path,
