@@ -17,10 +17,11 @@ from s1_overhead import run_s1, s1_worker_rate
 from s2_latency import run_s2
 from s3_streaming import run_s3
 from s4_scaleout import run_s4
+from telemetry import run_telemetry
 from transports import run_transports
 
-SCENARIOS = ("s1", "s2", "s3", "s4", "transports")
-DEFAULT = "s1,s2,s3,s4"
+SCENARIOS = ("s1", "s2", "s3", "s4", "telemetry", "transports")
+DEFAULT = "s1,s2,s3,s4,telemetry"
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -50,6 +51,8 @@ async def main(args: argparse.Namespace) -> int:
             section = await run_s3(128 if quick else 384, timeout=args.timeout)
         elif name == "s4":
             section = await run_s4(jobs, args.repeat, args.timeout)
+        elif name == "telemetry":
+            section = await run_telemetry(jobs, args.repeat, args.timeout)
         else:
             section = await run_transports(jobs, args.repeat, timeout=args.timeout)
         sections.append(section)

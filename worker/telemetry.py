@@ -8,7 +8,8 @@
   ``traceparent``; a CLIENT span per upstream attempt (GenAI conventions). OTLP export when
   ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise spans are not recorded at all, and the
   producer's context still flows through to the upstream and the result.
-- Metrics: OpenTelemetry instruments read by a Prometheus reader, served on ``/metrics``.
+- Metrics: OpenTelemetry instruments read by a Prometheus reader, served on ``/metrics``,
+  and exported over OTLP too when an endpoint is set.
 """
 
 from __future__ import annotations
@@ -108,10 +109,11 @@ def configure_logging(
 # --- traces and metrics ------------------------------------------------------------------
 
 
-def _otlp_configured() -> bool:
+def _otlp_configured(signal: str) -> bool:
+    """An OTLP endpoint is set for ``signal`` (TRACES or METRICS), or for all signals."""
     return any(
         os.environ.get(name)
-        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
     )
 
 
@@ -133,7 +135,7 @@ class Telemetry:
         resource = Resource.create()
         self.registry = registry or prometheus_client.REGISTRY
         self._tracer_provider: TracerProvider | None = None
-        if span_processor is not None or (_otlp_configured() and not _sdk_disabled()):
+        if span_processor is not None or (_otlp_configured("TRACES") and not _sdk_disabled()):
             provider = TracerProvider(resource=resource)
             if span_processor is not None:
                 provider.add_span_processor(span_processor)
@@ -152,6 +154,13 @@ class Telemetry:
         readers: list[MetricReader] = [*metric_readers]
         if not _sdk_disabled():
             readers.append(PrometheusMetricReader(registry=self.registry))
+            if _otlp_configured("METRICS"):
+                from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                    OTLPMetricExporter,
+                )
+                from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+                readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         self._meter_provider = MeterProvider(
             resource=resource,
             metric_readers=readers,
