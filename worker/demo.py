@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid
 from pathlib import Path
 
@@ -29,7 +30,8 @@ RESULT_TIMEOUT = 30.0
 
 
 async def run_demo(settings: Settings, lines: list[bytes]) -> int:
-    console = Console()
+    # Rich assumes 80 columns off a terminal (CI logs, pipes): too narrow for the table.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     configure_logging("console", "warning")
     url = settings.amqp_url.get_secret_value()
     problem = await reachable(url)
@@ -117,8 +119,8 @@ async def _drive(
 def _print(console: Console, results: list[JobResult], deltas: dict[str, int]) -> None:
     table = Table(title="chat-worker demo: one result per job")
     for column in ("custom_id", "status", "deltas", "prompt", "completion", "total"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("reply", no_wrap=True, overflow="ellipsis", max_width=48)
+        table.add_column(column, no_wrap=True, min_width=len(column))
+    table.add_column("reply", no_wrap=True, overflow="ellipsis", max_width=44)
     totals = [0, 0, 0]
     for result in sorted(results, key=lambda r: r.id):
         usage = result.usage
