@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -139,8 +138,3 @@ def load_settings(**overrides: Any) -> Settings:
         error = exc.errors()[0]
         name = ENV_PREFIX + "_".join(str(p) for p in error["loc"]).upper()
         raise SettingsError(f"{name}: {error['msg']}") from None
-
-
-def exit_on_bad_settings(exc: SettingsError) -> None:
-    print(f"chat-worker: invalid setting {exc}", file=sys.stderr)
-    raise SystemExit(2)
