@@ -131,9 +131,13 @@ def _int(value: Any) -> int:
 
 
 def _parse_deadline(value: Any) -> tuple[datetime | None, str | None]:
+    """``(deadline, None)``, or ``(None, the bad text)``."""
     if value is None:
         return None, None
-    text = value.decode() if isinstance(value, bytes) else str(value)
+    if isinstance(value, datetime):
+        # An AMQP timestamp field (some clients send one): seconds since the epoch, UTC.
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)), None
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
     try:
         deadline = datetime.fromisoformat(text)
     except ValueError:

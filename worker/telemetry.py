@@ -241,7 +241,12 @@ class Telemetry:
         if not self.recording and "traceparent" not in headers:
             yield trace.INVALID_SPAN  # nothing to record, nothing to pass on
             return
-        carrier = {k: v for k, v in headers.items() if k in ("traceparent", "tracestate")}
+        # Some AMQP clients send string headers as bytes (longstr).
+        carrier = {
+            k: v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+            for k, v in headers.items()
+            if k in ("traceparent", "tracestate")
+        }
         parent = propagate.extract(carrier)
         token = otel_context.attach(parent)
         try:

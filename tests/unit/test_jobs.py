@@ -801,3 +801,17 @@ async def test_malformed_stream_fails_as_upstream_error(
     assert outcome.error is not None
     assert outcome.error.code is ErrorCode.UPSTREAM_ERROR
     assert outcome.attempts == 2
+
+
+def test_a_deadline_sent_as_an_amqp_timestamp_is_read_as_utc() -> None:
+    from datetime import datetime as _datetime
+
+    naive = _datetime(2030, 1, 2, 3, 4, 5)
+    from worker.jobs import _parse_deadline
+
+    deadline, bad = _parse_deadline(naive)
+    assert bad is None
+    assert deadline is not None
+    assert deadline.tzinfo is not None
+    assert deadline.utcoffset() is not None
+    assert deadline.replace(tzinfo=None) == naive
