@@ -10,7 +10,8 @@ JobError
 │   ├── NotFound                    not_found             (upstream 404)
 │   └── Expired                     expired
 └── RetryableError                  (retried with backoff, then final)
-    ├── RateLimited                 rate_limited          (upstream 429)
+    ├── RateLimited                 rate_limited          (upstream 429; waits for budget)
+    ├── QuotaExceeded               quota_exceeded        (429 insufficient_quota; waits)
     ├── UpstreamError               upstream_error        (5xx, 408, 409, connection, malformed)
     └── UpstreamTimeout             timeout
 """
@@ -31,6 +32,7 @@ __all__ = [
     "ModelNotAllowed",
     "NotFound",
     "PermanentError",
+    "QuotaExceeded",
     "RateLimited",
     "RetryableError",
     "UpstreamError",
@@ -104,6 +106,10 @@ class Expired(PermanentError):
 
 class RateLimited(RetryableError):
     code = ErrorCode.RATE_LIMITED
+
+
+class QuotaExceeded(RetryableError):
+    code = ErrorCode.QUOTA_EXCEEDED
 
 
 class UpstreamError(RetryableError):

@@ -73,6 +73,8 @@ class Envelope:
     prior_attempts: int
     redeliveries: int
     headers: Mapping[str, Any]
+    lane: str | None = None  # the request queue it came from (§12)
+    tenant: str | None = None  # who the job belongs to (§12)
 
 
 def read_envelope(
@@ -229,6 +231,8 @@ class JobOutcome:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    upstream: str | None = None  # name of the upstream of the last attempt (§11)
+    rate_limit_wait_ms: float = 0.0  # time waited for rate-limit budget, across deliveries
 
     @property
     def ok(self) -> bool:

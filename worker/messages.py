@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     EXPIRED = "expired"
     RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
     UPSTREAM_ERROR = "upstream_error"
     TIMEOUT = "timeout"
 
@@ -173,6 +174,10 @@ class ResultMetadata(_Open):
     ttft_ms: float | None = None
     worker: str
     finished_at: datetime
+    upstream: str | None = Field(None, description="the upstream of the last attempt (§11)")
+    lane: str | None = Field(None, description="the request queue the job came from (§12)")
+    tenant: str | None = Field(None, description="AMQP user_id, or trusted x-tenant (§12)")
+    rate_limit_wait_ms: float = Field(0, description="time the job waited for budget (§11)")
 
 
 class JobResult(BaseModel):

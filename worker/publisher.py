@@ -86,6 +86,10 @@ def render_result(
             "ttft_ms": outcome.ttft_ms,
             "worker": worker,
             "finished_at": outcome.finished_at,
+            "upstream": outcome.upstream,
+            "lane": envelope.lane,
+            "tenant": envelope.tenant,
+            "rate_limit_wait_ms": outcome.rate_limit_wait_ms,
         },
     }
     return orjson.dumps(document, option=orjson.OPT_UTC_Z)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Lane", "Settings", "SettingsError", "load_settings"]
 
 ENV_PREFIX = "WORKER_"
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -49,13 +50,50 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # §11: several upstreams, rate limits
+    upstreams_file: Path | None = None
+    upstream_rpm: int | None = Field(None, ge=1)
+    upstream_tpm: int | None = Field(None, ge=1)
+    upstream_max_concurrency: int | None = Field(None, ge=1)
+    rate_limit_max_wait: float = Field(3600.0, ge=0)
+    redis_url: SecretStr | None = None
+    # §12: tenants (lanes are parsed from request_queue, see :attr:`lanes`)
+    trust_tenant_header: bool = False
+    # §14: heartbeats and the operator page
+    events: bool = True
+    events_exchange: str = Field("chat.events", min_length=1)
+    console_token: SecretStr | None = None
 
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+        urls = _split_urls(value.get_secret_value())
+        if not urls:
+            raise ValueError("must name at least one amqp:// or amqps:// URL")
+        for url in urls:
+            if not url.startswith(("amqp://", "amqps://")):
+                raise ValueError("each URL must start with amqp:// or amqps://")
         return value
+
+    @field_validator("request_queue")
+    @classmethod
+    def _lanes_syntax(cls, value: str) -> str:
+        _parse_lanes(value)  # raises ValueError naming the bad part
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("console_token", mode="before")
+    @classmethod
+    def _strip_token(cls, value: Any) -> Any:
+        return value.strip() or None if isinstance(value, str) else value
 
     @field_validator("upstream_base_url")
     @classmethod
@@ -101,8 +139,20 @@ class Settings(BaseSettings):
                 value = ",".join(sorted(value))
             elif isinstance(value, re.Pattern):
                 value = value.pattern
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
             env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
         return env
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker URLs (§13: several name nodes of one cluster), in the order given."""
+        return _split_urls(self.amqp_url.get_secret_value())
+
+    @property
+    def lanes(self) -> list[Lane]:
+        """The request queues consumed, with their weights (§12); one lane by default."""
+        return _parse_lanes(self.request_queue)
 
     @property
     def upstream_url(self) -> str:
@@ -119,6 +169,35 @@ class Settings(BaseSettings):
         for a message that crashes the process before it can say anything.
         """
         return self.max_attempts + 5
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One request queue consumed, and its share of the in-flight jobs while lanes compete."""
+
+    queue: str
+    weight: int = 1
+
+
+def _split_urls(value: str) -> list[str]:
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
+def _parse_lanes(value: str) -> list[Lane]:
+    """``chat.interactive:4,chat.batch:1`` → lanes; a bare name weighs 1."""
+    lanes: list[Lane] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            raise ValueError("empty queue name in the list")
+        name, sep, weight = part.rpartition(":")
+        if not sep:
+            name, weight = part, "1"
+        if not name or not weight.isdigit() or int(weight) < 1:
+            raise ValueError(f"{part!r} is not queue or queue:weight (weight an integer >= 1)")
+        lanes.append(Lane(name, int(weight)))
+    if len({lane.queue for lane in lanes}) != len(lanes):
+        raise ValueError("a queue is named twice")
+    return lanes
 
 
 class SettingsError(Exception):

@@ -55,6 +55,7 @@ def test_contract_error_codes() -> None:
         "not_found",
         "expired",
         "rate_limited",
+        "quota_exceeded",
         "upstream_error",
         "timeout",
     }
