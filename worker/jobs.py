@@ -21,20 +21,32 @@ import structlog
 from pydantic import ValidationError
 
 from worker.errors import (
+    BudgetError,
     Expired,
     ForbiddenReplyTo,
     InvalidMessage,
     InvalidRequest,
     JobError,
     ModelNotAllowed,
+    QuotaExceeded,
+    RateLimited,
     UpstreamError,
     UpstreamTimeout,
 )
+from worker.limits import Gate, Permit, Wait, estimate_tokens
 from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
+from worker.quota import ConfiguredLimits
 from worker.settings import Settings
 from worker.streaming import CompletionAssembler, DeltaStream
 from worker.telemetry import Telemetry
-from worker.topology import H_ATTEMPTS, H_DEADLINE, H_DELIVERY_COUNT, H_REDELIVERIES
+from worker.topology import (
+    DELAY_TIERS,
+    H_ATTEMPTS,
+    H_DEADLINE,
+    H_DELIVERY_COUNT,
+    H_RATE_LIMIT_WAIT,
+    H_REDELIVERIES,
+)
 from worker.upstream import Upstream
 
 __all__ = [
@@ -55,6 +67,10 @@ log = structlog.get_logger(__name__)
 INLINE_RETRY_LIMIT = 5.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 60.0
+# Waiting for rate-limit budget holds the consumer slot up to this long (well inside the
+# broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
+RATE_LIMIT_INLINE_WAIT = 30.0
+DEFAULT_UPSTREAM = "default"
 
 SendDelta = Callable[[int, int, list[dict[str, Any]]], Awaitable[None]]
 """``send(attempt, seq, choices)``: publish one delta message."""
@@ -74,6 +90,7 @@ class Envelope:
     redeliveries: int
     headers: Mapping[str, Any]
     lane: str | None = None  # the request queue it came from (§12)
+    rate_limit_wait_ms: float = 0.0  # waited for rate-limit budget on earlier deliveries
     tenant: str | None = None  # who the job belongs to (§12)
 
 
@@ -104,6 +121,7 @@ def read_envelope(
         prior_attempts=_prior_attempts(headers, redelivered),
         redeliveries=_redeliveries(headers),
         headers=headers,
+        rate_limit_wait_ms=float(_int(headers.get(H_RATE_LIMIT_WAIT))),
     )
 
 
@@ -246,6 +264,7 @@ class Deferral:
     wait: float
     attempts: int
     error: JobError
+    rate_limit_wait_ms: float = 0.0  # waited for budget so far, the delay included if for it
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -258,37 +277,130 @@ def backoff(attempt: int, retry_after: float | None) -> float:
 
 
 class JobRunner:
-    """Calls the upstream for a :class:`Job`, retrying as contract §6 says."""
+    """Calls the upstream for a :class:`Job`, retrying as contract §6 says and waiting for
+    rate-limit budget as §11 says."""
 
-    def __init__(self, settings: Settings, upstream: Upstream, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: Upstream,
+        telemetry: Telemetry,
+        gate: Gate | None = None,
+    ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.telemetry = telemetry
+        self.gate = gate or _gate_from(settings)
+        upstream.on_answer = self.gate.observe
+        telemetry.watch_gate(self.gate)
+
+    async def aclose(self) -> None:
+        await self.gate.aclose()
 
     async def run(self, job: Job, send_delta: SendDelta) -> JobOutcome | Deferral:
         attempt = job.envelope.prior_attempts
+        waited = job.envelope.rate_limit_wait_ms / 1000  # seconds, across deliveries
         if attempt >= self.settings.max_attempts:
-            return JobOutcome(
-                attempts=attempt,
-                error=UpstreamError(
-                    f"gave up after {attempt} attempts or deliveries without a result"
+            return self._finish(
+                _failed(
+                    UpstreamError(
+                        f"gave up after {attempt} attempts or deliveries without a result"
+                    ),
+                    attempt,
                 ),
+                waited,
             )
         body = _stream_body(job.body) if job.stream else orjson.dumps(job.body)
+        tokens = estimate_tokens(job.body)
+        refused: JobError | None = None  # the last 429, for the result if waiting fails
         while True:
+            left = self._wait_left(job, waited)
+            admitted = await self.gate.admit(tokens, limit=min(RATE_LIMIT_INLINE_WAIT, left))
+            if admitted.waited > 0:
+                self.telemetry.rate_limit_wait.record(admitted.waited, {"upstream": self.gate.name})
+            waited += admitted.waited
+            if isinstance(admitted, Wait):
+                return self._wait_longer(job, admitted, waited, attempt, refused)
             attempt += 1
             structlog.contextvars.bind_contextvars(attempt=attempt)
+            used: int | None = None
+            quota_spent = False
             try:
-                return await self._attempt(job, body, attempt, send_delta)
+                outcome = await self._attempt(job, body, attempt, send_delta)
+                used = _total_tokens(outcome.usage)
+                return self._finish(outcome, waited)
+            except BudgetError as exc:
+                # A call the upstream refused for budget is not an attempt (§11): the job
+                # goes back to waiting, bounded by WORKER_RATE_LIMIT_MAX_WAIT alone.
+                attempt -= 1
+                refused = exc
+                quota_spent = isinstance(exc, QuotaExceeded)
+                if quota_spent:
+                    self.gate.cool()
+                self.telemetry.rate_limited.add(
+                    1, {"upstream": self.gate.name, "error_code": exc.code.value}
+                )
             except JobError as exc:
                 if not exc.retryable or attempt >= self.settings.max_attempts:
-                    return _failed(exc, attempt)
+                    return self._finish(_failed(exc, attempt), waited)
                 wait = backoff(attempt, exc.retry_after)
                 self.telemetry.retries.add(1, {"error_code": exc.code.value})
                 log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
                 if wait > INLINE_RETRY_LIMIT:
-                    return Deferral(wait=wait, attempts=attempt, error=exc)
+                    return Deferral(
+                        wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000
+                    )
                 await asyncio.sleep(wait)
+            finally:
+                await self._release(admitted, used, quota_spent)
+
+    async def _release(self, permit: Permit, used: int | None, quota_spent: bool) -> None:
+        # Shielded: a cancelled job must still give back a shared concurrency slot.
+        await asyncio.shield(self.gate.release(permit, used_tokens=used, quota_spent=quota_spent))
+
+    def _wait_left(self, job: Job, waited: float) -> float:
+        """Seconds the job may still wait for budget: WORKER_RATE_LIMIT_MAX_WAIT, x-deadline."""
+        left = self.settings.rate_limit_max_wait - waited
+        if job.envelope.deadline is not None:
+            left = min(left, (job.envelope.deadline - datetime.now(UTC)).total_seconds())
+        return max(left, 0.0)
+
+    def _wait_longer(
+        self, job: Job, wait: Wait, waited: float, attempt: int, refused: JobError | None
+    ) -> JobOutcome | Deferral:
+        """Budget is further away than the job may wait here: fail it, or send it round a
+        delay queue (a new message: no failed delivery is counted, no slot is held)."""
+        if wait.seconds > self._wait_left(job, waited):
+            if job.envelope.deadline is not None and (
+                self.settings.rate_limit_max_wait - waited > self._wait_left(job, waited)
+            ):
+                bound = f"before x-deadline {job.envelope.deadline.isoformat()}"
+            else:
+                limit = self.settings.rate_limit_max_wait
+                bound = f"within WORKER_RATE_LIMIT_MAX_WAIT ({limit:g}s)"
+            kind: type[JobError] = QuotaExceeded if wait.quota else RateLimited
+            what = "the upstream's quota to return" if wait.quota else "rate-limit budget"
+            error = kind(
+                f"waited {waited:.1f}s for {what}; none expected {bound}",
+                status_code=refused.status_code if refused else None,
+                response=refused.response if refused else None,
+                request_id=refused.request_id if refused else None,
+            )
+            log.info("gave up waiting for budget", error_code=error.code.value, waited_s=waited)
+            return self._finish(_failed(error, attempt), waited)
+        # The longest delay tier that does not overshoot: back in time to take the budget.
+        tier = max((t for t in DELAY_TIERS if t <= wait.seconds), default=DELAY_TIERS[0])
+        return Deferral(
+            wait=float(tier),
+            attempts=attempt,
+            error=RateLimited(f"waiting {wait.seconds:.1f}s for rate-limit budget"),
+            rate_limit_wait_ms=(waited + tier) * 1000,
+        )
+
+    def _finish(self, outcome: JobOutcome, waited: float) -> JobOutcome:
+        outcome.upstream = self.gate.name
+        outcome.rate_limit_wait_ms = round(waited * 1000, 1)
+        return outcome
 
     async def _attempt(
         self, job: Job, body: bytes, attempt: int, send_delta: SendDelta
@@ -406,6 +518,20 @@ def _failed(exc: JobError, attempts: int) -> JobOutcome:
         request_id=exc.request_id,
         body=exc.response,
     )
+
+
+def _gate_from(settings: Settings) -> Gate:
+    limits = ConfiguredLimits(
+        settings.upstream_rpm, settings.upstream_tpm, settings.upstream_max_concurrency
+    )
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+    lease = max(settings.request_timeout, settings.stream_idle_timeout)
+    return Gate.from_limits(DEFAULT_UPSTREAM, limits, redis_url=redis_url, lease_seconds=lease)
+
+
+def _total_tokens(usage: dict[str, Any] | None) -> int | None:
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) else None
 
 
 def _ms_since(started: float) -> float:
