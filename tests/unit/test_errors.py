@@ -23,7 +23,7 @@ from worker.errors import (
 from worker.messages import ErrorCode, ErrorInfo
 
 # Contract §6, column "retried".
-# rate_limited and quota_exceeded "wait, see §11": the call is made again once budget returns.
+# quota_exceeded, like rate_limited, waits for budget rather than failing at once (§11).
 RETRIED = {
     ErrorCode.RATE_LIMITED,
     ErrorCode.QUOTA_EXCEEDED,
