@@ -27,6 +27,7 @@ or in Redis, checked after the gate lets a call through.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -50,14 +51,23 @@ PROBE_WAIT = 0.5  # poll while another call probes a cooled upstream
 TARGET = 0.95  # of the refill rate, for all replicas together: room for jitter in windows
 SETPOINT = 0.3  # remaining fraction below which every replica slows down
 START_SHARE = 0.25  # of the refill rate, before a replica has measured its share
-GROWTH = 0.5  # relative growth a second while the budget reads full
+GROWTH = 0.3  # relative growth a second while the budget reads full
 WINDOW = 1.0  # seconds between the two readings a share is measured over
-FULL = 0.98  # a remaining fraction at or above this reads as full (no spending seen)
+FULL = 0.995  # a remaining fraction at or above this reads as full (no spending seen)
 MIN_SHARE = 0.02
+PACE_RECHECK = 0.25  # a paced caller looks again this often (the rate may have grown)
 BACKOFF_ON_429 = 0.7  # a 429 cuts a replica's paced rate by this factor
 CHARS_PER_TOKEN = 4  # the providers' own rule of thumb for an estimate before the call
 
 Sleep = Callable[[float], Awaitable[None]]
+
+# When the current task's call was let through, and what this replica had spent by then
+# (requests, tokens). A provider's figures describe the budget when it admitted the call,
+# not when its answer arrived: timing a reading by its call's start keeps the latency
+# (which varies from call to call) out of the spending measured between two readings.
+_CALL: contextvars.ContextVar[tuple[float, float, float] | None] = contextvars.ContextVar(
+    "gate_call", default=None
+)
 
 
 class GateState(StrEnum):
@@ -117,51 +127,69 @@ def _chars(content: Any) -> int:
 class _Pacer:
     """One budget (requests or tokens) read from headers, and this replica's rate on it."""
 
-    __slots__ = ("anchor", "last", "rate", "reading", "spent", "start")
+    __slots__ = ("anchor", "last", "last_call", "rate", "reading", "slowed", "spent")
 
     def __init__(self) -> None:
         self.rate: float | None = None  # units a second this replica may spend
-        self.start = 0.0  # the next call may start then (reservations move it on)
+        self.last_call = (0.0, 0.0)  # (when, cost) of the last call let through
         self.spent = 0.0  # units this replica has spent, ever
         self.reading: Dimension | None = None
         self.anchor: tuple[float, float, float] | None = None  # (time, remaining, spent)
         self.last = 0.0
+        self.slowed = -WINDOW  # when a 429 last cut the rate
 
-    def read(self, dim: Dimension, now: float) -> None:
+    def read(self, dim: Dimension, sent: float, mine_now: float, now: float) -> None:
+        """A reading of the budget as it was at ``sent``, when this replica had spent
+        ``mine_now``; ``now`` is when it arrived."""
         refill = dim.refill_rate
         self.reading = dim
         if self.rate is None or self.anchor is None:
             self.rate = refill * START_SHARE
-            self.anchor, self.last = (now, dim.remaining, self.spent), now
+            self.anchor, self.last = (sent, dim.remaining, mine_now), now
             return
+        if sent <= self.anchor[0]:
+            return  # older than the anchor (answers arrive out of order): nothing to learn
         if dim.fraction >= FULL:
             # Nothing spent that we can see: the others are idle, or we all are too slow.
             self.rate = min(refill * TARGET, self.rate * (1 + GROWTH * (now - self.last)))
-            self.anchor = (now, dim.remaining, self.spent)
-        elif now - self.anchor[0] >= WINDOW:
+            self.anchor = (sent, dim.remaining, mine_now)
+        elif sent - self.anchor[0] >= WINDOW:
             then, remaining, mine_then = self.anchor
             if remaining < dim.limit * FULL:
-                everybody = refill * (now - then) - (dim.remaining - remaining)
-                mine = self.spent - mine_then
+                everybody = refill * (sent - then) - (dim.remaining - remaining)
+                mine = mine_now - mine_then
                 if everybody > 0:
                     share = min(max(mine / everybody, MIN_SHARE), 1.0)
                     level = min(1.0, TARGET + (dim.fraction - SETPOINT))
                     wanted = refill * share * max(level, 0.2)
                     self.rate = (self.rate + wanted) / 2  # halfway: readings are noisy
-            self.anchor = (now, dim.remaining, self.spent)
+                    log.debug(
+                        "pace",
+                        share=round(share, 3),
+                        rate=round(self.rate, 2),
+                        fraction=round(dim.fraction, 3),
+                        refill=refill,
+                    )
+            self.anchor = (sent, dim.remaining, mine_now)
         self.last = now
 
-    def slowdown(self) -> None:
-        if self.rate is not None:
+    def slowdown(self, now: float) -> None:
+        # Once a window: the 429s of one burst are one signal, not one each.
+        if self.rate is not None and now - self.slowed >= WINDOW:
             self.rate *= BACKOFF_ON_429
+            self.slowed = now
 
     def next_start(self, now: float) -> float:
-        return max(now, self.start) if self.rate else now
+        """When the next call may go, at the rate as it is now (not as it was when the
+        caller started to wait: a rate that grows is used at once)."""
+        if not self.rate:
+            return now
+        when, cost = self.last_call
+        return max(now, when + cost / self.rate)
 
     def take(self, cost: float, at: float) -> None:
         self.spent += cost
-        if self.rate:
-            self.start = max(at, self.start) + cost / self.rate
+        self.last_call = (at, cost)
 
     def spent_out(self, cost: float) -> float:
         """Seconds until the last reading's budget covers ``cost``; 0 when it does."""
@@ -194,6 +222,7 @@ class Gate:
         self._cooling = False
         self._probing = False
         self._closes = 0  # 429s in a row without a hint: the backoff's exponent
+        self._pacing = 0  # callers waiting for their turn in the pacing
 
     @classmethod
     def from_limits(
@@ -250,14 +279,20 @@ class Gate:
                 await self._sleep(blocked)
                 continue
             at = max(self._requests.next_start(now), self._tokens.next_start(now))
-            if at > now and at - now > limit - waited:
-                return Wait(at - now, waited, False)
-            self._requests.take(1, at)
-            self._tokens.take(tokens, at)
             if at > now:
-                await self._sleep(at - now)
-                if (self._blocked(self._clock())[0] or 0) > 0:
-                    continue  # closed meanwhile: the place kept is lost, queue again
+                # Every waiter ahead takes about one spacing: past the limit, say so now.
+                expected = (at - now) * (self._pacing + 1)
+                if waited + expected > limit:
+                    return Wait(expected, waited, False)
+                self._pacing += 1
+                try:
+                    await self._sleep(min(at - now, PACE_RECHECK))
+                finally:
+                    self._pacing -= 1
+                continue
+            self._requests.take(1, now)
+            self._tokens.take(tokens, now)
+            _CALL.set((now, self._requests.spent, self._tokens.spent))
             return await self._configured(tokens, started, limit, probe=False)
 
     async def _configured(
@@ -312,13 +347,14 @@ class Gate:
         """Read an answer's budget; a 429 closes the gate. Called for every answer."""
         now = self._clock()
         budget = read_budget(headers)
+        sent, requests, tokens = _CALL.get() or (now, self._requests.spent, self._tokens.spent)
         if budget.requests is not None:
-            self._requests.read(budget.requests, now)
+            self._requests.read(budget.requests, sent, requests, now)
         if budget.tokens is not None:
-            self._tokens.read(budget.tokens, now)
+            self._tokens.read(budget.tokens, sent, tokens, now)
         if status_code == 429:
-            self._requests.slowdown()
-            self._tokens.slowdown()
+            self._requests.slowdown(now)
+            self._tokens.slowdown(now)
             self.close(self._close_for(budget), reason="429")
             return
         if 200 <= status_code < 300:
