@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import time
 import uuid
@@ -290,7 +291,7 @@ class JobRunner:
         self.settings = settings
         self.upstream = upstream
         self.telemetry = telemetry
-        self.gate = gate or _gate_from(settings)
+        self.gate = gate or _gate_from(settings, upstream.url)
         upstream.on_answer = self.gate.observe
         telemetry.watch_gate(self.gate)
 
@@ -520,13 +521,21 @@ def _failed(exc: JobError, attempts: int) -> JobOutcome:
     )
 
 
-def _gate_from(settings: Settings) -> Gate:
+def _gate_from(settings: Settings, url: str) -> Gate:
     limits = ConfiguredLimits(
         settings.upstream_rpm, settings.upstream_tpm, settings.upstream_max_concurrency
     )
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     lease = max(settings.request_timeout, settings.stream_idle_timeout)
-    return Gate.from_limits(DEFAULT_UPSTREAM, limits, redis_url=redis_url, lease_seconds=lease)
+    # Replicas share limits when they call the same endpoint under the same name.
+    endpoint = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Gate.from_limits(
+        DEFAULT_UPSTREAM,
+        limits,
+        redis_url=redis_url,
+        shared_as=f"{DEFAULT_UPSTREAM}:{endpoint}",
+        lease_seconds=lease,
+    )
 
 
 def _total_tokens(usage: dict[str, Any] | None) -> int | None:

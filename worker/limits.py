@@ -231,11 +231,14 @@ class Gate:
         limits: ConfiguredLimits,
         *,
         redis_url: str | None = None,
+        shared_as: str | None = None,
         lease_seconds: float = 600.0,
     ) -> Gate:
-        """A gate with its configured limits: in Redis when ``redis_url`` is given."""
+        """A gate with its configured limits: in Redis when ``redis_url`` is given, under
+        the key ``shared_as`` (the upstream's name by default)."""
         if redis_url and limits.any:
-            quota: Quota = RedisQuota(redis_url, name, limits, lease_seconds=lease_seconds)
+            key = shared_as or name
+            quota: Quota = RedisQuota(redis_url, key, limits, lease_seconds=lease_seconds)
         else:
             quota = LocalQuota(limits)
         return cls(name, quota)
