@@ -223,6 +223,10 @@ class Gate:
         self._probing = False
         self._closes = 0  # 429s in a row without a hint: the backoff's exponent
         self._pacing = 0  # callers waiting for their turn in the pacing
+        # Until an answer says what the budget is, one call at a time finds out: a replica
+        # starting with a full consumer prefetch would otherwise burst past any window.
+        self._answered = False
+        self._scouting = False
 
     @classmethod
     def from_limits(
@@ -282,6 +286,8 @@ class Gate:
                 await self._sleep(blocked)
                 continue
             at = max(self._requests.next_start(now), self._tokens.next_start(now))
+            if not self._answered and self._scouting:
+                at = now + PACE_RECHECK / 5
             if at > now:
                 # Every waiter ahead takes about one spacing: past the limit, say so now.
                 expected = (at - now) * (self._pacing + 1)
@@ -293,6 +299,7 @@ class Gate:
                 finally:
                     self._pacing -= 1
                 continue
+            self._scouting = not self._answered
             self._requests.take(1, now)
             self._tokens.take(tokens, now)
             _CALL.set((now, self._requests.spent, self._tokens.spent))
@@ -302,8 +309,8 @@ class Gate:
         self, tokens: int, started: float, limit: float, *, probe: bool
     ) -> Permit | Wait:
         waited = self._clock() - started
-        wait = await self.quota.reserve(tokens, limit - waited)
-        if wait > limit - waited:
+        wait = await self.quota.reserve(tokens, max(limit - waited, 0.0))
+        if wait > 0 and wait > limit - waited:
             self._probing = self._probing and not probe
             return Wait(wait, waited, False)
         if wait > 0:
@@ -336,6 +343,7 @@ class Gate:
             if not quota_spent and self._cooling:
                 self._cooling = False
                 log.info("upstream gate open", upstream=self.name, reason="probe answered")
+        self._scouting = False  # answered or not, the scout is back
         if permit.slot is not None:
             await self.quota.release_slot(permit.slot)
         if used_tokens is not None and used_tokens != permit.tokens:
@@ -349,6 +357,7 @@ class Gate:
     def observe(self, status_code: int, headers: Mapping[str, str]) -> None:
         """Read an answer's budget; a 429 closes the gate. Called for every answer."""
         now = self._clock()
+        self._answered = True
         budget = read_budget(headers)
         sent, requests, tokens = _CALL.get() or (now, self._requests.spent, self._tokens.spent)
         if budget.requests is not None:
