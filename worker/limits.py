@@ -55,6 +55,7 @@ GROWTH = 0.3  # relative growth a second while the budget reads full
 WINDOW = 1.0  # seconds between the two readings a share is measured over
 FULL = 0.995  # a remaining fraction at or above this reads as full (no spending seen)
 MIN_SHARE = 0.02
+FAIRNESS = 0.01  # of the refill rate, added to each replica's share per window
 PACE_RECHECK = 0.25  # a paced caller looks again this often (the rate may have grown)
 BACKOFF_ON_429 = 0.7  # a 429 cuts a replica's paced rate by this factor
 CHARS_PER_TOKEN = 4  # the providers' own rule of thumb for an estimate before the call
@@ -161,7 +162,9 @@ class _Pacer:
                 if everybody > 0:
                     share = min(max(mine / everybody, MIN_SHARE), 1.0)
                     level = min(1.0, TARGET + (dim.fraction - SETPOINT))
-                    wanted = refill * share * max(level, 0.2)
+                    # The additive part makes shares fair over time (a replica that started
+                    # late or was slowed by a 429 gains on the others), as in TCP's AIMD.
+                    wanted = refill * (share * max(level, 0.2) + FAIRNESS)
                     self.rate = (self.rate + wanted) / 2  # halfway: readings are noisy
                     log.debug(
                         "pace",
@@ -222,7 +225,6 @@ class Gate:
         self._cooling = False
         self._probing = False
         self._closes = 0  # 429s in a row without a hint: the backoff's exponent
-        self._pacing = 0  # callers waiting for their turn in the pacing
         # Until an answer says what the budget is, one call at a time finds out: a replica
         # starting with a full consumer prefetch would otherwise burst past any window.
         self._answered = False
@@ -289,15 +291,9 @@ class Gate:
             if not self._answered and self._scouting:
                 at = now + PACE_RECHECK / 5
             if at > now:
-                # Every waiter ahead takes about one spacing: past the limit, say so now.
-                expected = (at - now) * (self._pacing + 1)
-                if waited + expected > limit:
-                    return Wait(expected, waited, False)
-                self._pacing += 1
-                try:
-                    await self._sleep(min(at - now, PACE_RECHECK))
-                finally:
-                    self._pacing -= 1
+                if waited + (at - now) > limit:
+                    return Wait(at - now, waited, False)
+                await self._sleep(min(at - now, PACE_RECHECK))
                 continue
             self._scouting = not self._answered
             self._requests.take(1, now)
