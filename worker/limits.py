@@ -194,6 +194,12 @@ class _Pacer:
         self.spent += cost
         self.last_call = (at, cost)
 
+    def one_call(self) -> float:
+        """Seconds the budget takes to refill the last call's cost (0 when unknown)."""
+        if self.reading is None:
+            return 0.0
+        return min(self.last_call[1] / self.reading.refill_rate, 5.0)
+
     def spent_out(self, cost: float) -> float:
         """Seconds until the last reading's budget covers ``cost``; 0 when it does."""
         dim = self.reading
@@ -375,9 +381,10 @@ class Gate:
             return budget.retry_after
         if spent := max(self._requests.spent_out(1), self._tokens.spent_out(1)):
             return spent
-        resets = [d.reset for d in (budget.requests, budget.tokens) if d and d.reset]
-        if resets:
-            return min(resets)
+        if budget.requests is not None or budget.tokens is not None:
+            # Budget left for the minute, refused all the same: a short window is full.
+            # It refills in about the time one call's cost takes to come back.
+            return max(self._requests.one_call(), self._tokens.one_call(), MIN_CLOSE)
         self._closes += 1
         first, longest = CLOSE_BACKOFF
         return float(min(longest, first * 2 ** (self._closes - 1)))
