@@ -35,6 +35,7 @@ class BlockedState:
         self.reason: str | None = None
         self._unblocked = asyncio.Event()
         self._unblocked.set()
+        self._blocked = asyncio.Event()
 
     @property
     def blocked(self) -> bool:
@@ -45,15 +46,20 @@ class BlockedState:
             log.warning("broker blocked the connection: taking no new jobs", reason=reason)
         self.reason = reason
         self._unblocked.clear()
+        self._blocked.set()
 
     def unblock(self) -> None:
         if self.blocked:
             log.info("broker unblocked the connection")
         self.reason = None
+        self._blocked.clear()
         self._unblocked.set()
 
     async def wait_unblocked(self) -> None:
         await self._unblocked.wait()
+
+    async def wait_blocked(self) -> None:
+        await self._blocked.wait()
 
 
 def follow_blocking(connection: AbstractConnection, state: BlockedState) -> bool:

@@ -408,9 +408,10 @@ class Worker:
 
 class _DeltaSender:
     """Publishes one job's deltas in order. While the broker blocks the connection, a
-    delta is sent without waiting for its confirm (the wait would count as upstream
-    silence); :meth:`flush` awaits them all before the result, and a failed one fails the
-    next send or the flush (the request is then redelivered)."""
+    delta does not wait for its confirm (nor does one already waiting when the block
+    comes): the wait would count as upstream silence. :meth:`flush` awaits them all before
+    the result; a failed one fails the next send or the flush (the request is then
+    redelivered)."""
 
     def __init__(self, send: SendDelta, blocking: BlockedState) -> None:
         self._send = send
@@ -418,14 +419,24 @@ class _DeltaSender:
         self._pending: list[asyncio.Future[None]] = []
 
     async def __call__(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
-        for sent in self._pending:
-            if sent.done() and sent.exception() is not None:
-                await self.flush()  # raises that failure
-        if self._blocking.blocked:
-            self._pending.append(asyncio.ensure_future(self._send(attempt, seq, choices)))
-            return
-        await self.flush()
-        await self._send(attempt, seq, choices)
+        if any(sent.done() and sent.exception() is not None for sent in self._pending):
+            await self.flush()  # raises that failure
+        if not self._blocking.blocked:
+            await self.flush()
+        sent = asyncio.ensure_future(self._send(attempt, seq, choices))
+        if not self._blocking.blocked:
+            blocked = asyncio.ensure_future(self._blocking.wait_blocked())
+            try:
+                await asyncio.wait({sent, blocked}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                sent.cancel()
+                raise
+            finally:
+                blocked.cancel()
+            if sent.done():
+                sent.result()
+                return
+        self._pending.append(sent)
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
