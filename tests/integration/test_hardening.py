@@ -486,14 +486,15 @@ async def test_blocked_connection_takes_no_new_job_and_is_not_ready(
                     assert answer.status == 200
 
                 # A stream in flight when the broker blocks: its delta confirms stop, and the
-                # wait must not count as upstream silence (idle timeout 1 s, block 2.5 s).
-                streamed = job(mock={"chunks": 30, "chunk_interval": 0.1}, stream=True)
+                # wait must not count as upstream silence (idle timeout 1 s, confirms held
+                # 3 s from before the first delta, which is published inline).
+                streamed = job(mock={"latency": 0.5, "chunks": 5}, stream=True)
                 await publish(connection, settings.request_queue, streamed, reply_to=replies.name)
                 async with asyncio.timeout(10):
-                    while not any(m.type == "chat.delta" for m in [await replies.get()]):
-                        pass
+                    while not calls(mock, streamed):
+                        await asyncio.sleep(0.01)
                 proxy.block("memory alarm (test)", hold=True)
-                await asyncio.sleep(2.5)
+                await asyncio.sleep(3)
                 proxy.unblock()
                 messages = await replies.until_results(1, timeout=20)
                 result = JobResult.model_validate_json(messages[-1].body)
