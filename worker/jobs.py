@@ -372,8 +372,9 @@ class JobRunner:
                 await self._release(admitted, used, quota_spent)
 
     async def _release(self, permit: Permit, used: int | None, quota_spent: bool) -> None:
-        # Shielded: a cancelled job must still give back a shared concurrency slot.
-        await asyncio.shield(self.gate.release(permit, used_tokens=used, quota_spent=quota_spent))
+        # Not shielded (a task per job): a shared slot a cancelled job fails to give back
+        # expires with its lease.
+        await self.gate.release(permit, used_tokens=used, quota_spent=quota_spent)
 
     def _wait_left(self, job: Job, waited: float) -> float:
         """Seconds the job may still wait for budget: WORKER_RATE_LIMIT_MAX_WAIT, x-deadline."""
