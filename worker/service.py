@@ -26,6 +26,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
+from worker.events import Heartbeat, JobStats
 from worker.jobs import (
     Deferral,
     Envelope,
@@ -86,6 +87,14 @@ class Worker:
         self._interrupted = asyncio.Event()
         self._not_consuming_since = time.monotonic()
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
+        self.stats = JobStats()
+        self.heartbeat = Heartbeat(
+            settings,
+            self.identity,
+            self.stats,
+            ready=lambda: self.ready,
+            in_flight=lambda: self.in_flight,
+        )
 
     @property
     def ready(self) -> bool:
@@ -177,6 +186,7 @@ class Worker:
     async def _serve(self, connection: AbstractConnection) -> None:
         """Consume until a stop (drain, then close) or a loss (drop in-flight jobs, return)."""
         self._consuming.set()
+        self.heartbeat.start(connection)
         log.info(
             "consuming",
             queue=self.settings.request_queue,
@@ -189,6 +199,7 @@ class Worker:
         stop.cancel()
         lost.cancel()
         self._consuming.clear()
+        await self.heartbeat.stop()
         if self._stopping.is_set():
             await self._drain(self._queue, self._consumer_tag)
         else:
@@ -299,6 +310,12 @@ class Worker:
                     model=model,
                     error_code=outcome.error.code.value if outcome.error else None,
                     seconds=time.perf_counter() - started,
+                )
+                self.stats.record(
+                    error_code=outcome.error.code.value if outcome.error else None,
+                    model=model,
+                    usage=outcome.usage,
+                    tenant=envelope.tenant,
                 )
 
     def _delta_sender(
