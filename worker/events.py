@@ -180,7 +180,8 @@ class Heartbeat:
                     expiration=HEARTBEAT_TTL_MS / 1000,
                     delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
                 )
-                await exchange.publish(message, routing_key="")
+                # Not mandatory: with no console listening, the broker drops it silently.
+                await exchange.publish(message, routing_key="", mandatory=False)
                 self.sent += 1
                 await asyncio.sleep(max(self._interval - (time.monotonic() - started), 0.0))
         except (OSError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
