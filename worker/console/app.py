@@ -125,6 +125,8 @@ class ConsoleApp:
             listing, meta = await self.broker.dead_letters()
         except (ConnectionError, aiormq.exceptions.AMQPError) as exc:
             raise web.HTTPServiceUnavailable(text=f"broker unavailable: {exc}") from None
+        now = time.time()
+        listing = [{**row, "age_s": round(max(now - row["since"], 0.0), 1)} for row in listing]
         codes: dict[str, int] = {}
         for row in listing:
             code = row["error_code"] or row["reason"]

@@ -221,7 +221,7 @@ class ConsoleBroker:
             key=key,
             lane=queue.lane,
             queue=queue.name,
-            age_s=round(max(now - since, 0.0), 1),
+            since=since,
             age_known=letter.timestamp is not None,
         )
         return row

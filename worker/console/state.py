@@ -21,7 +21,9 @@ __all__ = ["BUCKET_SECONDS", "SILENT_AFTER", "WINDOW_SECONDS", "Fleet", "WorkerV
 SILENT_AFTER = 10.0  # a worker not heard from for this long is shown as silent
 FORGET_AFTER = 600.0  # and dropped from the list after this long
 WINDOW_SECONDS = 600  # the charts' span
-BUCKET_SECONDS = 10  # one chart point
+# One chart point; three heartbeat periods, so that each live worker adds three
+# heartbeats' worth of counts to every bucket and the rate does not saw up and down.
+BUCKET_SECONDS = 6
 _BUCKETS = WINDOW_SECONDS // BUCKET_SECONDS
 
 
@@ -94,7 +96,7 @@ class _Bucket:
 
 
 class Fleet:
-    """Every worker heard from, and the fleet's recent activity in 10-second buckets."""
+    """Every worker heard from, and the fleet's recent activity in short time buckets."""
 
     def __init__(self) -> None:
         self.workers: dict[str, WorkerView] = {}
@@ -138,8 +140,9 @@ class Fleet:
             del self.workers[name]
 
     def series(self, now: float) -> dict[str, Any]:
-        """Per-second rates over the last ten minutes, oldest first, one point a bucket."""
-        last = int(now // BUCKET_SECONDS) * BUCKET_SECONDS
+        """Per-second rates over the last ten minutes, oldest first, one point a complete bucket."""
+        # The bucket in progress is left out: half-filled, it would read as a drop.
+        last = int(now // BUCKET_SECONDS) * BUCKET_SECONDS - BUCKET_SECONDS
         starts = [last - BUCKET_SECONDS * i for i in range(_BUCKETS - 1, -1, -1)]
         models = sorted(
             {k[1] for b in self._buckets.values() for k in b.counts if k[0] == "tokens"}
@@ -150,10 +153,8 @@ class Fleet:
             out = []
             for start in starts:
                 bucket = self._buckets.get(start)
-                # The bucket in progress is divided by the time it has run so far.
-                span = min(BUCKET_SECONDS, max(now - start, 1.0))
                 value = bucket.counts.get(key, 0) if bucket else 0
-                out.append(round(value / span, 3))
+                out.append(round(value / BUCKET_SECONDS, 3))
             return out
 
         return {
@@ -166,11 +167,12 @@ class Fleet:
         }
 
     def totals(self, now: float, seconds: float = 60.0) -> dict[str, Any]:
-        """Counts over the last ``seconds`` (whole buckets) and their per-second rate."""
-        since = now - seconds
+        """Counts over the last ``seconds`` of complete buckets, and their rates."""
+        # Complete buckets only, as many as fill ``seconds``: the rate is then exact.
+        last = int(now // BUCKET_SECONDS) * BUCKET_SECONDS - BUCKET_SECONDS
         counts: dict[tuple[str, str], int] = {}
         for bucket in self._buckets.values():
-            if bucket.start + BUCKET_SECONDS > since:
+            if last - seconds < bucket.start <= last:
                 for key, value in bucket.counts.items():
                     counts[key] = counts.get(key, 0) + value
         jobs = counts.get(("jobs", "ok"), 0) + counts.get(("jobs", "error"), 0)

@@ -12,6 +12,7 @@ let state = null;
 let lastDeadCount = null;
 let letters = { items: [], total: 0, codes: {} };
 let offset = 0;
+let lettersLoadedAt = 0;
 const selected = new Set();
 
 // ---- small helpers ----------------------------------------------------------------
@@ -155,7 +156,7 @@ function render(s) {
   const codes = Object.keys(s.errors);
   fill($("errors").tBodies[0], codes.map((code) => el("tr", {},
     cell(code, "mono"), cell(fmt(recent.errors_per_min[code] || 0, 2), "num"), cell(fmt(s.errors[code], 0), "num"),
-    el("td", {}, spark(series.errors[code] || new Array(60).fill(0))))), 4, "No errors.");
+    el("td", {}, spark(series.errors[code] || series.jobs_ok.map(() => 0))))), 4, "No errors.");
 
   fill($("upstreams").tBodies[0], Object.entries(s.upstreams).map(([name, u]) => {
     const cls = u.state === "open" ? "tag ok" : u.state === "cooling" ? "tag warn" : "tag bad";
@@ -173,7 +174,8 @@ function render(s) {
       cell(q.depth === null ? "absent" : fmt(q.depth, 0), "num"), el("td", {}, bar), cell(q.consumers ?? "–", "num"));
   }), 6, "No queue.");
 
-  if (s.dead_letters !== lastDeadCount) {
+  // A new count means new rows; otherwise a refresh now and then keeps the ages right.
+  if (s.dead_letters !== lastDeadCount || Date.now() - lettersLoadedAt > 10000) {
     lastDeadCount = s.dead_letters;
     loadLetters();
   }
@@ -187,6 +189,7 @@ function filters() {
   return params;
 }
 async function loadLetters() {
+  lettersLoadedAt = Date.now();
   const params = filters();
   params.set("offset", offset);
   params.set("limit", PAGE);
@@ -205,7 +208,7 @@ async function loadLetters() {
     box.addEventListener("change", () => { box.checked ? selected.add(d.job_id) : selected.delete(d.job_id); updateButtons(); });
     return el("tr", { "data-job": d.job_id || "" }, el("td", { class: "check" }, box), cell(d.job_id || "–", "mono"), cell(d.custom_id || "–", "mono"),
       el("td", {}, el("span", { class: "tag bad", text: d.error_code || d.reason })), el("td", { class: "msg", title: d.error_message || "", text: d.error_message || "–" }),
-      cell(d.attempts ?? "–", "num"), cell((d.age_known ? "" : "≥ ") + ago(d.age_s), "num"), cell(d.lane, "mono"));
+      cell(d.attempts ?? "–", "num"), el("td", { class: "num", title: d.age_known ? "since the request was published" : "since this console first saw it (the message carries no time)", text: (d.age_known ? "" : "≥ ") + ago(d.age_s) }), cell(d.lane, "mono"));
   }), 8, "No dead letters.");
   const last = Math.min(offset + PAGE, letters.total);
   $("dl-page").textContent = letters.total ? `${offset + 1}–${last} of ${letters.total}` : "";
