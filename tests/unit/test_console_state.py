@@ -125,3 +125,16 @@ def test_malformed_heartbeats_are_ignored() -> None:
     snapshot = fleet.snapshot(T0)
     assert [w["worker"] for w in snapshot["workers"]] == ["h/1"]
     assert snapshot["workers"][0]["in_flight"] == 0
+
+
+def test_a_worker_seen_from_its_start_counts_its_first_jobs() -> None:
+    fleet = Fleet()
+    fresh = beat("h/1", ok=5, started="2026-01-01T00:00:00+00:00")
+    fresh["sent_at"] = "2026-01-01T00:00:02+00:00"
+    fleet.observe(fresh, T0)
+    midlife = beat("h/2", ok=500, started="2026-01-01T00:00:00+00:00")
+    midlife["sent_at"] = "2026-01-01T05:00:00+00:00"
+    fleet.observe(midlife, T0)
+    assert fleet.series(T0 + BUCKET_SECONDS)["jobs_ok"][-1] == pytest.approx(
+        5 / BUCKET_SECONDS, abs=1e-3
+    )

@@ -97,6 +97,9 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_HTTP_PORT", "0", "http_port", 0),
     ("WORKER_LOG_FORMAT", "console", "log_format", "console"),
     ("WORKER_LOG_LEVEL", "DEBUG", "log_level", "debug"),
+    ("WORKER_EVENTS", "false", "events", False),
+    ("WORKER_EVENTS_EXCHANGE", "ops.events", "events_exchange", "ops.events"),
+    ("WORKER_CONSOLE_TOKEN", " tok-3f9\n", "console_token", "tok-3f9"),
 ]
 
 
@@ -106,7 +109,7 @@ def test_variable_from_environment(
 ) -> None:
     monkeypatch.setenv(variable, value)
     got = getattr(load_settings(), attribute)
-    if attribute in ("amqp_url", "upstream_api_key"):
+    if attribute in ("amqp_url", "upstream_api_key", "console_token"):
         got = _secret(got)
     assert got == expected
 

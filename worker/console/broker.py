@@ -117,7 +117,8 @@ class ConsoleBroker:
                     self._connection = None
                     with contextlib.suppress(Exception):
                         await connection.close()
-            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+            except (OSError, RuntimeError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                # RuntimeError: aio-pika's "channel/connection closed" states.
                 log.warning("console lost the broker; retrying", error=repr(exc))
             await asyncio.sleep(POLL_INTERVAL)
 

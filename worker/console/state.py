@@ -20,6 +20,7 @@ __all__ = ["BUCKET_SECONDS", "SILENT_AFTER", "WINDOW_SECONDS", "Fleet", "WorkerV
 
 SILENT_AFTER = 10.0  # a worker not heard from for this long is shown as silent
 FORGET_AFTER = 600.0  # and dropped from the list after this long
+JUST_STARTED = 3.0  # a first heartbeat sent this soon after its process started
 WINDOW_SECONDS = 600  # the charts' span
 # One chart point; three heartbeat periods, so that each live worker adds three
 # heartbeats' worth of counts to every bucket and the rate does not saw up and down.
@@ -110,8 +111,11 @@ class Fleet:
         counters = _Counters.of(body)
         known = self.workers.get(name)
         if known is None:
-            # A worker first seen mid-life: its counters so far are history, not a rate.
+            # A worker first seen mid-life: its counters so far are history, not a rate;
+            # one that has just started did all of it in the last heartbeat period.
             self.workers[name] = WorkerView(name, dict(body), now, counters)
+            if _just_started(body):
+                self._add(counters.since(None), now)
             return
         restarted = body.get("started_at") != known.body.get("started_at") or counters.went_back(
             known.counters
@@ -234,6 +238,15 @@ def upstream_gates(workers: Iterable[WorkerView], now: float) -> dict[str, Any]:
                 better = max if key.startswith("cooldown") else min
                 gate[key] = value if current is None else better(current, value)
     return dict(sorted(gates.items()))
+
+
+def _just_started(body: Mapping[str, Any]) -> bool:
+    try:
+        started = datetime.fromisoformat(str(body.get("started_at")))
+        sent = datetime.fromisoformat(str(body.get("sent_at")))
+    except ValueError:
+        return False
+    return (sent - started).total_seconds() < JUST_STARTED
 
 
 def _map(value: Any) -> dict[str, Any]:
