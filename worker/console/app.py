@@ -46,6 +46,7 @@ class ConsoleApp:
         self.broker = ConsoleBroker(settings, self.fleet)
         token = settings.console_token
         self._token = token.get_secret_value().encode() if token else None
+        self._closing = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_security_headers])
@@ -57,7 +58,11 @@ class ConsoleApp:
         app.router.add_post("/api/replay", self._replay)
         app.router.add_static("/static/", STATIC)
         app.cleanup_ctx.append(self._broker_task)
+        app.on_shutdown.append(self._close_streams)
         return app
+
+    async def _close_streams(self, _app: web.Application) -> None:
+        self._closing.set()
 
     async def _broker_task(self, _app: web.Application) -> Any:
         task = asyncio.create_task(self.broker.run(), name="console-broker")
@@ -106,10 +111,11 @@ class ConsoleApp:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-            while True:
+        with contextlib.suppress(ConnectionError):
+            while not self._closing.is_set():
                 await response.write(b"data: " + orjson.dumps(self.state()) + b"\n\n")
-                await asyncio.sleep(PUSH_INTERVAL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), PUSH_INTERVAL)
         return response
 
     async def _dead_letters(self, request: web.Request) -> web.Response:
@@ -242,7 +248,10 @@ async def _security_headers(request: web.Request, handler: Any) -> web.StreamRes
 async def serve_console(settings: Settings, host: str, port: int) -> None:
     """``chat-worker console``: serve until SIGTERM/SIGINT."""
     console = ConsoleApp(settings)
-    runner = web.AppRunner(console.app(), access_log=None, handle_signals=False)
+    # Open event streams end with the process: do not wait for pages to go away.
+    runner = web.AppRunner(
+        console.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
