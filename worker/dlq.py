@@ -1,8 +1,17 @@
 """``chat-worker dlq``: list dead-lettered requests and replay a selection to the request queue.
 
 Listing is non-destructive: messages are fetched unacknowledged and all go back when the
-channel closes. A replayed request is republished (confirmed) with a fresh attempt count,
-then removed from the dead-letter queue; the others stay where they were.
+channel closes. A replayed request is republished ``mandatory`` with a fresh attempt count
+and removed from the dead-letter queue only once the broker routed and confirmed the copy;
+a copy it returns (no request queue of that name) or nacks stops the replay with
+:class:`ReplayFailed`, and that dead letter and the rest stay where they were.
+
+A result kept there because nothing took it (AMQP type ``chat.result``, header
+``x-unroutable-result``) is listed with reason ``result_unroutable``; it is not a request,
+so a replay leaves it (read its body: it is the result document).
+
+The walk (:func:`browse`), :func:`describe` and :func:`replay_from` are shared with the
+operator console (``worker.console``), which replays from every lane on its own connection.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
@@ -26,16 +36,31 @@ from worker.topology import (
     H_ERROR_MESSAGE,
     H_JOB_ID,
     H_REDELIVERIES,
+    H_UNROUTABLE_RESULT,
+    TYPE_RESULT,
 )
 
 __all__ = [
     "DeadLetter",
+    "ReplayFailed",
     "browse",
     "describe",
     "list_dead_letters",
     "replay_dead_letters",
     "replay_from",
 ]
+
+UNROUTABLE_RESULT = "result_unroutable"
+
+
+class ReplayFailed(Exception):
+    """A replay copy was not routed or not confirmed; it stays in the dead-letter queue."""
+
+    def __init__(self, replayed: int, reason: str) -> None:
+        super().__init__(f"{reason}; replayed {replayed}, the rest stay in the dead-letter queue")
+        self.replayed = replayed
+        self.reason = reason
+
 
 H_REPLAYS = "x-replays"
 # Headers that describe a past failure; a replayed request starts clean.
@@ -77,7 +102,9 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     deaths = headers.get("x-death")
     reason = "worker"
     when = message.timestamp
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+    if _is_result(message):
+        reason = UNROUTABLE_RESULT
+    elif isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         reason = str(deaths[0].get("reason", "broker"))
         died = deaths[0].get("time")
         when = when or (died if isinstance(died, datetime) else None)
@@ -102,6 +129,10 @@ def _custom_id(body: bytes) -> str | None:
         return None
     value = document.get("custom_id") if isinstance(document, dict) else None
     return value if isinstance(value, str) else None
+
+
+def _is_result(message: AbstractIncomingMessage) -> bool:
+    return message.type == TYPE_RESULT or H_UNROUTABLE_RESULT in (message.headers or {})
 
 
 def _text(value: Any) -> str | None:
@@ -142,7 +173,10 @@ async def replay_dead_letters(
     limit: int | None = None,
     on_replay: Callable[[DeadLetter], None] | None = None,
 ) -> int:
-    """Republish the selected dead letters to the request queue; returns how many."""
+    """Republish the selected dead letters to the request queue; returns how many.
+
+    Raises :class:`ReplayFailed` at the first copy the broker returns or nacks.
+    """
     async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return await replay_from(
@@ -158,24 +192,29 @@ async def replay_dead_letters(
 async def replay_from(
     channel: AbstractChannel,
     dead_letter_queue: str,
-    request_queue: str,
+    queue: str,
     select: Callable[[DeadLetter], bool],
     *,
     limit: int | None = None,
     on_replay: Callable[[DeadLetter], None] | None = None,
 ) -> int:
-    """Republish the dead letters ``select`` picks to ``request_queue``; returns how many.
+    """Republish the dead letters ``select`` picks to request queue ``queue``.
 
     ``channel`` must confirm publishes and raise on a returned one: a dead letter is
-    acknowledged (removed) only once its copy is routed and confirmed, so a failure
-    anywhere leaves it in the dead-letter queue.
+    acknowledged (removed) only once its copy is routed and confirmed. Raises
+    :class:`ReplayFailed` at the first copy the broker returns or nacks.
     """
     replayed = 0
     async for message in browse(channel, dead_letter_queue):
         letter = describe(message)
-        if not select(letter):
+        if _is_result(message) or not select(letter):
             continue
-        await channel.default_exchange.publish(_replay_copy(message), request_queue, mandatory=True)
+        try:
+            await channel.default_exchange.publish(_replay_copy(message), queue, mandatory=True)
+        except aiormq.exceptions.PublishError:
+            raise ReplayFailed(replayed, f"no queue {queue!r} took the request") from None
+        except aiormq.exceptions.DeliveryError:
+            raise ReplayFailed(replayed, f"the broker refused the copy to {queue!r}") from None
         await message.ack()
         replayed += 1
         if on_replay is not None:

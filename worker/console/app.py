@@ -24,7 +24,7 @@ from aiohttp import web
 
 from worker.console.broker import ConsoleBroker
 from worker.console.state import Fleet
-from worker.dlq import DeadLetter
+from worker.dlq import DeadLetter, ReplayFailed
 from worker.settings import Settings
 
 __all__ = ["ConsoleApp", "serve_console"]
@@ -192,6 +192,10 @@ class ConsoleApp:
             raise web.HTTPBadRequest(text='send {"code": C} or {"job_ids": [...]}')
         try:
             replayed = await self.broker.replay(select)
+        except ReplayFailed as exc:
+            # What was replayed before the refusal is gone from the dead letters; say so.
+            log.error("console action failed", action="replay", **selection, error=str(exc))
+            raise web.HTTPBadGateway(text=f"replay stopped: {exc}") from None
         except (ConnectionError, aiormq.exceptions.AMQPError) as exc:
             log.error("console action failed", action="replay", **selection, error=repr(exc))
             raise web.HTTPServiceUnavailable(text=f"replay stopped: {exc}") from None

@@ -228,22 +228,30 @@ class ConsoleBroker:
         return row
 
     async def replay(self, select: Callable[[DeadLetter], bool]) -> dict[str, int]:
-        """Replay the selected dead letters of every lane to that lane; counts per lane."""
+        """Replay the selected dead letters of every lane to that lane; counts per lane.
+
+        Raises :class:`~worker.dlq.ReplayFailed` at the first copy the broker refuses
+        (that dead letter and the rest stay where they are).
+        """
         replayed: dict[str, int] = {}
         async with self._dlq_lock:
             connection = self._require_connection()
-            for queue in self.dead_letter_queues:
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                try:
-                    replayed[queue.lane] = await replay_from(
-                        channel, queue.name, queue.lane, select
+            try:
+                for queue in self.dead_letter_queues:
+                    channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
                     )
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    replayed[queue.lane] = 0
-                finally:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
-            self._listing_key = None  # the next listing reads the queues again
+                    try:
+                        replayed[queue.lane] = await replay_from(
+                            channel, queue.name, queue.lane, select
+                        )
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        replayed[queue.lane] = 0
+                    finally:
+                        with contextlib.suppress(Exception):
+                            await channel.close()
+            finally:
+                self._listing_key = None  # the next listing reads the queues again
         return replayed
 
     def _require_connection(self) -> AbstractConnection:
