@@ -375,7 +375,8 @@ class JobRunner:
                             if assembler.add(chunk):
                                 if ttft_ms is None:
                                     ttft_ms = _ms_since(started)
-                                await deltas.output()  # at once, or a timer (one a delta)
+                                if deltas.due():  # at once, or a timer (one per delta)
+                                    await deltas.flush()
                         if deltas.failed is not None:
                             raise deltas.failed
                     done = chunks.done

@@ -24,6 +24,7 @@ from typing import NamedTuple
 __all__ = ["Event", "EventStreamParser"]
 
 _BOM = b"\xef\xbb\xbf"
+_new_event = tuple.__new__  # an Event without NamedTuple's Python-level __new__
 
 
 class Event(NamedTuple):
@@ -47,6 +48,18 @@ class EventStreamParser:
         self._id = ""
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if (
+            # The common read: exactly one `data: ...` event, nothing pending around it.
+            self._started
+            and not self._pending
+            and self._data is None
+            and not self._type
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+            and b"\r" not in chunk
+        ):
+            return [_new_event(Event, ("message", chunk[6:-2], self._id))]
         if self._pending:
             chunk = self._pending + chunk
         if not self._started:

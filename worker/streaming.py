@@ -364,7 +364,7 @@ class CompletionAssembler:
 class DeltaStream:
     """Publishes an attempt's deltas: the first output at once, later output coalesced over
     ``interval`` seconds (one timer per delta, not per chunk), ``seq`` counting 0, 1, 2, …
-    without gaps. A failed publish fails the attempt: :meth:`output` and :meth:`close`
+    without gaps. A failed publish fails the attempt: :meth:`due` and :meth:`close`
     raise it, whether it was sent inline or from the timer."""
 
     def __init__(
@@ -383,14 +383,22 @@ class DeltaStream:
         self.failed: BaseException | None = None
         self._discarded = False
 
-    async def output(self) -> None:
-        """The assembler took a chunk with output: publish now, or when the interval ends."""
+    def due(self) -> bool:
+        """The assembler took a chunk with output: True when it must be published now (the
+        first output, or no coalescing); otherwise the interval's timer is armed. Plain, not
+        a coroutine: it runs for every chunk."""
         if self.failed is not None:
             raise self.failed
         if self._seq == 0 or self._interval <= 0:
-            await self.flush()
-        elif self._timer is None:
+            return True
+        if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+        return False
+
+    async def output(self) -> None:
+        """:meth:`due`, and the publish when it is due."""
+        if self.due():
+            await self.flush()
 
     def _fire(self) -> None:
         self._timer = None

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from httpx_sse import EventSource
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from httpx_sse import EventSource
 
 from worker.sse import Event, EventStreamParser
 
@@ -92,6 +93,33 @@ def test_unfinished_event_at_the_end_is_dropped() -> None:
     assert parse(b"data: a\n\ndata: b\n") == [Event("message", b"a", "")]
 
 
+def test_event_type_from_an_earlier_read_applies() -> None:
+    assert parse(b"event: x\n", b"data: y\n\n", b"data: z\n\n") == [
+        Event("x", b"y", ""),
+        Event("message", b"z", ""),
+    ]
+
+
+@st.composite
+def event_aligned_streams(draw: st.DrawFn) -> list[bytes]:
+    """Reads that each end at an event's end, as a server's writes usually arrive."""
+    reads = []
+    for _ in range(draw(st.integers(0, 8))):
+        lines = draw(st.lists(st.tuples(_line, _newline), max_size=4))
+        reads.append(("".join(a + b for a, b in lines) + draw(_newline)).encode())
+    return reads
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(event_aligned_streams())
+async def test_agrees_with_httpx_sse_on_event_aligned_reads(reads: list[bytes]) -> None:
+    ours = parse(*reads)
+    theirs = await httpx_sse_events(reads)
+    assert [(e.type, e.data.decode(), e.id) for e in ours if e.data] == [
+        event for event in theirs if event[1]
+    ]
+
+
 def test_byte_by_byte_equals_whole() -> None:
     stream = b"event: e\r\ndata: 1\r\n\r\n: c\rdata: 2\r\rdata: 3\n\n"
     assert parse(*(stream[i : i + 1] for i in range(len(stream)))) == parse(stream)
@@ -131,7 +159,7 @@ def streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @hypothesis_settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
