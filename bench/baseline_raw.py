@@ -9,7 +9,9 @@ from measure import Setup, measure_each, median_run
 from report import Row, table, write_json
 
 
-def raw_loop(client: str = "aiohttp", concurrency: int = 64, mode: str = "plain") -> WorkerFactory:
+def raw_loop(
+    client: str = "aiohttp", concurrency: int = 64, mode: str = "plain", chunks_per_delta: int = 5
+) -> WorkerFactory:
     """One ``raw_loop.py`` process using ``client`` for the upstream calls; ``mode``
     ``stream`` is the S3 baseline, ``echo`` the bare broker loop (no HTTP)."""
 
@@ -31,6 +33,8 @@ def raw_loop(client: str = "aiohttp", concurrency: int = 64, mode: str = "plain"
             client,
             "--mode",
             mode,
+            "--chunks-per-delta",
+            str(chunks_per_delta),
         ]
         return [Proc(f"raw-{client}-{mode}", argv, ctx.log_dir, env=clean_env())]
 

@@ -16,8 +16,9 @@ Every client gets a pool of ``--concurrency`` kept-alive connections.
 - ``plain`` (default): the S1 loop above;
 - ``stream``: the S3 raw baseline: POST the job streamed with bare aiohttp, read the SSE
   lines, parse each chunk with orjson, publish a delta message (aiormq, confirmed) to
-  ``reply_to`` for the first content at once and then at most every ``--flush-interval``
-  seconds (as many deltas as the worker publishes), then the result, then ack;
+  ``reply_to`` for the first content at once and then one every ``--chunks-per-delta``
+  content chunks (the S3 scenario passes the worker's own ratio, so both publish as many
+  deltas), then the result, then ack;
 - ``echo``: the bare broker loop of the added-latency scenario: no HTTP at all, the reply
   is a fixed document published to ``reply_to`` (confirmed), then ack.
 
@@ -114,7 +115,7 @@ async def main(args: argparse.Namespace) -> None:
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
             )
             handler = stream_handler(
-                session, f"{args.upstream}/chat/completions", underlay, args.flush_interval
+                session, f"{args.upstream}/chat/completions", underlay, args.chunks_per_delta
             )
             await queue.consume(handler)
             await stop.wait()
@@ -168,15 +169,13 @@ def stream_handler(
     session: aiohttp.ClientSession,
     url: str,
     channel: aiormq.abc.AbstractChannel,
-    interval: float,
+    every: int,
 ) -> Callable[[AbstractIncomingMessage], Any]:
-    loop = asyncio.get_running_loop()
-
     async def on_message(message: AbstractIncomingMessage) -> None:
         body = orjson.loads(message.body)["body"]
         body["stream_options"] = {"include_usage": True}
         reply = message.reply_to or ""
-        seq, last, pending = 0, 0.0, []
+        seq, pending = 0, []
         delta_properties = _properties(message, "chat.delta")
 
         async def publish_delta() -> None:
@@ -206,8 +205,7 @@ def stream_handler(
                 for choice in chunk.get("choices") or ():
                     if content := (choice.get("delta") or {}).get("content"):
                         pending.append(content)
-                if pending and (seq == 0 or loop.time() - last >= interval):
-                    last = loop.time()
+                if pending and (seq == 0 or len(pending) >= every):
                     await publish_delta()
         if pending:
             await publish_delta()
@@ -230,5 +228,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--client", default="aiohttp", choices=CLIENTS)
     parser.add_argument("--mode", default="plain", choices=("plain", "stream", "echo"))
-    parser.add_argument("--flush-interval", type=float, default=0.05, help="stream mode")
+    parser.add_argument("--chunks-per-delta", type=int, default=5, help="stream mode")
     uvloop.run(main(parser.parse_args()))

@@ -73,7 +73,7 @@ async def main(args: argparse.Namespace) -> int:
         {
             "command": command,
             "commit": commit(),
-            "args": vars(args),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "duration_s": duration,
             "rows": rows,
             "sections": {section.name: section.data for section in sections},

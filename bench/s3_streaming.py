@@ -95,7 +95,12 @@ async def run_s3(
         worker = await _one(f"s3-worker-c{concurrency}", spawn, jobs, chunks, interval, timeout)
         raw = await _one(
             f"s3-raw-c{concurrency}",
-            raw_loop(concurrency=concurrency, mode="stream"),
+            # As many deltas as the worker published in the same load.
+            raw_loop(
+                concurrency=concurrency,
+                mode="stream",
+                chunks_per_delta=max(1, round(worker["chunks_per_delta"])),
+            ),
             jobs,
             chunks,
             interval,
