@@ -24,6 +24,7 @@ from typing import Any
 __all__ = ["CompletionAssembler", "DeltaStream", "MalformedChunk"]
 
 _HEAD = ("id", "created", "model", "system_fingerprint", "service_tier")
+_COLLAPSE = 32  # content pieces kept apart before the sent ones are joined into one
 _KNOWN = frozenset(("role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls"))
 
 
@@ -229,6 +230,10 @@ class _Choice:
         if self.content is not None and len(self.content) > sent[0]:
             if text := "".join(self.content[sent[0] :]):
                 delta["content"] = text
+            if len(self.content) > _COLLAPSE:
+                # Sent pieces are one string from now on: a long stream holds its text,
+                # not hundreds of small objects (about 60 bytes each besides the text).
+                self.content[:] = ["".join(self.content)]
             sent[0] = len(self.content)
         if self.refusal is not None and len(self.refusal) > sent[1]:
             if text := "".join(self.refusal[sent[1] :]):

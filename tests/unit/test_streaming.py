@@ -505,7 +505,7 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
         chunk(role="assistant", content="", index=i) for i in range(choices)
     ]
-    for _ in range(draw(st.integers(0, 25))):
+    for _ in range(draw(st.integers(0, 80))):  # past the point where sent pieces are joined
         index = draw(st.integers(0, choices - 1))
         kind = draw(st.sampled_from(["content", "reasoning", "reasoning_content", "empty"]))
         if kind == "content":
@@ -523,7 +523,7 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 
 @hypothesis_settings(database=None, max_examples=150, deadline=None)
-@given(chunks=streams(), interval=st.sampled_from([0, 3600]), flushes=st.sets(st.integers(0, 30)))
+@given(chunks=streams(), interval=st.sampled_from([0, 3600]), flushes=st.sets(st.integers(0, 90)))
 def test_deltas_add_up_to_the_completion(
     chunks: list[dict[str, Any]], interval: float, flushes: set[int]
 ) -> None:

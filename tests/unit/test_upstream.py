@@ -537,3 +537,43 @@ async def test_usage_not_an_object_in_plain_answer(closing: list[Upstream]) -> N
     closing.append(upstream)
     with pytest.raises(UpstreamError):
         await upstream.complete(BODY, {})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [ERROR_BODY, {"error": "quota", "choices": None}, {"object": "chat.completion"}],
+    ids=["error-object", "error-string", "no-choices"],
+)
+async def test_item11_ok_status_without_choices_is_upstream_error(
+    closing: list[Upstream], body: dict[str, Any]
+) -> None:
+    upstream = upstream_with(
+        lambda request: httpx.Response(200, json=body, headers={"x-request-id": "r-9"})
+    )
+    closing.append(upstream)
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.complete(BODY, {})
+    assert type(caught.value) is UpstreamError  # retryable
+    assert caught.value.status_code == 200
+    assert caught.value.request_id == "r-9"
+    if "error" in body:
+        assert caught.value.response == body
+
+
+async def test_answer_headers_are_exposed(closing: list[Upstream]) -> None:
+    """The rate-limit budget is read from them: the plain answer's and the stream's."""
+    limits = {"x-ratelimit-remaining-requests": "41", "x-ratelimit-remaining-tokens": "9000"}
+    upstream = upstream_with(lambda request: httpx.Response(200, json=COMPLETION, headers=limits))
+    closing.append(upstream)
+    completion = await upstream.complete(BODY, {})
+    assert completion.headers["X-RateLimit-Remaining-Requests"] == "41"
+    streamed = upstream_with(lambda request: sse_response(sse(chunk("a", "stop")), **limits))
+    closing.append(streamed)
+    meta: dict[str, Any] = {}
+    await collect(streamed, meta)
+    assert meta["headers"]["x-ratelimit-remaining-tokens"] == "9000"
+    async with streamed.open_stream(BODY, {}) as chunks:
+        assert chunks.headers["x-ratelimit-remaining-requests"] == "41"
+        assert await chunks.read() == [chunk("a", "stop")]
+        assert await chunks.read() is None
+        assert chunks.done
