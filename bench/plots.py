@@ -83,6 +83,7 @@ def write_plots(document: dict[str, Any], out: Path = OUT) -> list[Path]:
         ax.plot(xs, [lv["run"]["rate"] for _, lv in levels], "o-", label="worker")
         ax.plot(xs, [lv["bound"] for _, lv in levels], "s--", label="bound: min(Little, S1)")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("concurrency (jobs in flight)")
         ax.set_ylabel("jobs/s")
         ax.set_title(f"S2: throughput against concurrency (upstream latency {s2['latency']} s)")
@@ -94,13 +95,23 @@ def write_plots(document: dict[str, Any], out: Path = OUT) -> list[Path]:
         levels = sorted(s3["levels"].items(), key=lambda kv: int(kv[0]))
         xs = [int(c) for c, _ in levels]
         fig, (cpu, lat) = plt.subplots(1, 2, figsize=(11, 4))
-        for who, style in (("worker", "o-"), ("raw", "s--")):
-            cpu.plot(xs, [lv[who]["cpu_us_per_chunk"] for _, lv in levels], style, label=who)
+        for who, color, line in (("worker", "tab:blue", "-"), ("raw", "tab:orange", "--")):
+            cpu.plot(
+                xs,
+                [lv[who]["cpu_us_per_chunk"] for _, lv in levels],
+                marker="o",
+                ls=line,
+                color=color,
+                label=who,
+            )
             for q, mark in (("p50", "o"), ("p99", "^")):
                 lat.plot(
                     xs,
                     [lv[who]["first_delta_added_ms"][q] for _, lv in levels],
-                    f"{mark}{style[1:]}",
+                    marker=mark,
+                    ls=line,
+                    color=color,
+                    alpha=1.0 if q == "p50" else 0.6,
                     label=f"{who} {q}",
                 )
         cpu.axhline(25, color="red", lw=0.8, ls=":", label="target (worker)")
@@ -114,6 +125,7 @@ def write_plots(document: dict[str, Any], out: Path = OUT) -> list[Path]:
         for ax in (cpu, lat):
             ax.set_xlabel("concurrent streams")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         save(fig, "s3-streams.png")
