@@ -205,6 +205,10 @@ class Upstream:
             transport.client = transport.get_client()
         return transport.client
 
+    def _target(self) -> str:
+        """The URL both paths post to: ``_url`` is the one source (query included)."""
+        return str(self._url)
+
     def _merged(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {**self._headers, **headers} if headers else self._headers
 
@@ -225,7 +229,7 @@ class Upstream:
         try:
             if session is not None:
                 async with session.post(
-                    self.url,
+                    self._target(),
                     data=body,
                     headers=self._merged(headers),
                     timeout=self._timeout,
@@ -263,7 +267,7 @@ class Upstream:
         try:
             if session is not None:
                 answer = await session.post(
-                    self.url,
+                    self._target(),
                     data=body,
                     headers=self._merged(headers),
                     timeout=self._timeout,

@@ -110,7 +110,7 @@ def event_aligned_streams(draw: st.DrawFn) -> list[bytes]:
     return reads
 
 
-@hypothesis_settings(max_examples=300, deadline=None)
+@hypothesis_settings(database=None, max_examples=300, deadline=None)
 @given(event_aligned_streams())
 async def test_agrees_with_httpx_sse_on_event_aligned_reads(reads: list[bytes]) -> None:
     ours = parse(*reads)
@@ -162,7 +162,9 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-@hypothesis_settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hypothesis_settings(
+    database=None, max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(streams(), st.booleans())
 async def test_agrees_with_httpx_sse(stream: tuple[bytes, list[int]], bom: bool) -> None:
     """Both parsers find the same events with data, with the same type and id, however the
