@@ -221,9 +221,12 @@ class Upstream:
             extensions=self._extensions,
         )
 
-    async def complete(self, body: bytes, headers: Mapping[str, str]) -> Completion:
+    async def complete(
+        self, body: bytes, headers: Mapping[str, str], meta: dict[str, Any] | None = None
+    ) -> Completion:
         """One non-streamed call; raises a :class:`JobError` for anything but a 2xx JSON
-        chat completion."""
+        chat completion. ``meta`` (when given) receives ``status_code`` and ``headers`` of
+        the answer, an error answer's included (a 429's rate-limit headers)."""
         session = self._session()
         answer_headers: Mapping[str, str]
         try:
@@ -246,6 +249,9 @@ class Upstream:
                 status, answer_headers = response.status_code, response.headers
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+        if meta is not None:
+            meta["status_code"] = status
+            meta["headers"] = answer_headers
         if status >= 300:
             raise _status_error(status, answer_headers, content)
         return Completion(

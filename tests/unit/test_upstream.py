@@ -572,6 +572,12 @@ async def test_answer_headers_are_exposed(closing: list[Upstream]) -> None:
     meta: dict[str, Any] = {}
     await collect(streamed, meta)
     assert meta["headers"]["x-ratelimit-remaining-tokens"] == "9000"
+    limited = upstream_with(lambda request: httpx.Response(429, json=ERROR_BODY, headers=limits))
+    closing.append(limited)
+    meta = {}
+    with pytest.raises(RateLimited):
+        await limited.complete(BODY, {}, meta)
+    assert (meta["status_code"], meta["headers"]["x-ratelimit-remaining-tokens"]) == (429, "9000")
     async with streamed.open_stream(BODY, {}) as chunks:
         assert chunks.headers["x-ratelimit-remaining-requests"] == "41"
         assert await chunks.read() == [chunk("a", "stop")]
