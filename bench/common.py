@@ -76,8 +76,7 @@ class Names:
         )
 
     def queues(self) -> list[str]:
-        settings = self.settings()
-        delays = [delay_queue_name(settings, tier) for tier in DELAY_TIERS]
+        delays = [delay_queue_name(self.request_queue, tier) for tier in DELAY_TIERS]
         return [self.request_queue, self.result_queue, self.dead_letter_queue, *delays]
 
 

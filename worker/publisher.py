@@ -36,6 +36,7 @@ from worker.topology import (
     RESULT_OK,
     TYPE_DELTA,
     TYPE_RESULT,
+    dead_letter_queue_for,
     delay_queue_name,
     delay_tier,
 )
@@ -247,7 +248,8 @@ class Publisher:
                 H_JOB_ID: envelope.job_id,
             }
         )
-        await self._send_copy(message, envelope, headers, self._settings.dead_letter_queue)
+        queue = dead_letter_queue_for(self._settings, self._lane(envelope))
+        await self._send_copy(message, envelope, headers, queue)
 
     async def defer(
         self, message: AbstractIncomingMessage, envelope: Envelope, deferral: Deferral
@@ -256,7 +258,8 @@ class Publisher:
         tier = delay_tier(deferral.wait)
         headers = _carried_headers(message)
         headers[H_ATTEMPTS] = deferral.attempts
-        await self._send_copy(message, envelope, headers, delay_queue_name(self._settings, tier))
+        queue = delay_queue_name(self._lane(envelope), tier)
+        await self._send_copy(message, envelope, headers, queue)
         return tier
 
     async def requeue_counted(
@@ -266,7 +269,11 @@ class Publisher:
         none, and without one a message that crashes workers would loop for ever)."""
         headers = _carried_headers(message)
         headers[H_REDELIVERIES] = redeliveries
-        await self._send_copy(message, envelope, headers, self._settings.request_queue)
+        await self._send_copy(message, envelope, headers, self._lane(envelope))
+
+    def _lane(self, envelope: Envelope) -> str:
+        """The request queue the job came from: its copies go back to the same lane."""
+        return envelope.lane or self._settings.lanes[0].queue
 
     async def _send_copy(
         self,

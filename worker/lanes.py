@@ -1,0 +1,285 @@
+"""Consuming several request queues (lanes) with weighted, work-conserving shares.
+
+The worker's ``WORKER_CONCURRENCY`` slots are consumers of prefetch 1: a lane holds as many
+slots as it has consumers on its queue, so a message is delivered only to a slot that is
+free, runs at once, and never waits in the process for a slot (where another worker might
+have run it sooner). RabbitMQ applies a consumer's prefetch when it starts consuming, and
+quorum queues refuse a channel-wide (global) prefetch, so a lane grows by adding consumers
+and shrinks by cancelling them: an idle one leaves at once, a busy one when its job ends.
+
+Every change of demand re-plans the slots (:func:`plan`): weighted max-min fairness over what
+each lane wants (its jobs in flight plus its backlog, held at its recent peak for a moment
+so that a bursty lane does not give its slots away between two jobs), surplus spread by
+weight. A lane with no free slot learns of its backlog from a passive declare every
+:data:`POLL_INTERVAL`; a lane with an idle slot has no backlog, or the broker would have
+delivered it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+
+from worker.settings import Lane
+
+__all__ = ["LaneConsumer", "plan"]
+
+log = structlog.get_logger(__name__)
+
+#: seconds between two reads of the backlog of lanes that have no idle slot
+POLL_INTERVAL = 0.05
+#: seconds a lane keeps the slots of its recent peak demand before lending them out
+HOLD = 1.0
+#: slots over its demand a busy lane asks for, so its next job starts without waiting
+HEADROOM = 1
+
+Handler = Callable[[AbstractIncomingMessage, str], Awaitable[None]]
+
+
+def plan(capacity: int, weights: Mapping[str, int], wants: Mapping[str, int]) -> dict[str, int]:
+    """Slots per lane: weighted max-min fair shares of ``capacity`` for what each lane wants;
+    slots nobody wants are spread by weight too (an idle lane then has one to listen with).
+    Integer shares by largest remainder, ties to the heavier lane; the sum is ``capacity``.
+    """
+    given = dict.fromkeys(weights, 0)
+    remaining = capacity
+    hungry = [name for name in weights if wants.get(name, 0) > 0]
+    while hungry and remaining > 0:
+        total = sum(weights[name] for name in hungry)
+        content = [
+            name
+            for name in hungry
+            if wants[name] - given[name] <= remaining * weights[name] / total
+        ]
+        if not content:
+            _split(remaining, hungry, weights, given)
+            return given
+        for name in content:
+            remaining -= wants[name] - given[name]
+            given[name] = wants[name]
+        hungry = [name for name in hungry if name not in content]
+    if remaining > 0:
+        _split(remaining, list(weights), weights, given)
+    return given
+
+
+def _split(
+    amount: int, names: Sequence[str], weights: Mapping[str, int], into: dict[str, int]
+) -> None:
+    total = sum(weights[name] for name in names)
+    quotas = {name: amount * weights[name] / total for name in names}
+    floors = {name: math.floor(quota) for name, quota in quotas.items()}
+    left = amount - sum(floors.values())
+    order = sorted(names, key=lambda n: (floors[n] - quotas[n], -weights[n], n))
+    for name in order[:left]:
+        floors[name] += 1
+    for name, share in floors.items():
+        into[name] += share
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One consumer of prefetch 1 on a lane's queue: one job at most."""
+
+    busy: bool = False
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class _LaneState:
+    lane: Lane
+    channel: AbstractChannel
+    queue: AbstractQueue
+    slots: dict[str, _Slot] = field(default_factory=dict)
+    starting: int = 0  # consumers asked for, not yet confirmed
+    backlog: int = 0  # ready messages at the last poll (0 while a slot is idle)
+    peak: int = 0
+    peak_at: float = 0.0
+
+    @property
+    def held(self) -> int:
+        """Slots counted against the capacity: every consumer, and jobs of cancelled ones."""
+        return len(self.slots) + self.starting
+
+    @property
+    def active(self) -> int:
+        return self.starting + sum(not s.cancelled for s in self.slots.values())
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.busy for s in self.slots.values())
+
+    @property
+    def idle(self) -> bool:
+        return any(not s.busy and not s.cancelled for s in self.slots.values())
+
+    def want(self, now: float) -> int:
+        demand = self.in_flight + (0 if self.idle else self.backlog)
+        if demand >= self.peak or now - self.peak_at > HOLD:
+            self.peak, self.peak_at = demand, now
+        return self.peak + HEADROOM if self.peak else 0
+
+
+class LaneConsumer:
+    """Consumes every lane on channels of its own; see the module docstring.
+
+    ``handler(message, lane)`` runs each job; it must settle the message before returning.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        lanes: Sequence[Lane],
+        capacity: int,
+        handler: Handler,
+        *,
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.connection = connection
+        self.capacity = capacity
+        self.handler = handler
+        self.on_lost = on_lost
+        self._lanes_config = list(lanes)
+        self._lanes: dict[str, _LaneState] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Open a channel per lane and place the first slots (raises on a broker error)."""
+        for lane in self._lanes_config:
+            channel = await self.connection.channel(publisher_confirms=False)
+            channel.close_callbacks.add(lambda *_: self.on_lost())
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(lambda *_: self.on_lost())
+            # Applies to each consumer started on this channel afterwards: one job each.
+            await channel.set_qos(prefetch_count=1)
+            queue = await channel.get_queue(lane.queue, ensure=False)
+            self._lanes[lane.queue] = _LaneState(lane, channel, queue)
+        await self._reconcile()
+        self._tasks = [
+            asyncio.create_task(self._replan_loop()),
+            asyncio.create_task(self._poll_loop()),
+        ]
+
+    async def stop(self) -> None:
+        """Stop every delivery at once; jobs in flight go on (the caller drains them)."""
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for state in self._lanes.values():
+            for tag, slot in list(state.slots.items()):
+                if not slot.cancelled:
+                    slot.cancelled = True
+                    with contextlib.suppress(Exception):
+                        await state.queue.cancel(tag)
+
+    def in_flight(self) -> dict[str, int]:
+        """Jobs in flight by lane (for heartbeats and tests)."""
+        return {name: state.in_flight for name, state in self._lanes.items()}
+
+    def slots(self) -> dict[str, int]:
+        """Slots each lane holds now, cancelled ones with a job still running included."""
+        return {name: state.held for name, state in self._lanes.items()}
+
+    # --- deliveries ----------------------------------------------------------------------
+
+    async def _on_message(self, state: _LaneState, message: AbstractIncomingMessage) -> None:
+        tag = message.consumer_tag or ""
+        slot = state.slots.get(tag)
+        if slot is None:  # delivered before the consume call returned
+            slot = state.slots[tag] = _Slot()
+        slot.busy = True
+        self._wake.set()
+        try:
+            await self.handler(message, state.lane.queue)
+        finally:
+            slot.busy = False
+            if slot.cancelled:
+                state.slots.pop(tag, None)
+            self._wake.set()
+
+    # --- planning ------------------------------------------------------------------------
+
+    async def _replan_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._reconcile()
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                log.warning("could not move consumer slots between lanes", error=repr(exc))
+                self.on_lost()
+                return
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            for state in self._lanes.values():
+                if state.idle:
+                    state.backlog = 0
+                    continue
+                try:
+                    underlay = await state.channel.get_underlay_channel()
+                    ok = await underlay.queue_declare(state.lane.queue, passive=True)
+                except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                    log.warning(
+                        "could not read a lane's backlog", lane=state.lane.queue, error=repr(exc)
+                    )
+                    self.on_lost()
+                    return
+                state.backlog = ok.message_count or 0
+            self._wake.set()  # also lets a held peak expire
+
+    async def _reconcile(self) -> None:
+        """Move slots toward :func:`plan`: cancel first (idle slots free at once), then add."""
+        if self._stopped:
+            return
+        now = time.monotonic()
+        states = self._lanes.values()
+        targets = plan(
+            self.capacity,
+            {s.lane.queue: s.lane.weight for s in states},
+            {s.lane.queue: s.want(now) for s in states},
+        )
+        for state in states:
+            excess = state.active - targets[state.lane.queue]
+            if excess > 0:
+                await self._shrink(state, excess)
+        for state in states:
+            free = self.capacity - sum(s.held for s in states)
+            wanted = targets[state.lane.queue] - state.active
+            for _ in range(min(wanted, free)):
+                if self._stopped:
+                    return
+                await self._grow(state)
+
+    async def _shrink(self, state: _LaneState, count: int) -> None:
+        # Idle slots first: they free a place at once; a busy one frees it when its job ends.
+        candidates = sorted(
+            ((tag, slot) for tag, slot in state.slots.items() if not slot.cancelled),
+            key=lambda item: item[1].busy,
+        )
+        for tag, slot in candidates[:count]:
+            slot.cancelled = True
+            await state.queue.cancel(tag)
+            if not slot.busy:
+                state.slots.pop(tag, None)
+
+    async def _grow(self, state: _LaneState) -> None:
+        state.starting += 1
+        try:
+            tag = await state.queue.consume(partial(self._on_message, state))
+        finally:
+            state.starting -= 1
+        state.slots.setdefault(tag, _Slot())
