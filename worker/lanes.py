@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -47,7 +48,7 @@ Handler = Callable[[AbstractIncomingMessage, str], Awaitable[None]]
 
 def plan(capacity: int, weights: Mapping[str, int], wants: Mapping[str, int]) -> dict[str, int]:
     """Slots per lane: weighted max-min fair shares of ``capacity`` for what each lane wants;
-    slots nobody wants are spread by weight too (an idle lane then has one to listen with).
+    slots nobody wants are spread by weight too (an idle lane then has some to listen with).
     Integer shares by largest remainder, ties to the heavier lane; the sum is ``capacity``.
     """
     given = dict.fromkeys(weights, 0)
@@ -67,8 +68,14 @@ def plan(capacity: int, weights: Mapping[str, int], wants: Mapping[str, int]) ->
             remaining -= wants[name] - given[name]
             given[name] = wants[name]
         hungry = [name for name in hungry if name not in content]
-    if remaining > 0:
-        _split(remaining, list(weights), weights, given)
+    # Slots nobody wants: one at a time to the lane furthest below its weighted share
+    # (Sainte-Laguë divisors, so 64 slots at 4 : 1 are 51 : 13, as the hungry split).
+    heap = [((given[n] + 0.5) / weights[n], -weights[n], n) for n in weights]
+    heapq.heapify(heap)
+    for _ in range(remaining):
+        _, negative_weight, name = heapq.heappop(heap)
+        given[name] += 1
+        heapq.heappush(heap, ((given[name] + 0.5) / -negative_weight, negative_weight, name))
     return given
 
 

@@ -385,7 +385,7 @@ class Telemetry:
                     usage[key],
                     {"gen_ai.token.type": kind, "gen_ai.request.model": model or "", **owner},
                 )
-        self.job_duration.record(seconds, {"outcome": attributes["outcome"]})
+        self.job_duration.record(seconds, {"outcome": attributes["outcome"], "lane": lane})
         if error_code:
             span.set_attribute("error.type", error_code)
             span.set_status(Status(StatusCode.ERROR))
