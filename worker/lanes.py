@@ -178,12 +178,15 @@ class LaneConsumer:
             asyncio.create_task(self._poll_loop()),
         ]
 
-    async def stop(self) -> None:
-        """Stop every delivery at once; jobs in flight go on (the caller drains them)."""
+    async def stop(self, *, cancel_consumers: bool = True) -> None:
+        """Stop planning, and every delivery at once; jobs in flight go on (the caller
+        drains them). After a lost connection there is nothing left to cancel."""
         self._stopped = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not cancel_consumers:
+            return
         for state in self._lanes.values():
             for tag, slot in list(state.slots.items()):
                 if not slot.cancelled:

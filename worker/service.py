@@ -230,7 +230,7 @@ class Worker:
             for task in list(self._tasks):
                 task.cancel()
             if self._lane_consumer is not None:
-                await self._lane_consumer.stop()
+                await self._lane_consumer.stop(cancel_consumers=False)
         await _close_quietly(connection)
 
     async def _drain(self, queue: AbstractQueue | None, tag: str) -> None:

@@ -16,9 +16,10 @@ import orjson
 import prometheus_client
 import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
+from conftest import Replies, get_one, publish
 
 from worker.client import ChatClient
+from worker.dlq import list_dead_letters, replay_dead_letters
 from worker.messages import JobResult
 from worker.service import Worker
 from worker.topology import DELAY_TIERS, delay_queue_name
@@ -247,3 +248,36 @@ async def test_a_forged_user_id_is_refused_by_the_broker(
             aio_pika.Message(orjson.dumps(job()), user_id="someone-else"),
             worker.settings.request_queue,
         )
+
+
+async def test_a_lane_keeps_its_jobs_delay_queues_and_dead_letters(
+    lane_cleanup: None,
+    start_worker: Callable[..., Awaitable[Worker]],
+    connection: AbstractConnection,
+    replies: Replies,
+    lanes: tuple[str, str],
+) -> None:
+    fast, slow = lanes
+    running = await start_worker(request_queue=f"{fast}:4,{slow}:1", concurrency=4)
+    # A long Retry-After sends the job round its own lane's delay queue.
+    later = job(1, latency=0)
+    later["body"]["mock"] = {"fault": "429", "retry_after": 20, "times": 1, "key": "lane-later"}
+    await publish(connection, slow, later, message_id="later-1", reply_to=replies.name)
+    delayed = await get_one(connection, delay_queue_name(slow, 30))
+    assert delayed.message_id == "later-1"
+    # A failed job leaves its request in its lane's dead-letter queue, and a replay of that
+    # lane sends it back to the same lane.
+    failing = job(2, latency=0)
+    failing["body"]["mock"] = {"fault": "400"}
+    await publish(connection, slow, failing, message_id="failing-1", reply_to=replies.name)
+    result = JobResult.model_validate_json((await replies.get()).body)
+    assert (result.id, result.metadata.lane) == ("failing-1", slow)
+    assert result.error is not None
+    letters = await list_dead_letters(running.settings, lane=slow)
+    assert [letter.job_id for letter in letters] == ["failing-1"]
+    assert await list_dead_letters(running.settings, lane=fast) == []
+    with pytest.raises(ValueError, match="not a lane"):
+        await list_dead_letters(running.settings, lane="chat.elsewhere")
+    assert await replay_dead_letters(running.settings, lane=slow, codes=["invalid_request"]) == 1
+    replayed = JobResult.model_validate_json((await replies.get()).body)
+    assert (replayed.id, replayed.metadata.lane) == ("failing-1", slow)
