@@ -281,3 +281,24 @@ async def test_a_lane_keeps_its_jobs_delay_queues_and_dead_letters(
     assert await replay_dead_letters(running.settings, lane=slow, codes=["invalid_request"]) == 1
     replayed = JobResult.model_validate_json((await replies.get()).body)
     assert (replayed.id, replayed.metadata.lane) == ("failing-1", slow)
+
+
+async def test_consuming_resumes_when_a_lane_queue_is_deleted_under_the_worker(
+    lane_cleanup: None,
+    start_worker: Callable[..., Awaitable[Worker]],
+    connection: AbstractConnection,
+    replies: Replies,
+    lanes: tuple[str, str],
+) -> None:
+    fast, slow = lanes
+    running = await start_worker(request_queue=f"{fast}:4,{slow}:1", concurrency=4)
+    channel = await connection.channel()
+    # The broker cancels the lane's consumers: the worker must notice and consume again.
+    await channel.queue_delete(slow)
+    async with asyncio.timeout(15):
+        while running.ready:
+            await asyncio.sleep(0.01)
+        await running.wait_ready()
+    await publish(connection, slow, job(latency=0), reply_to=replies.name)
+    result = JobResult.model_validate_json((await replies.get()).body)
+    assert (result.error, result.metadata.lane) == (None, slow)
