@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from common import (
     AMQP_URL,
@@ -57,6 +58,7 @@ class Results:
 
     def __init__(self) -> None:
         self.at: dict[str, float] = {}
+        self.upstream_s: dict[str, float] = {}  # the upstream call as the worker timed it
         self.arrived = asyncio.Event()
 
     async def consume(self, channel: AbstractChannel, queue: str) -> None:
@@ -66,7 +68,11 @@ class Results:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if message.type == "chat.result":
-            self.at.setdefault(str(message.correlation_id), time.time())
+            job = str(message.correlation_id)
+            self.at.setdefault(job, time.time())
+            if job.startswith("i"):
+                latency = orjson.loads(message.body)["metadata"].get("latency_ms")
+                self.upstream_s[job] = (latency or 0.0) / 1000
             self.arrived.set()
 
 
@@ -161,12 +167,22 @@ async def interactive_latency(
         # A job still unanswered counts with its wait so far: a lower bound (one queue).
         now = time.time()
         waits = [results.at.get(j, now) - t for j, t in published.items()]
+        # What is not the upstream call: waiting for a slot, the broker, the event loops.
+        overhead = [
+            results.at[j] - t - results.upstream_s[j]
+            for j, t in published.items()
+            if j in results.upstream_s
+        ]
+        upstream = list(results.upstream_s.values())
         return {
             "mode": "lanes" if lanes else "one queue",
             "published": len(published),
             "answered": sum(j in results.at for j in published),
             "p50": percentile(waits, 50),
             "p99": percentile(waits, 99),
+            "upstream_p50": percentile(upstream, 50),
+            "outside_upstream_p50": percentile(overhead, 50),
+            "outside_upstream_p99": percentile(overhead, 99),
             "batch_done": sum(j.startswith("b") for j in results.at),
         }
     finally:
@@ -214,10 +230,13 @@ async def run_s5(
     log_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for lanes in (True, False):
-        run = await interactive_latency(lanes, backlog_jobs, seconds, 3.0, log_dir)
+        run_dir = log_dir / ("lanes" if lanes else "one-queue")
+        run_dir.mkdir()
+        run = await interactive_latency(lanes, backlog_jobs, seconds, 3.0, run_dir)
         print(f"  {run}", file=sys.stderr, flush=True)
         runs.append(run)
-    split = await saturated_split(max(2_000, int(window * 200)), window, log_dir)
+    (log_dir / "split").mkdir()
+    split = await saturated_split(max(2_000, int(window * 200)), window, log_dir / "split")
     print(f"  {split}", file=sys.stderr, flush=True)
     with_lanes, one_queue = runs
     expected = WEIGHTS[0] / sum(WEIGHTS)
@@ -227,6 +246,21 @@ async def run_s5(
         ),
         Row(
             "S5 interactive p99, lanes", with_lanes["p99"], unit="s", target=TARGET_P99, upper=True
+        ),
+        Row(
+            "S5 lanes: upstream call as the worker timed it, p50",
+            with_lanes["upstream_p50"],
+            unit="s",
+        ),
+        Row(
+            "S5 lanes: publish to result minus upstream, p50",
+            with_lanes["outside_upstream_p50"],
+            unit="s",
+        ),
+        Row(
+            "S5 lanes: publish to result minus upstream, p99",
+            with_lanes["outside_upstream_p99"],
+            unit="s",
         ),
         # Unanswered jobs count with their wait so far: with one queue, lower bounds.
         Row("S5 interactive p50, one queue (>=)", one_queue["p50"], unit="s"),
