@@ -108,6 +108,7 @@ class _LaneState:
     queue: AbstractQueue
     slots: dict[str, _Slot] = field(default_factory=dict)
     starting: int = 0  # consumers asked for, not yet confirmed
+    shrinking: int = 0  # busy slots to give up: the first ones whose job ends
     backlog: int = 0  # ready messages at the last poll (0 while a slot is idle)
     peak: int = 0
     peak_at: float = 0.0
@@ -217,6 +218,15 @@ class LaneConsumer:
             slot.busy = False
             if slot.cancelled:
                 state.slots.pop(tag, None)
+            elif state.shrinking > 0 and not self._stopped:
+                # The lane gives up whichever slot frees first, not one chosen in advance
+                # (that one's job may have most of its time still to run).
+                state.shrinking -= 1
+                # A closed channel tells the worker through its close callback.
+                with contextlib.suppress(
+                    aiormq.exceptions.AMQPError, ConnectionError, RuntimeError
+                ):
+                    await self._cancel(state, tag, slot)
             self._wake.set()
 
     # --- planning ------------------------------------------------------------------------
@@ -266,6 +276,8 @@ class LaneConsumer:
             excess = state.active - targets[state.lane.queue]
             if excess > 0:
                 await self._shrink(state, excess)
+            else:
+                state.shrinking = 0
         for state in states:
             free = self.capacity - sum(s.held for s in states)
             wanted = targets[state.lane.queue] - state.active
@@ -275,16 +287,20 @@ class LaneConsumer:
                 await self._grow(state)
 
     async def _shrink(self, state: _LaneState, count: int) -> None:
-        # Idle slots first: they free a place at once; a busy one frees it when its job ends.
-        candidates = sorted(
-            ((tag, slot) for tag, slot in state.slots.items() if not slot.cancelled),
-            key=lambda item: item[1].busy,
-        )
-        for tag, slot in candidates[:count]:
-            slot.cancelled = True
-            await state.queue.cancel(tag)
-            if not slot.busy:
-                state.slots.pop(tag, None)
+        """Cancel idle slots now; leave the rest to the next jobs of the lane that end."""
+        idle = [(t, s) for t, s in state.slots.items() if not s.cancelled and not s.busy]
+        state.shrinking = max(0, count - len(idle))
+        for tag, slot in idle[:count]:
+            await self._cancel(state, tag, slot)
+
+    @staticmethod
+    async def _cancel(state: _LaneState, tag: str, slot: _Slot) -> None:
+        # The slot counts until the broker confirms the cancel: a delivery already on its
+        # way runs, and the slot is released when that job ends instead.
+        slot.cancelled = True
+        await state.queue.cancel(tag)
+        if not slot.busy:
+            state.slots.pop(tag, None)
 
     async def _grow(self, state: _LaneState) -> None:
         state.starting += 1
