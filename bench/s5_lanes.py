@@ -126,6 +126,13 @@ async def _cleanup(connection: aio_pika.abc.AbstractConnection, names: Names) ->
                 await channel.close()
 
 
+async def _sample_ready(channel: AbstractChannel, queue: str, into: list[int]) -> None:
+    """Ready messages of ``queue`` every 20 ms (interactive jobs not yet delivered)."""
+    while True:
+        into.append((await queue_counts(channel, queue))[0])
+        await asyncio.sleep(0.02)
+
+
 async def _wait_consuming(channel: AbstractChannel, queue: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while (await queue_counts(channel, queue))[1] == 0:
@@ -155,12 +162,15 @@ async def interactive_latency(
         await _wait_consuming(channel, batch)
         await asyncio.sleep(warmup)  # the backlog holds the worker's slots
         published: dict[str, float] = {}
+        ready: list[int] = []
+        sampler = asyncio.create_task(_sample_ready(await connection.channel(), interactive, ready))
         started = time.monotonic()
         for n in range(int(seconds * RATE)):
             await asyncio.sleep(max(0.0, started + n / RATE - time.monotonic()))
             job_id = f"i{n}"
             published[job_id] = time.time()
             await publish(channel, interactive, job_id)
+        sampler.cancel()
         deadline = time.monotonic() + (60 if lanes else 30)
         while time.monotonic() < deadline and not all(j in results.at for j in published):
             await asyncio.sleep(0.1)
@@ -181,6 +191,9 @@ async def interactive_latency(
             "p50": percentile(waits, 50),
             "p99": percentile(waits, 99),
             "upstream_p50": percentile(upstream, 50),
+            # Little's law: jobs waiting in the broker on average / arrival rate = mean wait
+            # there, for a slot of this worker (in one queue, behind the backlog too).
+            "broker_wait_mean": (sum(ready) / len(ready) / RATE) if ready else float("nan"),
             "outside_upstream_p50": percentile(overhead, 50),
             "outside_upstream_p99": percentile(overhead, 99),
             "batch_done": sum(j.startswith("b") for j in results.at),
@@ -246,6 +259,11 @@ async def run_s5(
         ),
         Row(
             "S5 interactive p99, lanes", with_lanes["p99"], unit="s", target=TARGET_P99, upper=True
+        ),
+        Row(
+            "S5 lanes: interactive wait in the broker, mean (Little)",
+            with_lanes["broker_wait_mean"],
+            unit="s",
         ),
         Row(
             "S5 lanes: upstream call as the worker timed it, p50",
