@@ -40,8 +40,9 @@ log = structlog.get_logger(__name__)
 POLL_INTERVAL = 0.05
 #: seconds a lane keeps the slots of its recent peak demand before lending them out
 HOLD = 1.0
-#: slots over its demand a busy lane asks for, so its next job starts without waiting
-HEADROOM = 1
+#: slots over its peak demand a busy lane asks for, so that its next jobs start without
+#: waiting for another lane's job to end: a quarter of the peak, at least one
+HEADROOM_SHARE = 0.25
 
 Handler = Callable[[AbstractIncomingMessage, str], Awaitable[None]]
 
@@ -132,9 +133,13 @@ class _LaneState:
 
     def want(self, now: float) -> int:
         demand = self.in_flight + (0 if self.idle else self.backlog)
-        if demand >= self.peak or now - self.peak_at > HOLD:
+        if demand >= self.peak:
             self.peak, self.peak_at = demand, now
-        return self.peak + HEADROOM if self.peak else 0
+        elif now - self.peak_at > HOLD:
+            # Halve toward the demand, once a HOLD: a lane with a steady trickle keeps its
+            # slots between two jobs, an emptied lane lends them all within a few seconds.
+            self.peak, self.peak_at = max(demand, self.peak // 2), now
+        return self.peak + math.ceil(self.peak * HEADROOM_SHARE) if self.peak else 0
 
 
 class LaneConsumer:
