@@ -131,8 +131,14 @@ class _LaneState:
     def idle(self) -> bool:
         return any(not s.busy and not s.cancelled for s in self.slots.values())
 
-    def want(self, now: float) -> int:
-        demand = self.in_flight + (0 if self.idle else self.backlog)
+    def want(self, now: float, capacity: int) -> int:
+        waiting = 0 if self.idle else self.backlog
+        demand = self.in_flight + waiting
+        if waiting:
+            # Jobs wait in the broker for this lane: it is owed its whole weighted share
+            # now, not one slot per poll; what it does not use goes back once none wait.
+            self.peak, self.peak_at = max(self.peak, demand), now
+            return capacity
         if demand >= self.peak:
             self.peak, self.peak_at = demand, now
         elif now - self.peak_at > HOLD:
@@ -275,7 +281,7 @@ class LaneConsumer:
         targets = plan(
             self.capacity,
             {s.lane.queue: s.lane.weight for s in states},
-            {s.lane.queue: s.want(now) for s in states},
+            {s.lane.queue: s.want(now, self.capacity) for s in states},
         )
         for state in states:
             excess = state.active - targets[state.lane.queue]
@@ -285,11 +291,11 @@ class LaneConsumer:
                 state.shrinking = 0
         for state in states:
             free = self.capacity - sum(s.held for s in states)
-            wanted = targets[state.lane.queue] - state.active
-            for _ in range(min(wanted, free)):
-                if self._stopped:
-                    return
-                await self._grow(state)
+            wanted = min(targets[state.lane.queue] - state.active, free)
+            if wanted > 0 and not self._stopped:
+                # Each consumer is a broker round trip (a Raft command on a quorum queue):
+                # ask for them together.
+                await asyncio.gather(*(self._grow(state) for _ in range(wanted)))
 
     async def _shrink(self, state: _LaneState, count: int) -> None:
         """Cancel idle slots now; leave the rest to the next jobs of the lane that end."""
