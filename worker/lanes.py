@@ -184,10 +184,15 @@ class LaneConsumer:
             await channel.set_qos(prefetch_count=1)
             queue = await channel.get_queue(lane.queue, ensure=False)
             self._lanes[lane.queue] = _LaneState(lane, channel, queue)
+        # Backlogs are read on a channel of their own: the broker answers a channel's
+        # methods in order, so a declare on a lane's channel would hold back its acks, and
+        # with them the next deliveries of a saturated lane.
+        poll = await self.connection.channel(publisher_confirms=False)
+        poll.close_callbacks.add(lambda *_: self.on_lost())
         await self._reconcile()
         self._tasks = [
             asyncio.create_task(self._replan_loop()),
-            asyncio.create_task(self._poll_loop()),
+            asyncio.create_task(self._poll_loop(await poll.get_underlay_channel())),
         ]
 
     async def stop(self, *, cancel_consumers: bool = True) -> None:
@@ -253,7 +258,7 @@ class LaneConsumer:
                 self.on_lost()
                 return
 
-    async def _poll_loop(self) -> None:
+    async def _poll_loop(self, channel: aiormq.abc.AbstractChannel) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             for state in self._lanes.values():
@@ -261,8 +266,7 @@ class LaneConsumer:
                     state.backlog = 0
                     continue
                 try:
-                    underlay = await state.channel.get_underlay_channel()
-                    ok = await underlay.queue_declare(state.lane.queue, passive=True)
+                    ok = await channel.queue_declare(state.lane.queue, passive=True)
                 except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                     log.warning(
                         "could not read a lane's backlog", lane=state.lane.queue, error=repr(exc)
