@@ -113,6 +113,10 @@ class _LaneState:
     backlog: int = 0  # ready messages at the last poll (0 while a slot is idle)
     peak: int = 0
     peak_at: float = 0.0
+    # Kept as the slots change (the plan reads them on every delivery and completion).
+    n_active: int = 0  # slots not cancelled
+    n_idle: int = 0  # ... of those, without a job
+    n_busy: int = 0  # slots with a job, cancelled or not
 
     @property
     def held(self) -> int:
@@ -121,15 +125,43 @@ class _LaneState:
 
     @property
     def active(self) -> int:
-        return self.starting + sum(not s.cancelled for s in self.slots.values())
+        return self.n_active + self.starting
 
     @property
     def in_flight(self) -> int:
-        return sum(s.busy for s in self.slots.values())
+        return self.n_busy
 
     @property
     def idle(self) -> bool:
-        return any(not s.busy and not s.cancelled for s in self.slots.values())
+        return self.n_idle > 0
+
+    def add(self, tag: str) -> _Slot:
+        slot = self.slots[tag] = _Slot()
+        self.n_active += 1
+        self.n_idle += 1
+        return slot
+
+    def deliver(self, tag: str) -> _Slot:
+        slot = self.slots.get(tag) or self.add(tag)  # or: delivered before consume returned
+        slot.busy = True
+        self.n_busy += 1
+        if not slot.cancelled:
+            self.n_idle -= 1
+        return slot
+
+    def finish(self, tag: str, slot: _Slot) -> None:
+        slot.busy = False
+        self.n_busy -= 1
+        if slot.cancelled:
+            self.slots.pop(tag, None)
+        else:
+            self.n_idle += 1
+
+    def mark_cancelled(self, slot: _Slot) -> None:
+        slot.cancelled = True
+        self.n_active -= 1
+        if not slot.busy:
+            self.n_idle -= 1
 
     def want(self, now: float, capacity: int) -> int:
         waiting = 0 if self.idle else self.backlog
@@ -207,7 +239,7 @@ class LaneConsumer:
         for state in self._lanes.values():
             for tag, slot in list(state.slots.items()):
                 if not slot.cancelled:
-                    slot.cancelled = True
+                    state.mark_cancelled(slot)
                     with contextlib.suppress(Exception):
                         await state.queue.cancel(tag)
 
@@ -223,18 +255,13 @@ class LaneConsumer:
 
     async def _on_message(self, state: _LaneState, message: AbstractIncomingMessage) -> None:
         tag = message.consumer_tag or ""
-        slot = state.slots.get(tag)
-        if slot is None:  # delivered before the consume call returned
-            slot = state.slots[tag] = _Slot()
-        slot.busy = True
+        slot = state.deliver(tag)
         self._wake.set()
         try:
             await self.handler(message, state.lane.queue)
         finally:
-            slot.busy = False
-            if slot.cancelled:
-                state.slots.pop(tag, None)
-            elif state.shrinking > 0 and not self._stopped:
+            state.finish(tag, slot)
+            if not slot.cancelled and state.shrinking > 0 and not self._stopped:
                 # The lane gives up whichever slot frees first, not one chosen in advance
                 # (that one's job may have most of its time still to run).
                 state.shrinking -= 1
@@ -312,7 +339,7 @@ class LaneConsumer:
     async def _cancel(state: _LaneState, tag: str, slot: _Slot) -> None:
         # The slot counts until the broker confirms the cancel: a delivery already on its
         # way runs, and the slot is released when that job ends instead.
-        slot.cancelled = True
+        state.mark_cancelled(slot)
         await state.queue.cancel(tag)
         if not slot.busy:
             state.slots.pop(tag, None)
@@ -323,4 +350,5 @@ class LaneConsumer:
             tag = await state.queue.consume(partial(self._on_message, state))
         finally:
             state.starting -= 1
-        state.slots.setdefault(tag, _Slot())
+        if tag not in state.slots:
+            state.add(tag)

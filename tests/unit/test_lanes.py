@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.lanes import plan
+from worker.lanes import _LaneState, plan
+from worker.settings import Lane
 
 WEIGHTS = {"interactive": 4, "batch": 1}
 
@@ -49,3 +50,26 @@ def test_the_plan_fills_the_capacity_and_honours_weights(
     for name in weights:
         # Every lane gets what it wants, or at least its weighted share (rounded down).
         assert given_[name] >= min(wants[name], capacity * weights[name] // total)
+
+
+@given(st.lists(st.tuples(st.sampled_from("adfc"), st.integers(0, 5)), max_size=60))
+def test_slot_counts_kept_as_slots_change_match_a_recount(steps: list[tuple[str, int]]) -> None:
+    state = _LaneState(Lane("q"), channel=None, queue=None)  # type: ignore[arg-type]
+    for action, n in steps:
+        tag = f"c{n}"
+        slot = state.slots.get(tag)
+        if action == "a" and slot is None:
+            state.add(tag)
+        elif action == "d" and (slot is None or not slot.busy):
+            state.deliver(tag)
+        elif action == "f" and slot is not None and slot.busy:
+            state.finish(tag, slot)
+        elif action == "c" and slot is not None and not slot.cancelled:
+            state.mark_cancelled(slot)
+            if not slot.busy:
+                state.slots.pop(tag)  # what the consumer does once the broker confirms
+        slots = state.slots.values()
+        assert state.active == sum(not s.cancelled for s in slots)
+        assert state.in_flight == sum(s.busy for s in slots)
+        assert state.idle == any(not s.busy and not s.cancelled for s in slots)
+        assert state.held == len(state.slots)
