@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import math
 import time
@@ -78,6 +79,14 @@ def plan(capacity: int, weights: Mapping[str, int], wants: Mapping[str, int]) ->
         given[name] += 1
         heapq.heappush(heap, ((given[name] + 0.5) / -negative_weight, negative_weight, name))
     return given
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(
+    capacity: int, weights: tuple[tuple[str, int], ...], wants: tuple[tuple[str, int], ...]
+) -> dict[str, int]:
+    # The plan runs on every delivery and completion; what lanes want changes far less often.
+    return plan(capacity, dict(weights), dict(wants))
 
 
 def _split(
@@ -309,10 +318,10 @@ class LaneConsumer:
             return
         now = time.monotonic()
         states = self._lanes.values()
-        targets = plan(
+        targets = _cached_plan(
             self.capacity,
-            {s.lane.queue: s.lane.weight for s in states},
-            {s.lane.queue: s.want(now, self.capacity) for s in states},
+            tuple((s.lane.queue, s.lane.weight) for s in states),
+            tuple((s.lane.queue, s.want(now, self.capacity)) for s in states),
         )
         for state in states:
             excess = state.active - targets[state.lane.queue]
