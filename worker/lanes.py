@@ -5,14 +5,15 @@ slots as it has consumers on its queue, so a message is delivered only to a slot
 free, runs at once, and never waits in the process for a slot (where another worker might
 have run it sooner). RabbitMQ applies a consumer's prefetch when it starts consuming, and
 quorum queues refuse a channel-wide (global) prefetch, so a lane grows by adding consumers
-and shrinks by cancelling them: an idle one leaves at once, a busy one when its job ends.
+and shrinks by cancelling them: an idle one at once, else whichever busy one finishes first.
 
-Every change of demand re-plans the slots (:func:`plan`): weighted max-min fairness over what
-each lane wants (its jobs in flight plus its backlog, held at its recent peak for a moment
-so that a bursty lane does not give its slots away between two jobs), surplus spread by
-weight. A lane with no free slot learns of its backlog from a passive declare every
-:data:`POLL_INTERVAL`; a lane with an idle slot has no backlog, or the broker would have
-delivered it.
+Every delivery, completion and poll re-plans the slots (:func:`plan`): weighted max-min
+fairness over what each lane wants. A lane with jobs waiting in the broker is owed its
+whole share; otherwise it wants its recent peak of jobs in flight plus some headroom, so a
+lane with a trickle of jobs does not lend its slots out between two jobs. Slots nobody
+wants are spread by weight. A lane with no free slot learns its backlog from a passive
+declare every :data:`POLL_INTERVAL`; a lane with an idle slot has no backlog, or the
+broker would have delivered it.
 """
 
 from __future__ import annotations
