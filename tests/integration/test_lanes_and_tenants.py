@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -17,11 +19,14 @@ import prometheus_client
 import pytest
 from aio_pika.abc import AbstractConnection
 from conftest import Replies, get_one, publish
+from pydantic import SecretStr
 
 from worker.client import ChatClient
 from worker.dlq import list_dead_letters, replay_dead_letters
 from worker.messages import JobResult
+from worker.progress import PlainReporter
 from worker.service import Worker
+from worker.submit import submit_file
 from worker.topology import DELAY_TIERS, delay_queue_name
 
 pytestmark = pytest.mark.integration
@@ -302,3 +307,30 @@ async def test_consuming_resumes_when_a_lane_queue_is_deleted_under_the_worker(
     await publish(connection, slow, job(latency=0), reply_to=replies.name)
     result = JobResult.model_validate_json((await replies.get()).body)
     assert (result.error, result.metadata.lane) == (None, slow)
+
+
+async def test_submit_publishes_to_a_lane_with_the_connection_user_as_tenant(
+    lane_cleanup: None,
+    start_worker: Callable[..., Awaitable[Worker]],
+    lanes: tuple[str, str],
+    broker_user: tuple[str, str],
+    tmp_path: Path,
+) -> None:
+    fast, slow = lanes
+    running = await start_worker(request_queue=f"{fast}:4,{slow}:1", concurrency=4)
+    name, url = broker_user
+    source = tmp_path / "jobs.jsonl"
+    source.write_bytes(b"".join(orjson.dumps(job(n, latency=0)) + b"\n" for n in range(5)))
+    settings = running.settings.model_copy(update={"amqp_url": SecretStr(url)})
+    tally = await submit_file(
+        settings,
+        source,
+        tmp_path / "jobs.out.jsonl",
+        reporter=PlainReporter(io.StringIO()),
+        lane=slow,
+        tenant_from_connection=True,
+    )
+    assert tally.complete and tally.ok == 5
+    registry: prometheus_client.CollectorRegistry = running.telemetry.registry
+    labels = {"lane": slow, "tenant": name, "outcome": "ok"}
+    assert await _sample_value(registry, "chat_worker_jobs_total", labels) == 5
