@@ -223,11 +223,15 @@ def dlq_replay(
     codes: tuple[str, ...], lane: str | None, limit: int | None, everything: bool
 ) -> None:
     """Send dead letters back to their lane's request queue with fresh attempts."""
-    from worker.dlq import replay_dead_letters
+    from worker.dlq import ReplayFailed, replay_dead_letters
 
     if not codes and not everything:
         raise click.UsageError("say which: --code CODE (repeatable) or --all")
     settings = settings_or_exit()
     lane = _lane_or_exit(settings, lane)
-    count = run_async(replay_dead_letters(settings, codes=codes, limit=limit, lane=lane))
+    try:
+        count = run_async(replay_dead_letters(settings, codes=codes, limit=limit, lane=lane))
+    except ReplayFailed as exc:
+        click.echo(f"chat-worker dlq replay: {exc}", err=True)
+        sys.exit(1)
     click.echo(f"replayed {count} dead letters to {lane}")
