@@ -21,11 +21,12 @@ from s1_overhead import run_s1, s1_worker_rate
 from s2_latency import run_s2
 from s3_streaming import LEVELS, QUICK_LEVELS, run_s3
 from s4_scaleout import run_s4
+from s5_lanes import run_s5
 from telemetry import run_telemetry
 from transports import run_transports
 
-SCENARIOS = ("s1", "s2", "s3", "latency", "s4", "telemetry", "transports")
-DEFAULT = "s1,s2,s3,latency,s4,telemetry"
+SCENARIOS = ("s1", "s2", "s3", "latency", "s4", "s5", "telemetry", "transports")
+DEFAULT = "s1,s2,s3,latency,s4,s5,telemetry"
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -57,6 +58,9 @@ async def main(args: argparse.Namespace) -> int:
             section = await run_added_latency(100 if quick else 400, 20 if quick else 40)
         elif name == "s4":
             section = await run_s4(jobs, args.repeat, args.timeout)
+        elif name == "s5":
+            backlog, seconds, window = (3_000, 15.0, 8.0) if quick else (20_000, 60.0, 20.0)
+            section = await run_s5(backlog, seconds, window)
         elif name == "telemetry":
             section = await run_telemetry(jobs, args.repeat, args.timeout)
         else:
