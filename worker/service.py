@@ -471,14 +471,13 @@ class _DeltaSender:
             await self.flush()
         sent = asyncio.ensure_future(self._send(attempt, seq, choices))
         if not self._blocking.blocked:
-            blocked = asyncio.ensure_future(self._blocking.wait_blocked())
             try:
-                await asyncio.wait({sent, blocked}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {sent, self._blocking.next_block()}, return_when=asyncio.FIRST_COMPLETED
+                )
             except BaseException:
                 sent.cancel()
                 raise
-            finally:
-                blocked.cancel()
             if sent.done():
                 sent.result()
                 return
