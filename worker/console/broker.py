@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from worker.console.state import Fleet
 from worker.dlq import DeadLetter, browse, describe, replay_from
 from worker.settings import Settings
-from worker.topology import DELAY_TIERS, delay_queue_name
+from worker.topology import DELAY_TIERS, dead_letter_queue_for, delay_queue_name
 
 __all__ = ["ConsoleBroker", "LaneQueue", "lane_queues"]
 
@@ -54,24 +54,16 @@ class LaneQueue:
 
 def lane_queues(settings: Settings) -> list[LaneQueue]:
     """Every lane's request queue, its delay queues and its dead-letter queue (§12)."""
-    lanes = settings.lanes
     found: list[LaneQueue] = []
-    for lane in lanes:
-        # The topology's own functions name a lane's queues: give them the lane's view.
-        view = settings.model_copy(
-            update={
-                "request_queue": lane.queue,
-                "dead_letter_queue": (
-                    settings.dead_letter_queue if len(lanes) == 1 else f"{lane.queue}.dlq"
-                ),
-            }
-        )
+    for lane in settings.lanes:
         found.append(LaneQueue(lane.queue, "requests", lane.queue))
         found.extend(
-            LaneQueue(lane.queue, "delay", delay_queue_name(view, seconds), seconds)
+            LaneQueue(lane.queue, "delay", delay_queue_name(lane.queue, seconds), seconds)
             for seconds in DELAY_TIERS
         )
-        found.append(LaneQueue(lane.queue, "dead letters", view.dead_letter_queue))
+        found.append(
+            LaneQueue(lane.queue, "dead letters", dead_letter_queue_for(settings, lane.queue))
+        )
     return found
 
 

@@ -118,3 +118,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- else if .Values.console.token }}{{ include "chat-worker.consoleName" . }}
 {{- end }}
 {{- end }}
+
+{{/*
+The lanes' queue names of config.requestQueue ("chat.interactive:4,chat.batch:1"), as a
+JSON array: the weights are the worker's business, the backlogs KEDA's.
+*/}}
+{{- define "chat-worker.laneQueues" -}}
+{{- $queues := list }}
+{{- range splitList "," .Values.config.requestQueue }}
+{{- $queue := regexReplaceAll ":[0-9]+$" (trim .) "" }}
+{{- if $queue }}{{ $queues = append $queues $queue }}{{ end }}
+{{- end }}
+{{- toJson $queues }}
+{{- end }}
