@@ -122,6 +122,7 @@ class Worker:
             self.stats,
             ready=lambda: self.ready,
             in_flight=lambda: self.in_flight,
+            lanes=self.in_flight_by_lane,
         )
 
     @property
