@@ -403,10 +403,8 @@ def _status_error(status: int, headers: Mapping[str, str], content: bytes) -> Jo
     if isinstance(detail, str) and detail:
         message += f": {detail[:300]}"
     kind = error_for_status(status)
-    if status == 429 and isinstance(error, dict) and INSUFFICIENT_QUOTA in (
-        error.get("code"),
-        error.get("type"),
-    ):
+    codes = (error.get("code"), error.get("type")) if isinstance(error, dict) else ()
+    if status == 429 and INSUFFICIENT_QUOTA in codes:
         kind = QuotaExceeded  # the account's credit is spent: no wait brings it back soon
     return kind(
         message,

@@ -580,6 +580,8 @@ async def test_every_answer_is_handed_to_the_gate(closing: list[Upstream], strea
         await (collect(upstream) if stream else upstream.complete(BODY, {}))
     await (collect(upstream) if stream else upstream.complete(BODY, {}))
     assert seen == [(429, "0"), (200, "9")]
+
+
 @pytest.mark.parametrize(
     "body",
     [ERROR_BODY, {"error": "quota", "choices": None}, {"object": "chat.completion"}],
