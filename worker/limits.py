@@ -46,6 +46,7 @@ log = structlog.get_logger(__name__)
 QUOTA_COOLDOWN = 300.0  # contract §11: insufficient_quota cools an upstream for 5 minutes
 CLOSE_BACKOFF = (1.0, 60.0)  # a 429 that says nothing: first close, longest close
 MIN_CLOSE = 0.05
+NOT_A_WAIT = 0.01
 PROBE_WAIT = 0.5  # poll while another call probes a cooled upstream
 # Pacing (see the module docstring).
 TARGET = 0.95  # of the refill rate, for all replicas together: room for jitter in windows
@@ -326,7 +327,9 @@ class Gate:
             self._probing = self._probing and not probe
             self._scouting = False
             return Wait(1.0, self._clock() - started, False)
-        return Permit(tokens, slot, self._clock() - started, probe)
+        waited = self._clock() - started
+        # Below this, the time is the asking itself (a scheduler's tick), not a wait.
+        return Permit(tokens, slot, waited if waited >= NOT_A_WAIT else 0.0, probe)
 
     def _blocked(self, now: float) -> tuple[float | None, bool]:
         """(seconds until a call may go, waiting for quota); None: go as the probe."""
