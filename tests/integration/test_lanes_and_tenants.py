@@ -266,7 +266,8 @@ async def test_a_lane_keeps_its_jobs_delay_queues_and_dead_letters(
     running = await start_worker(request_queue=f"{fast}:4,{slow}:1", concurrency=4)
     # A long Retry-After sends the job round its own lane's delay queue.
     later = job(1, latency=0)
-    later["body"]["mock"] = {"fault": "429", "retry_after": 20, "times": 1, "key": "lane-later"}
+    # (a 503: a 429 now waits for budget inline up to 30 s, contract §11)
+    later["body"]["mock"] = {"fault": "503", "retry_after": 20, "times": 1, "key": "lane-later"}
     await publish(connection, slow, later, message_id="later-1", reply_to=replies.name)
     delayed = await get_one(connection, delay_queue_name(slow, 30))
     assert delayed.message_id == "later-1"
