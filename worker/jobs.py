@@ -31,7 +31,8 @@ from worker.errors import (
     UpstreamTimeout,
 )
 from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
-from worker.settings import Settings
+from worker.pool import Member, UpstreamPool
+from worker.settings import DEFAULT_UPSTREAM, Settings, UpstreamSpec
 from worker.streaming import CompletionAssembler, DeltaStream
 from worker.telemetry import Telemetry
 from worker.topology import H_ATTEMPTS, H_DEADLINE, H_DELIVERY_COUNT, H_REDELIVERIES
@@ -258,11 +259,16 @@ def backoff(attempt: int, retry_after: float | None) -> float:
 
 
 class JobRunner:
-    """Calls the upstream for a :class:`Job`, retrying as contract §6 says."""
+    """Calls the upstreams for a :class:`Job`, retrying and falling back as contract §6 and
+    §11 say: each attempt goes to the pool's choice; a retryable failure moves on to the
+    next candidate at once, and only when every candidate has failed in a row does the job
+    back off (in the process, or through a delay queue)."""
 
-    def __init__(self, settings: Settings, upstream: Upstream, telemetry: Telemetry) -> None:
+    def __init__(
+        self, settings: Settings, upstream: UpstreamPool | Upstream, telemetry: Telemetry
+    ) -> None:
         self.settings = settings
-        self.upstream = upstream
+        self.pool = upstream if isinstance(upstream, UpstreamPool) else _pool_of_one(upstream)
         self.telemetry = telemetry
 
     async def run(self, job: Job, send_delta: SendDelta) -> JobOutcome | Deferral:
@@ -274,34 +280,96 @@ class JobRunner:
                     f"gave up after {attempt} attempts or deliveries without a result"
                 ),
             )
-        body = _stream_body(job.body) if job.stream else orjson.dumps(job.body)
+        try:
+            member = self.pool.choose(job.model)
+        except ModelNotAllowed as unserved:
+            return _failed(unserved, attempt, None)
+        bodies: dict[str, bytes] = {}
+        tried: list[Member] = []
+        last: str | None = None
         while True:
             attempt += 1
             structlog.contextvars.bind_contextvars(attempt=attempt)
-            try:
-                return await self._attempt(job, body, attempt, send_delta)
-            except JobError as exc:
-                if not exc.retryable or attempt >= self.settings.max_attempts:
-                    return _failed(exc, attempt)
-                wait = backoff(attempt, exc.retry_after)
-                self.telemetry.retries.add(1, {"error_code": exc.code.value})
-                log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
-                if wait > INLINE_RETRY_LIMIT:
-                    return Deferral(wait=wait, attempts=attempt, error=exc)
-                await asyncio.sleep(wait)
+            if member is None:
+                exc: JobError = self._all_cooling(job.model)
+            else:
+                last = member.name
+                probe = member.probing
+                try:
+                    outcome = await self._attempt(job, member, bodies, attempt, send_delta)
+                except JobError as error:
+                    self.pool.report(member, error, probe=probe)
+                    exc = error
+                except BaseException:
+                    self.pool.report(member, None, probe=probe, cancelled=True)
+                    raise
+                else:
+                    self.pool.report(member, None, probe=probe)
+                    outcome.upstream = last
+                    return outcome
+            if not exc.retryable or attempt >= self.settings.max_attempts:
+                return _failed(exc, attempt, last)
+            if member is not None:
+                tried.append(member)
+                if (member := self.pool.choose(job.model, tried)) is not None:
+                    self.telemetry.retries.add(
+                        1, {"error_code": exc.code.value, "upstream": tried[-1].name}
+                    )
+                    log.info(
+                        "falling back",
+                        error_code=exc.code.value,
+                        error=exc.message,
+                        upstream=tried[-1].name,
+                        to=member.name,
+                    )
+                    continue
+            wait = backoff(attempt, exc.retry_after)
+            self.telemetry.retries.add(1, {"error_code": exc.code.value, "upstream": last or ""})
+            log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
+            if wait > INLINE_RETRY_LIMIT:
+                return Deferral(wait=wait, attempts=attempt, error=exc)
+            await asyncio.sleep(wait)
+            tried.clear()
+            member = self.pool.choose(job.model)
+
+    def _all_cooling(self, model: str) -> UpstreamError:
+        """The attempt that finds every upstream of ``model`` resting: it waits for the
+        first to come back (counted as an attempt, so a dead provider fails jobs after
+        ``WORKER_MAX_ATTEMPTS`` instead of holding them for ever)."""
+        wait = self.pool.cooling_wait(model)
+        return UpstreamError(
+            f"every upstream of model {model!r} is cooling down",
+            retry_after=wait or None,  # 0: another job is probing; back off as usual
+        )
 
     async def _attempt(
-        self, job: Job, body: bytes, attempt: int, send_delta: SendDelta
+        self,
+        job: Job,
+        member: Member,
+        bodies: dict[str, bytes],
+        attempt: int,
+        send_delta: SendDelta,
     ) -> JobOutcome:
         """One upstream call inside its CLIENT span, recorded in the metrics."""
-        with self.telemetry.upstream_span(self.upstream.url, job.body, attempt) as span:
+        sent_model = member.spec.upstream_model(job.model)
+        body = bodies.get(sent_model)
+        upstream_body = job.body if sent_model == job.model else {**job.body, "model": sent_model}
+        if body is None:
+            dumped = _stream_body(upstream_body) if job.stream else orjson.dumps(upstream_body)
+            body = bodies[sent_model] = dumped
+        client = member.client
+        with self.telemetry.upstream_span(
+            client.url, upstream_body, attempt, upstream=member.name, provider=member.provider
+        ) as span:
             headers = self.telemetry.outgoing_headers()
             started = time.perf_counter()
             try:
                 if job.stream:
-                    outcome = await self._stream_once(job, body, attempt, send_delta, headers)
+                    outcome = await self._stream_once(
+                        client, job, body, attempt, send_delta, headers
+                    )
                 else:
-                    outcome = await self._call_once(body, attempt, headers)
+                    outcome = await self._call_once(client, body, attempt, headers)
             except JobError as exc:
                 self.telemetry.record_attempt(
                     span,
@@ -309,6 +377,8 @@ class JobRunner:
                     seconds=time.perf_counter() - started,
                     body=exc.response,
                     error_type=exc.code.value,
+                    upstream=member.name,
+                    provider=member.provider,
                 )
                 raise
             self.telemetry.record_attempt(
@@ -317,14 +387,18 @@ class JobRunner:
                 seconds=time.perf_counter() - started,
                 body=outcome.body,
                 ttft_seconds=None if outcome.ttft_ms is None else outcome.ttft_ms / 1000,
+                upstream=member.name,
+                provider=member.provider,
             )
             return outcome
 
-    async def _call_once(self, body: bytes, attempt: int, headers: Mapping[str, str]) -> JobOutcome:
+    async def _call_once(
+        self, client: Upstream, body: bytes, attempt: int, headers: Mapping[str, str]
+    ) -> JobOutcome:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.request_timeout):
-                completion = await self.upstream.complete(body, headers)
+                completion = await client.complete(body, headers)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"no answer within WORKER_REQUEST_TIMEOUT ({self.settings.request_timeout:g}s)"
@@ -340,6 +414,7 @@ class JobRunner:
 
     async def _stream_once(
         self,
+        client: Upstream,
         job: Job,
         body: bytes,
         attempt: int,
@@ -362,7 +437,7 @@ class JobRunner:
         try:
             async with asyncio.timeout(idle) as silence:
                 rescheduled = loop.time()
-                chunks = self.upstream.stream(body, headers, meta)
+                chunks = client.stream(body, headers, meta)
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         now = loop.time()
@@ -398,13 +473,22 @@ def _stream_body(body: dict[str, Any]) -> bytes:
     return orjson.dumps({**body, "stream_options": options})
 
 
-def _failed(exc: JobError, attempts: int) -> JobOutcome:
+def _failed(exc: JobError, attempts: int, upstream: str | None) -> JobOutcome:
     return JobOutcome(
         attempts=attempts,
         error=exc,
         status_code=exc.status_code,
         request_id=exc.request_id,
         body=exc.response,
+        upstream=upstream,
+    )
+
+
+def _pool_of_one(client: Upstream) -> UpstreamPool:
+    """A client made elsewhere (tests, benchmarks) as the pool of one ``default``."""
+    base_url = client.url.removesuffix("/chat/completions")
+    return UpstreamPool.single(
+        client, UpstreamSpec(name=DEFAULT_UPSTREAM, base_url=base_url, models=["*"])
     )
 
 

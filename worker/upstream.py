@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import httpx
@@ -24,7 +24,7 @@ from httpx_sse import EventSource, SSEError
 from worker import __version__
 from worker.errors import JobError, UpstreamError, error_for_status
 
-__all__ = ["Completion", "Upstream", "default_transport", "retry_after_seconds"]
+__all__ = ["AuthStyle", "Completion", "Upstream", "default_transport", "retry_after_seconds"]
 
 # Connecting is the one phase the transport times itself: a host that does not answer a
 # SYN should fail fast and be retried, not eat the whole request timeout.
@@ -54,27 +54,41 @@ def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
     return AiohttpTransport(limits=limits)
 
 
+AuthStyle = Literal["bearer", "api-key", "none"]
+
+
 class Upstream:
-    """POSTs chat-completion bodies to ``url`` with the configured bearer key."""
+    """POSTs chat-completion bodies to ``url`` with the configured key, query and headers.
+
+    ``auth``: ``bearer`` sends ``Authorization: Bearer <key>``, ``api-key`` sends
+    ``api-key: <key>`` (Azure OpenAI), ``none`` sends no key. Each instance owns its
+    connection pool, so one slow upstream cannot starve another's connections.
+    """
 
     def __init__(
         self,
         url: str,
         api_key: str | None = None,
         *,
+        auth: AuthStyle = "bearer",
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url
-        headers = {
+        fixed = {
             "content-type": "application/json",
             "accept": "application/json",
             "user-agent": f"chat-worker/{__version__}",
+            **{name.lower(): value for name, value in (headers or {}).items()},
         }
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._headers = headers
-        self._url = httpx.URL(url)
+        if api_key and auth == "bearer":
+            fixed["authorization"] = f"Bearer {api_key}"
+        elif api_key and auth == "api-key":
+            fixed["api-key"] = api_key
+        self._headers = fixed
+        self._url = httpx.URL(url).copy_merge_params(dict(query)) if query else httpx.URL(url)
         self._extensions = {
             "timeout": {"connect": CONNECT_TIMEOUT, "read": None, "write": None, "pool": None}
         }
