@@ -6,10 +6,11 @@ one is drawn at random in proportion to its ``weight``. An upstream is skipped w
 cools down and, when a gate is attached, while its gate has no budget, unless every
 candidate's gate is closed (the job then waits at the best one's gate).
 
-Health (pools of two or more): ``cooldown.failures`` retryable failures (``upstream_error``, ``timeout``) in a
-row cool an upstream for ``cooldown.seconds``; a 429 ``insufficient_quota`` cools it for
-:data:`QUOTA_COOLDOWN`. When the time is up, exactly one job is let through as a probe:
-its success brings the upstream back, its failure cools it again. Any answer that is not a
+Health (pools of two or more): ``cooldown.failures`` retryable failures
+(``upstream_error``, ``timeout``) in a row cool an upstream for ``cooldown.seconds``; a 429
+``insufficient_quota`` cools it for :data:`QUOTA_COOLDOWN`. When the time is up, exactly one
+job is let through as a probe: its success brings the upstream back, its failure cools it
+again. Any answer that is not a
 retryable failure (a 2xx, a 400, a 401, a 429) proves the upstream alive.
 
 This module knows no broker: :mod:`worker.jobs` asks it for a member per attempt and
