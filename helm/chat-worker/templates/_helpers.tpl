@@ -92,3 +92,10 @@ A number as the worker reads it: whole numbers without a decimal point or expone
 {{- define "chat-worker.terminationGracePeriodSeconds" -}}
 {{- add (int64 (ceil .Values.config.shutdownGrace)) .Values.terminationGraceExtraSeconds }}
 {{- end }}
+
+{{/*
+Where the upstreams file is mounted in the container.
+*/}}
+{{- define "chat-worker.upstreamsFile" -}}
+/etc/chat-worker/upstreams.yaml
+{{- end }}
