@@ -361,6 +361,10 @@ def test_result_document_round_trips() -> None:
             "ttft_ms": None,
             "worker": "host/1",
             "finished_at": "2025-11-25T18:00:00Z",
+            "upstream": "openai",
+            "lane": "chat.requests",
+            "tenant": None,
+            "rate_limit_wait_ms": 0.0,
         },
     }
     result = JobResult.model_validate(document)
