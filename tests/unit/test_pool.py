@@ -492,3 +492,46 @@ def test_members_are_told_apart_by_identity() -> None:
     pool = pool_of(spec("a"), spec("b"))
     a, b = pool.members
     assert isinstance(a, Member) and a != b and a in [a] and b not in [a]
+
+
+async def test_spans_carry_the_upstream_its_host_and_provider(pools: list[UpstreamPool]) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.endswith("azure.com"):
+            return httpx.Response(503, json={"error": {"message": "busy"}})
+        return httpx.Response(200, json=COMPLETION)
+
+    azure = spec(
+        "azure",
+        ["gpt-4o-mini"],
+        base_url="https://contoso.openai.azure.com/openai/deployments/mini",
+        model_map={"gpt-4o-mini": "mini-2024"},
+    )
+    openai = spec("openai", base_url="https://api.openai.com/v1", priority=1)
+    pool = pool_of(azure, openai, handler=handler)
+    pools.append(pool)
+    exported = InMemorySpanExporter()
+    telemetry = Telemetry(
+        span_processor=SimpleSpanProcessor(exported),
+        registry=prometheus_client.CollectorRegistry(),
+    )
+    config = Settings(_env_file=None)  # type: ignore[call-arg]
+    outcome = await JobRunner(config, pool, telemetry).run(make_job(), no_deltas)
+    assert isinstance(outcome, JobOutcome) and outcome.upstream == "openai"
+    spans = [dict(span.attributes or {}) for span in exported.get_finished_spans()]
+    assert [
+        (
+            a["chat_worker.upstream"],
+            a["server.address"],
+            a["gen_ai.provider.name"],
+            a["gen_ai.request.model"],
+            a.get("error.type"),
+        )
+        for a in spans
+    ] == [
+        ("azure", "contoso.openai.azure.com", "azure.ai.openai", "mini-2024", "upstream_error"),
+        ("openai", "api.openai.com", "openai", "gpt-4o-mini", None),
+    ]
+    telemetry.shutdown()
