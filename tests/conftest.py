@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -55,6 +56,66 @@ def amqp_url() -> Iterator[str]:
     pytest.exit(
         "no RabbitMQ for the tests: set WORKER_TEST_AMQP_URL, start one on 127.0.0.1:5672 "
         f"(`rabbitmq-server -detached`), or run Docker ({'; '.join(problems)})",
+        returncode=3,
+    )
+
+
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _redis_answers(url: str) -> str | None:
+    """None when a Redis server answers PING at ``url``, else why not."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis: ``WORKER_TEST_REDIS_URL``, the local one on 6379, else a throwaway
+    ``redis-server`` on a free port. With none, the session stops with one line."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    explicit = os.environ.get("WORKER_TEST_REDIS_URL")
+    url = explicit or LOCAL_REDIS
+    problem = _redis_answers(url)
+    if problem is None:
+        yield url
+        return
+    server = None if explicit else shutil.which("redis-server")
+    if server is not None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.TemporaryDirectory() as workdir:
+            process = subprocess.Popen(
+                [server, "--port", str(port), "--save", "", "--dir", workdir],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                url = f"redis://127.0.0.1:{port}/0"
+                for _ in range(100):
+                    if (problem := _redis_answers(url)) is None:
+                        yield url
+                        return
+                    time.sleep(0.05)
+            finally:
+                process.terminate()
+                process.wait(10)
+    pytest.exit(
+        f"no Redis for the tests: set WORKER_TEST_REDIS_URL, start one on 127.0.0.1:6379, or "
+        f"install redis-server ({problem})",
         returncode=3,
     )
 

@@ -115,6 +115,11 @@ def submit(file: Path, output: Path | None, resume: bool, max_in_flight: int) ->
 @click.option("--fault-rate", default=0.0, show_default=True, help="Share of random faults.")
 @click.option("--api-key", default=None, help="Require this bearer key.")
 @click.option("--seed", default=None, type=int, help="Seed for the random faults.")
+@click.option("--rpm", default=None, type=int, help="Organisation budget: requests a minute.")
+@click.option("--tpm", default=None, type=int, help="Organisation budget: tokens a minute.")
+@click.option("--rate-window", default=1.0, show_default=True, help="Seconds limits hold over.")
+@click.option("--retry-after/--no-retry-after", default=True, help="Retry-after on 429s.")
+@click.option("--max-concurrent", default=None, type=int, help="429 past this many at once.")
 def mock_upstream(
     host: str,
     port: int,
@@ -124,8 +129,14 @@ def mock_upstream(
     fault_rate: float,
     api_key: str | None,
     seed: int | None,
+    rpm: int | None,
+    tpm: int | None,
+    rate_window: float,
+    retry_after: bool,
+    max_concurrent: int | None,
 ) -> None:
     """The bundled OpenAI-compatible server, for development, tests and load tests."""
+    from worker.mock_budget import BudgetConfig
     from worker.mock_upstream import MockConfig, serve
 
     config = MockConfig(
@@ -135,6 +146,7 @@ def mock_upstream(
         fault_rate=fault_rate,
         api_key=api_key,
         seed=seed,
+        budget=BudgetConfig(rpm, tpm, rate_window, retry_after, max_concurrent),
     )
     click.echo(f"mock upstream on http://{host}:{port}/v1", err=True)
     serve(config, host, port)

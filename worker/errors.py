@@ -10,8 +10,9 @@ JobError
 │   ├── NotFound                    not_found             (upstream 404)
 │   └── Expired                     expired
 └── RetryableError                  (retried with backoff, then final)
-    ├── RateLimited                 rate_limited          (upstream 429; waits for budget)
-    ├── QuotaExceeded               quota_exceeded        (429 insufficient_quota; waits)
+    ├── BudgetError                 (waits for budget, not an attempt: contract §11)
+    │   ├── RateLimited             rate_limited          (upstream 429)
+    │   └── QuotaExceeded           quota_exceeded        (429 insufficient_quota)
     ├── UpstreamError               upstream_error        (5xx, 408, 409, connection, malformed)
     └── UpstreamTimeout             timeout
 """
@@ -24,6 +25,7 @@ from worker.messages import ErrorCode, ErrorInfo
 
 __all__ = [
     "AuthenticationFailed",
+    "BudgetError",
     "Expired",
     "ForbiddenReplyTo",
     "InvalidMessage",
@@ -104,11 +106,16 @@ class Expired(PermanentError):
     code = ErrorCode.EXPIRED
 
 
-class RateLimited(RetryableError):
+class BudgetError(RetryableError):
+    """The upstream refused the call for budget: the job waits for it (§11), and the
+    refused call does not count toward WORKER_MAX_ATTEMPTS."""
+
+
+class RateLimited(BudgetError):
     code = ErrorCode.RATE_LIMITED
 
 
-class QuotaExceeded(RetryableError):
+class QuotaExceeded(BudgetError):
     code = ErrorCode.QUOTA_EXCEEDED
 
 

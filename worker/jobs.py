@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import time
 import uuid
@@ -21,21 +22,33 @@ import structlog
 from pydantic import ValidationError
 
 from worker.errors import (
+    BudgetError,
     Expired,
     ForbiddenReplyTo,
     InvalidMessage,
     InvalidRequest,
     JobError,
     ModelNotAllowed,
+    QuotaExceeded,
+    RateLimited,
     UpstreamError,
     UpstreamTimeout,
 )
+from worker.limits import Gate, Permit, Wait, estimate_tokens
 from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
 from worker.pool import Member, UpstreamPool
-from worker.settings import DEFAULT_UPSTREAM, Settings, UpstreamSpec
+from worker.quota import ConfiguredLimits
+from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
 from worker.streaming import CompletionAssembler, DeltaStream
 from worker.telemetry import Telemetry
-from worker.topology import H_ATTEMPTS, H_DEADLINE, H_DELIVERY_COUNT, H_REDELIVERIES
+from worker.topology import (
+    DELAY_TIERS,
+    H_ATTEMPTS,
+    H_DEADLINE,
+    H_DELIVERY_COUNT,
+    H_RATE_LIMIT_WAIT,
+    H_REDELIVERIES,
+)
 from worker.upstream import Upstream
 
 __all__ = [
@@ -56,6 +69,9 @@ log = structlog.get_logger(__name__)
 INLINE_RETRY_LIMIT = 5.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 60.0
+# Waiting for rate-limit budget holds the consumer slot up to this long (well inside the
+# broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
+RATE_LIMIT_INLINE_WAIT = 30.0
 
 SendDelta = Callable[[int, int, list[dict[str, Any]]], Awaitable[None]]
 """``send(attempt, seq, choices)``: publish one delta message."""
@@ -75,6 +91,7 @@ class Envelope:
     redeliveries: int
     headers: Mapping[str, Any]
     lane: str | None = None  # the request queue it came from (§12)
+    rate_limit_wait_ms: float = 0.0  # waited for rate-limit budget on earlier deliveries
     tenant: str | None = None  # who the job belongs to (§12)
 
 
@@ -105,6 +122,7 @@ def read_envelope(
         prior_attempts=_prior_attempts(headers, redelivered),
         redeliveries=_redeliveries(headers),
         headers=headers,
+        rate_limit_wait_ms=float(_int(headers.get(H_RATE_LIMIT_WAIT))),
     )
 
 
@@ -247,6 +265,7 @@ class Deferral:
     wait: float
     attempts: int
     error: JobError
+    rate_limit_wait_ms: float = 0.0  # waited for budget so far, the delay included if for it
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -259,59 +278,118 @@ def backoff(attempt: int, retry_after: float | None) -> float:
 
 
 class JobRunner:
-    """Calls the upstreams for a :class:`Job`, retrying and falling back as contract §6 and
-    §11 say: each attempt goes to the pool's choice; a retryable failure moves on to the
-    next candidate at once, and only when every candidate has failed in a row does the job
-    back off (in the process, or through a delay queue)."""
+    """Calls the upstreams for a :class:`Job` as contract §6 and §11 say.
+
+    Each attempt goes to the pool's choice for the job's model (lowest priority with budget,
+    by weight), through that upstream's rate-limit gate. A retryable failure moves on to the
+    next candidate at once; only when every candidate has failed in a row does the job back
+    off (in the process, or through a delay queue). A 429 is no attempt: the job goes to
+    another upstream of its model with budget, or waits for budget at the best one.
+    """
 
     def __init__(
-        self, settings: Settings, upstream: UpstreamPool | Upstream, telemetry: Telemetry
+        self,
+        settings: Settings,
+        upstream: UpstreamPool | Upstream,
+        telemetry: Telemetry,
+        gate: Gate | None = None,
     ) -> None:
         self.settings = settings
-        self.pool = upstream if isinstance(upstream, UpstreamPool) else _pool_of_one(upstream)
         self.telemetry = telemetry
+        if isinstance(upstream, UpstreamPool):
+            self.pool = upstream
+        else:
+            self.pool = _pool_of_one(upstream, settings)
+        for member in self.pool.members:
+            if member.gate is None:
+                member.gate = gate if gate is not None else gate_for(settings, member.spec)
+            member.client.on_answer = member.gate.observe
+            telemetry.watch_gate(member.gate)
+
+    @property
+    def gate(self) -> Gate:
+        """The first upstream's gate (the only one of a pool of one)."""
+        return _gate_of(self.pool.members[0])
+
+    async def aclose(self) -> None:
+        for member in self.pool.members:
+            await _gate_of(member).aclose()
 
     async def run(self, job: Job, send_delta: SendDelta) -> JobOutcome | Deferral:
         attempt = job.envelope.prior_attempts
+        waited = job.envelope.rate_limit_wait_ms / 1000  # seconds, across deliveries
         if attempt >= self.settings.max_attempts:
-            return JobOutcome(
-                attempts=attempt,
-                error=UpstreamError(
-                    f"gave up after {attempt} attempts or deliveries without a result"
-                ),
+            error = UpstreamError(
+                f"gave up after {attempt} attempts or deliveries without a result"
             )
+            return self._finish(_failed(error, attempt), waited, None)
         try:
-            member = self.pool.choose(job.model)
+            member, probe = self._choose(job.model)
         except ModelNotAllowed as unserved:
-            return _failed(unserved, attempt, None)
+            return self._finish(_failed(unserved, attempt), waited, None)
+        tokens = estimate_tokens(job.body)
         bodies: dict[str, bytes] = {}
-        tried: list[Member] = []
-        last: str | None = None
+        tried: list[Member] = []  # failed in a row since the last backoff
+        last: str | None = None  # the upstream of the last attempt
+        refused: JobError | None = None  # the last 429, for the result if waiting fails
         while True:
-            attempt += 1
-            structlog.contextvars.bind_contextvars(attempt=attempt)
             if member is None:
+                attempt += 1
                 exc: JobError = self._all_cooling(job.model)
             else:
+                gate = _gate_of(member)
+                left = self._wait_left(job, waited)
+                admitted = await gate.admit(tokens, limit=min(RATE_LIMIT_INLINE_WAIT, left))
+                if admitted.waited > 0:
+                    self.telemetry.rate_limit_wait.record(admitted.waited, {"upstream": gate.name})
+                waited += admitted.waited
+                if isinstance(admitted, Wait):
+                    # No budget here soon: another upstream of the model may have some.
+                    self.pool.report(member, None, probe=probe, cancelled=True)
+                    closed = member
+                    member, probe = self._choose(job.model, [*tried, closed], ready=True)
+                    if member is not None:
+                        log.info("upstream has no budget", upstream=closed.name, to=member.name)
+                        continue
+                    return self._wait_longer(job, admitted, waited, attempt, refused, last)
+                attempt += 1
+                structlog.contextvars.bind_contextvars(attempt=attempt)
                 last = member.name
-                probe = member.probing
+                used: int | None = None
+                quota_spent = False
                 try:
                     outcome = await self._attempt(job, member, bodies, attempt, send_delta)
+                    used = _total_tokens(outcome.usage)
+                    self.pool.report(member, None, probe=probe)
+                    return self._finish(outcome, waited, last)
+                except BudgetError as budget:
+                    # A call refused for budget is not an attempt (§11): the job goes to an
+                    # upstream with budget, or waits, bounded by WORKER_RATE_LIMIT_MAX_WAIT.
+                    attempt -= 1
+                    refused = budget
+                    quota_spent = isinstance(budget, QuotaExceeded)
+                    if quota_spent:
+                        gate.cool()
+                    self.pool.report(member, budget, probe=probe)
+                    self.telemetry.rate_limited.add(
+                        1, {"upstream": gate.name, "error_code": budget.code.value}
+                    )
+                    member, probe = self._choose(job.model)
+                    continue
                 except JobError as error:
                     self.pool.report(member, error, probe=probe)
                     exc = error
                 except BaseException:
                     self.pool.report(member, None, probe=probe, cancelled=True)
                     raise
-                else:
-                    self.pool.report(member, None, probe=probe)
-                    outcome.upstream = last
-                    return outcome
+                finally:
+                    await _release(gate, admitted, used, quota_spent)
             if not exc.retryable or attempt >= self.settings.max_attempts:
-                return _failed(exc, attempt, last)
+                return self._finish(_failed(exc, attempt), waited, last)
             if member is not None:
                 tried.append(member)
-                if (member := self.pool.choose(job.model, tried)) is not None:
+                member, probe = self._choose(job.model, tried)
+                if member is not None:
                     self.telemetry.retries.add(
                         1, {"error_code": exc.code.value, "upstream": tried[-1].name}
                     )
@@ -327,10 +405,20 @@ class JobRunner:
             self.telemetry.retries.add(1, {"error_code": exc.code.value, "upstream": last or ""})
             log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
             if wait > INLINE_RETRY_LIMIT:
-                return Deferral(wait=wait, attempts=attempt, error=exc)
+                return Deferral(
+                    wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000
+                )
             await asyncio.sleep(wait)
             tried.clear()
-            member = self.pool.choose(job.model)
+            member, probe = self._choose(job.model)
+
+    def _choose(
+        self, model: str, exclude: list[Member] | None = None, *, ready: bool = False
+    ) -> tuple[Member | None, bool]:
+        """The pool's choice, and whether this job is its probe (read at once: another job
+        cannot take a member that is being probed, so the flag is this job's)."""
+        member = self.pool.choose(model, exclude or (), ready=ready)
+        return member, member is not None and member.probing
 
     def _all_cooling(self, model: str) -> UpstreamError:
         """The attempt that finds every upstream of ``model`` resting: it waits for the
@@ -341,6 +429,57 @@ class JobRunner:
             f"every upstream of model {model!r} is cooling down",
             retry_after=wait or None,  # 0: another job is probing; back off as usual
         )
+
+    def _wait_left(self, job: Job, waited: float) -> float:
+        """Seconds the job may still wait for budget: WORKER_RATE_LIMIT_MAX_WAIT, x-deadline."""
+        left = self.settings.rate_limit_max_wait - waited
+        if job.envelope.deadline is not None:
+            left = min(left, (job.envelope.deadline - datetime.now(UTC)).total_seconds())
+        return max(left, 0.0)
+
+    def _wait_longer(
+        self,
+        job: Job,
+        wait: Wait,
+        waited: float,
+        attempt: int,
+        refused: JobError | None,
+        upstream: str | None,
+    ) -> JobOutcome | Deferral:
+        """Budget is further away than the job may wait here: fail it, or send it round a
+        delay queue (a new message: no failed delivery is counted, no slot is held)."""
+        if wait.seconds > self._wait_left(job, waited):
+            if job.envelope.deadline is not None and (
+                self.settings.rate_limit_max_wait - waited > self._wait_left(job, waited)
+            ):
+                bound = f"before x-deadline {job.envelope.deadline.isoformat()}"
+            else:
+                limit = self.settings.rate_limit_max_wait
+                bound = f"within WORKER_RATE_LIMIT_MAX_WAIT ({limit:g}s)"
+            kind: type[JobError] = QuotaExceeded if wait.quota else RateLimited
+            what = "the upstream's quota to return" if wait.quota else "rate-limit budget"
+            error = kind(
+                f"waited {waited:.1f}s for {what}; none expected {bound}",
+                status_code=refused.status_code if refused else None,
+                response=refused.response if refused else None,
+                request_id=refused.request_id if refused else None,
+            )
+            log.info("gave up waiting for budget", error_code=error.code.value, waited_s=waited)
+            return self._finish(_failed(error, attempt), waited, upstream)
+        # The longest delay tier that does not overshoot: back in time to take the budget.
+        tier = max((t for t in DELAY_TIERS if t <= wait.seconds), default=DELAY_TIERS[0])
+        return Deferral(
+            wait=float(tier),
+            attempts=attempt,
+            error=RateLimited(f"waiting {wait.seconds:.1f}s for rate-limit budget"),
+            rate_limit_wait_ms=(waited + tier) * 1000,
+        )
+
+    @staticmethod
+    def _finish(outcome: JobOutcome, waited: float, upstream: str | None) -> JobOutcome:
+        outcome.upstream = upstream
+        outcome.rate_limit_wait_ms = round(waited * 1000, 1)
+        return outcome
 
     async def _attempt(
         self,
@@ -473,23 +612,64 @@ def _stream_body(body: dict[str, Any]) -> bytes:
     return orjson.dumps({**body, "stream_options": options})
 
 
-def _failed(exc: JobError, attempts: int, upstream: str | None) -> JobOutcome:
+def _failed(exc: JobError, attempts: int) -> JobOutcome:
     return JobOutcome(
         attempts=attempts,
         error=exc,
         status_code=exc.status_code,
         request_id=exc.request_id,
         body=exc.response,
-        upstream=upstream,
     )
 
 
-def _pool_of_one(client: Upstream) -> UpstreamPool:
-    """A client made elsewhere (tests, benchmarks) as the pool of one ``default``."""
-    base_url = client.url.removesuffix("/chat/completions")
-    return UpstreamPool.single(
-        client, UpstreamSpec(name=DEFAULT_UPSTREAM, base_url=base_url, models=["*"])
+def _pool_of_one(client: Upstream, settings: Settings) -> UpstreamPool:
+    """A client made elsewhere (tests, benchmarks) as the pool of one ``default``, with the
+    limits of the ``WORKER_UPSTREAM_*`` variables."""
+    spec = UpstreamSpec(
+        name=DEFAULT_UPSTREAM,
+        base_url=client.url.removesuffix("/chat/completions"),
+        models=["*"],
+        limits=LimitsSpec(
+            rpm=settings.upstream_rpm,
+            tpm=settings.upstream_tpm,
+            max_concurrency=settings.upstream_max_concurrency,
+        ),
     )
+    return UpstreamPool.single(client, spec)
+
+
+def gate_for(settings: Settings, spec: UpstreamSpec) -> Gate:
+    """The rate-limit gate of one upstream, with its configured limits (local, or shared in
+    Redis by replicas that call the same endpoint under the same name)."""
+    limits = ConfiguredLimits(spec.limits.rpm, spec.limits.tpm, spec.limits.max_concurrency)
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+    lease = max(settings.request_timeout, settings.stream_idle_timeout)
+    query = "&".join(f"{k}={v}" for k, v in sorted(spec.query.items()))
+    url = f"{spec.url}?{query}" if query else spec.url
+    endpoint = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Gate.from_limits(
+        spec.name,
+        limits,
+        redis_url=redis_url,
+        shared_as=f"{spec.name}:{endpoint}",
+        lease_seconds=lease,
+    )
+
+
+def _gate_of(member: Member) -> Gate:
+    if member.gate is None:  # every member gets one in JobRunner.__init__
+        raise RuntimeError(f"upstream {member.name!r} has no gate")
+    return member.gate
+
+
+async def _release(gate: Gate, permit: Permit, used: int | None, quota_spent: bool) -> None:
+    # Shielded: a cancelled job must still give back a shared concurrency slot.
+    await asyncio.shield(gate.release(permit, used_tokens=used, quota_spent=quota_spent))
+
+
+def _total_tokens(usage: dict[str, Any] | None) -> int | None:
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) else None
 
 
 def _ms_since(started: float) -> float:

@@ -18,13 +18,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from worker.mock_budget import BudgetConfig, OrgBudget
+
 __all__ = ["MockConfig", "MockStats", "MockUpstream", "RecordedRequest", "serve"]
 
 _STATUS_FAULTS = frozenset(
     ("400", "401", "403", "404", "408", "409", "422", "429", "500", "502", "503")
 )
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-_OTHER_FAULTS = ("stall", "malformed", "error_event", "disconnect", "no_done", "no_finish_reason")
+_QUOTA_FAULT = "insufficient_quota"  # a 429 whose code says the account's credit is spent
+_OTHER_FAULTS = (
+    _QUOTA_FAULT, "stall", "malformed", "error_event", "disconnect", "no_done", "no_finish_reason"
+)  # fmt: skip
 _FAULTS = _STATUS_FAULTS.union(_OTHER_FAULTS)
 _RANDOM_FAULTS = ("429", "500", "503", "stall", "malformed", "error_event", "disconnect")
 # A random stall must not pin a soak test's connections for the default hour.
@@ -52,6 +57,8 @@ class MockConfig:
     api_key: str | None = None
     seed: int | None = None
     record: bool = True
+    # An organisation-wide rate-limit budget (off by default).
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         if unknown := set(self.random_faults) - _FAULTS:
@@ -122,6 +129,7 @@ class MockUpstream:
         self.stats = MockStats()
         self._auth = None if self.config.api_key is None else f"Bearer {self.config.api_key}"
         self._rng = random.Random(self.config.seed)
+        self.budget = OrgBudget(self.config.budget) if self.config.budget.enabled else None
         self._times: dict[str, int] = {}
         self._counter = 0
         self._runner: web.AppRunner | None = None
@@ -222,7 +230,32 @@ class MockUpstream:
             return _error(400, str(exc), code, param, headers)
         if plan.fault is not None:
             self.stats.faults[plan.fault] += 1
+        if self.budget is None:
+            return await self._answer(request, body, plan, opts, headers)
+        verdict = self.budget.admit(body)
+        headers.update(verdict.headers)
+        if verdict.refused is not None:
+            self.stats.faults["rate_limit"] += 1
+            return _error(
+                429, verdict.message, "rate_limit_exceeded", None, headers, verdict.refused
+            )
+        try:
+            return await self._answer(request, body, plan, opts, headers)
+        finally:
+            self.budget.done()
+
+    async def _answer(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        plan: _Plan,
+        opts: dict[str, Any],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
         stream = body.get("stream") is True
+        if plan.fault == _QUOTA_FAULT:
+            message = "You exceeded your current quota, please check your plan and billing."
+            return _error(429, message, _QUOTA_FAULT, None, headers, _QUOTA_FAULT)
         if plan.fault in _STATUS_FAULTS or (plan.fault == "error_event" and not stream):
             return await _status_fault(plan, opts, headers)
         base = {

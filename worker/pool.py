@@ -7,11 +7,12 @@ cools down and, when a gate is attached, while its gate has no budget, unless ev
 candidate's gate is closed (the job then waits at the best one's gate).
 
 Health (pools of two or more): ``cooldown.failures`` retryable failures
-(``upstream_error``, ``timeout``) in a row cool an upstream for ``cooldown.seconds``; a 429
-``insufficient_quota`` cools it for :data:`QUOTA_COOLDOWN`. When the time is up, exactly one
-job is let through as a probe: its success brings the upstream back, its failure cools it
-again. Any answer that is not a
-retryable failure (a 2xx, a 400, a 401, a 429) proves the upstream alive.
+(``upstream_error``, ``timeout``) in a row cool an upstream for ``cooldown.seconds``. When
+the time is up, exactly one job is let through as a probe: its success brings the upstream
+back, its failure cools it again. Any answer that is not a retryable failure (a 2xx, a
+400, a 401, a 429) proves the upstream alive. Budget is the gate's business
+(:mod:`worker.limits`): a 429 closes the gate, ``insufficient_quota`` cools the gate, and
+routing skips an upstream whose gate is not open.
 
 This module knows no broker: :mod:`worker.jobs` asks it for a member per attempt and
 reports how the attempt ended.
@@ -26,21 +27,20 @@ import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import structlog
 
-from worker.errors import JobError, ModelNotAllowed, QuotaExceeded, UpstreamError, UpstreamTimeout
+from worker.errors import JobError, ModelNotAllowed, UpstreamError, UpstreamTimeout
+from worker.limits import Gate
 from worker.settings import UpstreamSpec
 from worker.upstream import Upstream
 
 __all__ = [
-    "QUOTA_COOLDOWN",
     "CheckRow",
-    "Gate",
     "Member",
     "UpstreamPool",
     "check_upstreams",
@@ -48,8 +48,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-QUOTA_COOLDOWN = 300.0  # §11: a spent quota rests an upstream for 5 minutes
 
 Clock = Callable[[], float]
 MemberState = Literal["open", "cooling", "probing"]
@@ -79,6 +77,11 @@ _PROVIDERS_SUFFIX = (
 DEFAULT_PROVIDER = "openai"
 
 
+def _has_budget(member: Member) -> bool:
+    """True when the member's gate would let a call through now (or it has none)."""
+    return member.gate is None or member.gate.state == "open"
+
+
 def provider_for_host(host: str | None) -> str:
     """``gen_ai.provider.name`` for an upstream host, where the host says it."""
     host = (host or "").lower()
@@ -88,14 +91,6 @@ def provider_for_host(host: str | None) -> str:
         if host.endswith(suffix) and (suffix != ".amazonaws.com" or "bedrock" in host):
             return provider
     return DEFAULT_PROVIDER
-
-
-class Gate(Protocol):
-    """What routing asks of an upstream's rate-limit gate (:mod:`worker.limits`)."""
-
-    def has_budget(self) -> bool:
-        """True when a call could go now without waiting for budget."""
-        ...
 
 
 @dataclass(eq=False, slots=True)
@@ -127,9 +122,12 @@ class _Route:
 
     tiers: list[list[Member]]
     cumulative: list[list[float]] = field(default_factory=list)
+    alone: Member | None = None  # the only member, when there is one
 
     def __post_init__(self) -> None:
         self.cumulative = [list(itertools.accumulate(m.spec.weight for m in t)) for t in self.tiers]
+        if len(self.tiers) == 1 and len(self.tiers[0]) == 1:
+            self.alone = self.tiers[0][0]
 
 
 class UpstreamPool:
@@ -212,33 +210,32 @@ class UpstreamPool:
             route = self._routes[model] = _Route(tiers)
         return route
 
-    def choose(self, model: str, exclude: Collection[Member] = ()) -> Member | None:
+    def choose(
+        self, model: str, exclude: Collection[Member] = (), *, ready: bool = False
+    ) -> Member | None:
         """The member for the next attempt at ``model``, or None when every one not in
         ``exclude`` is cooling down (or probed by another job).
 
-        Preference: lowest priority with budget, by weight among equals; when no candidate
-        has budget, the best one whose gate is closed (the caller waits at its gate).
-        Choosing a member whose cooldown is over makes this job its probe.
+        Preference: lowest priority whose gate is open, by weight among equals; when no
+        candidate's gate is open, the best one whose gate is not (the caller waits at it),
+        unless ``ready``. Choosing a member whose cooldown is over makes this job its probe.
         """
         route = self.route(model)
         now = self._clock()
+        if route.alone is not None and not exclude:  # a pool of one: nothing to weigh
+            member = route.alone
+            if ready and not _has_budget(member):
+                return None
+            return self._take(member) if self._usable(member, now) else None
         fallback: Member | None = None
         for tier, cumulative in zip(route.tiers, route.cumulative, strict=True):
-            if len(tier) == 1:
-                member = tier[0]
-                if member in exclude or not self._usable(member, now):
-                    continue
-                if member.gate is None or member.gate.has_budget():
-                    return self._take(member, now)
-                fallback = fallback or member
-                continue
             usable = [m for m in tier if m not in exclude and self._usable(m, now)]
-            ready = [m for m in usable if m.gate is None or m.gate.has_budget()]
-            if ready:
-                return self._take(self._draw(ready, tier, cumulative), now)
+            ready_now = [m for m in usable if _has_budget(m)]
+            if ready_now:
+                return self._take(self._draw(ready_now, tier, cumulative))
             if usable and fallback is None:
                 fallback = self._draw(usable, tier, cumulative)
-        return None if fallback is None else self._take(fallback, now)
+        return None if fallback is None or ready else self._take(fallback)
 
     def _draw(self, among: list[Member], tier: list[Member], cumulative: list[float]) -> Member:
         """A weighted draw among ``among`` (a subset of ``tier``)."""
@@ -255,7 +252,7 @@ class UpstreamPool:
             return True
         return not member.probing and now >= member.cooling_until
 
-    def _take(self, member: Member, now: float) -> Member:
+    def _take(self, member: Member) -> Member:
         if member.cooling_until is not None:
             member.probing = True
             log.info("upstream probe", upstream=member.name)
@@ -287,12 +284,9 @@ class UpstreamPool:
             if probe:
                 member.probing = False
             return
-        if isinstance(error, QuotaExceeded | UpstreamError | UpstreamTimeout):
+        if isinstance(error, UpstreamError | UpstreamTimeout):
             if member.cooling_until is not None and not probe:
                 return  # a call that began before the cooldown: already counted
-            if isinstance(error, QuotaExceeded):
-                self._cool(member, QUOTA_COOLDOWN, error.code.value)
-                return
             member.failures += 1
             if probe or member.failures >= member.spec.cooldown.failures:
                 self._cool(member, member.spec.cooldown.seconds, error.code.value)

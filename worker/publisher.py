@@ -27,6 +27,7 @@ from worker.topology import (
     H_ERROR_CODE,
     H_ERROR_MESSAGE,
     H_JOB_ID,
+    H_RATE_LIMIT_WAIT,
     H_REDELIVERIES,
     H_STATUS,
     H_USAGE_COMPLETION,
@@ -256,6 +257,8 @@ class Publisher:
         tier = delay_tier(deferral.wait)
         headers = _carried_headers(message)
         headers[H_ATTEMPTS] = deferral.attempts
+        if deferral.rate_limit_wait_ms:
+            headers[H_RATE_LIMIT_WAIT] = round(deferral.rate_limit_wait_ms)
         await self._send_copy(message, envelope, headers, delay_queue_name(self._settings, tier))
         return tier
 

@@ -126,6 +126,7 @@ class Worker:
                 await self._serve(connection)
         finally:
             await self.upstreams.aclose()
+            await self.runner.aclose()
         log.info("worker stopped")
 
     def _check_deadline(self, problem: object) -> None:

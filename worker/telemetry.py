@@ -210,6 +210,28 @@ class Telemetry:
         self.dead_lettered = meter.create_counter(
             "chat_worker.dead_lettered", unit="{job}", description="Requests dead-lettered"
         )
+        # §11 rate limits: gates are read at scrape time (see watch_gate).
+        self._gates: list[Any] = []
+        meter.create_observable_gauge(
+            "chat_worker.upstream.state",
+            callbacks=[self._observe_gate_states],
+            description="1 for each upstream's current gate state (open, closed, cooling)",
+        )
+        meter.create_observable_gauge(
+            "chat_worker.upstream.budget.remaining",
+            callbacks=[self._observe_budgets],
+            description="Rate-limit budget the upstream last reported as remaining",
+        )
+        self.rate_limit_wait = meter.create_histogram(
+            "chat_worker.rate_limit.wait.duration",
+            unit="s",
+            description="Time a job waited for rate-limit budget, per delivery",
+        )
+        self.rate_limited = meter.create_counter(
+            "chat_worker.upstream.rate_limited",
+            unit="{answer}",
+            description="429 answers received, by upstream and error code",
+        )
 
     @property
     def recording(self) -> bool:
@@ -219,6 +241,24 @@ class Telemetry:
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from ``count`` at scrape time (free on the hot path)."""
         self._in_flight = count
+
+    def watch_gate(self, gate: Any) -> None:
+        """Report a :class:`worker.limits.Gate`'s state and budget at scrape time."""
+        self._gates.append(gate)
+
+    def _observe_gate_states(self, _: Any) -> list[Observation]:
+        return [
+            Observation(int(gate.state == state), {"upstream": gate.name, "state": state})
+            for gate in self._gates
+            for state in ("open", "closed", "cooling")
+        ]
+
+    def _observe_budgets(self, _: Any) -> list[Observation]:
+        return [
+            Observation(value, {"upstream": gate.name, "kind": kind})
+            for gate in self._gates
+            for kind, value in gate.remaining().items()
+        ]
 
     def shutdown(self) -> None:
         if self._tracer_provider is not None:

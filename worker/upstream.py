@@ -11,7 +11,7 @@ import contextlib
 import email.utils
 import math
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,7 +22,7 @@ from httpx_aiohttp import AiohttpTransport
 from httpx_sse import EventSource, SSEError
 
 from worker import __version__
-from worker.errors import JobError, UpstreamError, error_for_status
+from worker.errors import JobError, QuotaExceeded, UpstreamError, error_for_status
 
 __all__ = ["AuthStyle", "Completion", "Upstream", "default_transport", "retry_after_seconds"]
 
@@ -34,6 +34,7 @@ CONNECT_TIMEOUT = 10.0
 # errors to httpx ones but lets others through (a bad status line or chunk size raises
 # aiohttp's ClientResponseError): every one is an upstream_error, to retry.
 TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
+INSUFFICIENT_QUOTA = "insufficient_quota"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,8 @@ class Upstream:
         # Requests go straight to the transport: an AsyncClient's cookie jar, redirects,
         # auth flow and URL merging cost about a tenth of a job's CPU and do nothing here.
         self._transport = transport or default_transport(max_connections)
+        #: told every answer's status and headers as they arrive (a rate-limit gate reads them)
+        self.on_answer: Callable[[int, Mapping[str, str]], None] | None = None
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -118,6 +121,8 @@ class Upstream:
                 await response.aclose()
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+        if self.on_answer is not None:
+            self.on_answer(response.status_code, response.headers)
         request_id = response.headers.get("x-request-id")
         if response.status_code >= 300:
             raise _status_error(response)
@@ -145,6 +150,8 @@ class Upstream:
             async with contextlib.aclosing(response):
                 meta["status_code"] = response.status_code
                 meta["request_id"] = response.headers.get("x-request-id")
+                if self.on_answer is not None:
+                    self.on_answer(response.status_code, response.headers)
                 if response.status_code >= 300:
                     await response.aread()
                     raise _status_error(response)
@@ -228,7 +235,18 @@ def _status_error(response: httpx.Response) -> JobError:
     message = f"upstream answered {response.status_code}"
     if isinstance(detail, str) and detail:
         message += f": {detail[:300]}"
-    return error_for_status(response.status_code)(
+    kind = error_for_status(response.status_code)
+    if (
+        response.status_code == 429
+        and isinstance(error, dict)
+        and INSUFFICIENT_QUOTA
+        in (
+            error.get("code"),
+            error.get("type"),
+        )
+    ):
+        kind = QuotaExceeded  # the account's credit is spent: no wait brings it back soon
+    return kind(
         message,
         status_code=response.status_code,
         response=body if isinstance(body, dict) else None,

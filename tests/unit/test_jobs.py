@@ -37,9 +37,11 @@ from worker.jobs import (
     decode_job,
     read_envelope,
 )
+from worker.limits import Gate
 from worker.messages import ErrorCode
 from worker.settings import Settings
 from worker.telemetry import Telemetry
+from worker.topology import H_RATE_LIMIT_WAIT
 from worker.upstream import Upstream
 
 BASE_URL = "http://upstream.test/v1"
@@ -410,6 +412,21 @@ def chunk(content: str | None = None, finish_reason: str | None = None) -> dict[
 USAGE_CHUNK = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}
 
 
+class FakeClock:
+    """The gate's clock: its waits are recorded and pass at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        self.now += seconds
+
+
 class Upstreams:
     """A scripted upstream: one answer per call, the last one repeated."""
 
@@ -417,6 +434,7 @@ class Upstreams:
         self.telemetry = telemetry
         self.requests: list[httpx.Request] = []
         self._opened: list[Upstream] = []
+        self.clock = FakeClock()
 
     def runner(self, *answers: Answer, **settings: Any) -> JobRunner:
         script = list(answers)
@@ -429,7 +447,16 @@ class Upstreams:
         config = make_settings(**settings)
         upstream = Upstream(config.upstream_url, "sk-test", transport=httpx.MockTransport(handle))
         self._opened.append(upstream)
-        return JobRunner(config, upstream, self.telemetry)
+        gate = Gate("default", clock=self.clock.time, sleep=self.clock.sleep)
+        return JobRunner(config, upstream, self.telemetry, gate)
+
+    def counter(self, name: str, **labels: str) -> float:
+        return sum(
+            sample.value
+            for metric in self.telemetry.registry.collect()
+            for sample in metric.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     def retries(self, code: str) -> float:
         """The ``chat_worker.retries`` counter for ``code``, as ``/metrics`` shows it."""
@@ -577,33 +604,99 @@ async def test_max_attempts_setting(upstreams: Upstreams, sleeps: list[float]) -
 
 
 async def test_long_retry_after_defers(upstreams: Upstreams, sleeps: list[float]) -> None:
-    runner = upstreams.runner(respond(429, ERROR_BODY, **{"Retry-After": "30"}))
+    runner = upstreams.runner(respond(429, ERROR_BODY, **{"Retry-After": "150"}))
     outcome = await run(runner, make_job())
     assert isinstance(outcome, Deferral)
-    assert outcome.wait >= 30
-    assert outcome.attempts == 1
+    # The longest delay tier that does not overshoot the budget's return.
+    assert outcome.wait == 120
+    assert outcome.attempts == 0  # a call refused for budget is not an attempt (§11)
     assert isinstance(outcome.error, RateLimited)
+    assert outcome.rate_limit_wait_ms == 120_000  # carried to the next delivery
     assert len(upstreams.requests) == 1
-    assert sleeps == []
-    assert upstreams.retries("rate_limited") == 1
+    assert sleeps == [] and upstreams.clock.slept == []
+    assert (
+        upstreams.counter("chat_worker_upstream_rate_limited_total", error_code="rate_limited") == 1
+    )
 
 
 async def test_short_retry_after_waits_inline(upstreams: Upstreams, sleeps: list[float]) -> None:
     runner = upstreams.runner(respond(429, ERROR_BODY, **{"retry-after-ms": "1200"}), respond())
     outcome = await run(runner, make_job())
     assert isinstance(outcome, JobOutcome)
-    assert outcome.ok and outcome.attempts == 2
-    assert sleeps == [1.2]
+    assert outcome.ok and outcome.attempts == 1
+    assert outcome.rate_limit_wait_ms == 1200 and outcome.upstream == "default"
+    assert upstreams.clock.slept == [1.2]
+    assert sleeps == []
 
 
-async def test_rate_limited_on_every_attempt(upstreams: Upstreams, sleeps: list[float]) -> None:
-    runner = upstreams.runner(respond(429, ERROR_BODY, **{"retry-after": "0"}), max_attempts=3)
+async def test_rate_limited_until_max_wait(upstreams: Upstreams, sleeps: list[float]) -> None:
+    runner = upstreams.runner(
+        respond(429, ERROR_BODY, **{"retry-after": "0.25"}), max_attempts=3, rate_limit_max_wait=2
+    )
     outcome = await run(runner, make_job())
     assert isinstance(outcome, JobOutcome)
     assert outcome.error is not None
     assert outcome.error.code is ErrorCode.RATE_LIMITED
-    assert outcome.attempts == 3
-    assert sleeps == [0.0, 0.0]
+    assert "WORKER_RATE_LIMIT_MAX_WAIT" in outcome.error.message
+    assert (outcome.status_code, outcome.body) == (429, ERROR_BODY)
+    # A call at 0 s and one every 0.25 s up to 2 s; none counts toward max_attempts.
+    assert outcome.attempts == 0
+    assert len(upstreams.requests) == 9
+    assert outcome.rate_limit_wait_ms == 2000
+    assert sleeps == []
+
+
+async def test_wait_past_max_wait_fails_at_once(upstreams: Upstreams, sleeps: list[float]) -> None:
+    runner = upstreams.runner(respond(429, ERROR_BODY, **{"retry-after": "10"}))
+    job = make_job(headers={H_RATE_LIMIT_WAIT: 3_595_000})  # 3595 s waited before
+    outcome = await run(runner, job)
+    assert isinstance(outcome, JobOutcome)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.RATE_LIMITED
+    assert outcome.rate_limit_wait_ms == 3_595_000
+    assert upstreams.clock.slept == []
+
+
+async def test_wait_past_deadline_fails(upstreams: Upstreams, sleeps: list[float]) -> None:
+    runner = upstreams.runner(respond(429, ERROR_BODY, **{"retry-after": "20"}))
+    deadline = datetime.now(UTC) + timedelta(seconds=10)
+    outcome = await run(runner, make_job(headers={"x-deadline": deadline.isoformat()}))
+    assert isinstance(outcome, JobOutcome)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.RATE_LIMITED
+    assert "x-deadline" in outcome.error.message
+
+
+INSUFFICIENT_QUOTA = {
+    "error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+              "code": "insufficient_quota", "param": None}
+}  # fmt: skip
+
+
+async def test_insufficient_quota_cools_then_fails(
+    upstreams: Upstreams, sleeps: list[float]
+) -> None:
+    runner = upstreams.runner(respond(429, INSUFFICIENT_QUOTA), rate_limit_max_wait=100)
+    outcome = await run(runner, make_job())
+    assert isinstance(outcome, JobOutcome)
+    assert outcome.error is not None and outcome.error.code is ErrorCode.QUOTA_EXCEEDED
+    assert outcome.status_code == 429 and len(upstreams.requests) == 1
+    assert runner.gate.state == "cooling"
+    assert (
+        upstreams.counter("chat_worker_upstream_rate_limited_total", error_code="quota_exceeded")
+        == 1
+    )
+
+
+async def test_insufficient_quota_probe_after_cooldown(
+    upstreams: Upstreams, sleeps: list[float]
+) -> None:
+    runner = upstreams.runner(respond(429, INSUFFICIENT_QUOTA), respond())
+    first = await run(runner, make_job())
+    assert isinstance(first, Deferral)  # 300 s of cooling: out of the process
+    assert first.wait == 120 and first.rate_limit_wait_ms == 120_000
+    upstreams.clock.now += 301
+    second = await run(runner, make_job())  # the probe
+    assert isinstance(second, JobOutcome) and second.ok
+    assert runner.gate.state == "open"
 
 
 async def test_connection_error_is_retried(upstreams: Upstreams, sleeps: list[float]) -> None:

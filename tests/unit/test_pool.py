@@ -25,7 +25,8 @@ from worker.errors import (
     UpstreamTimeout,
 )
 from worker.jobs import Deferral, Envelope, Job, JobOutcome, JobRunner
-from worker.pool import QUOTA_COOLDOWN, Member, UpstreamPool, check_upstreams, provider_for_host
+from worker.limits import Gate
+from worker.pool import Member, UpstreamPool, check_upstreams, provider_for_host
 from worker.settings import Settings, UpstreamSpec
 from worker.telemetry import Telemetry
 
@@ -46,12 +47,11 @@ class FakeClock:
         return self.now
 
 
-class FakeGate:
-    def __init__(self, budget: bool = True) -> None:
-        self.budget = budget
-
-    def has_budget(self) -> bool:
-        return self.budget
+def closed_gate(name: str, seconds: float = 60.0) -> Gate:
+    """A real gate, closed as a 429 would close it."""
+    gate = Gate(name)
+    gate.close(seconds, reason="test")
+    return gate
 
 
 def spec(name: str, models: list[str] | None = None, **fields: Any) -> UpstreamSpec:
@@ -67,7 +67,7 @@ def pool_of(
     *specs: UpstreamSpec,
     clock: FakeClock | None = None,
     seed: int = 7,
-    gates: dict[str, FakeGate] | None = None,
+    gates: dict[str, Gate] | None = None,
     handler: Callable[[httpx.Request], httpx.Response] | None = None,
 ) -> UpstreamPool:
     def transport(_: UpstreamSpec) -> httpx.AsyncBaseTransport:
@@ -153,21 +153,32 @@ def test_weights_among_the_members_left_after_exclusion() -> None:
 
 
 def test_a_closed_gate_sends_the_job_to_an_upstream_with_budget() -> None:
-    gates = {"primary": FakeGate(budget=False), "backup": FakeGate()}
-    pool = pool_of(spec("primary"), spec("backup", priority=1), gates=gates)
+    gates = {"primary": closed_gate("primary"), "backup": Gate("backup")}
+    clock = FakeClock()
+    pool = pool_of(spec("primary"), spec("backup", priority=1), gates=gates, clock=clock)
     assert pool.choose("m").name == "backup"  # type: ignore[union-attr]
-    gates["primary"].budget = True
+    assert pool.choose("m", ready=True).name == "backup"  # type: ignore[union-attr]
+    gates["primary"] = Gate("primary")
+    pool.members[0].gate = gates["primary"]
     assert pool.choose("m").name == "primary"  # type: ignore[union-attr]
 
 
-def test_every_gate_closed_waits_at_the_best_one() -> None:
-    gates = {"primary": FakeGate(budget=False), "backup": FakeGate(budget=False)}
+def test_every_gate_closed_waits_at_the_best_one_unless_ready_is_asked() -> None:
+    gates = {"primary": closed_gate("primary"), "backup": closed_gate("backup")}
     pool = pool_of(spec("primary"), spec("backup", priority=1), gates=gates)
     assert pool.choose("m").name == "primary"  # type: ignore[union-attr]
+    assert pool.choose("m", ready=True) is None
+
+
+def test_a_cooling_gate_quota_spent_is_skipped() -> None:
+    quota_spent = Gate("k1")
+    quota_spent.cool(300)
+    pool = pool_of(spec("k1"), spec("k2"), gates={"k1": quota_spent, "k2": Gate("k2")})
+    assert {pool.choose("m").name for _ in range(50)} == {"k2"}  # type: ignore[union-attr]
 
 
 def test_equal_priorities_prefer_the_one_with_budget() -> None:
-    gates = {"k1": FakeGate(budget=False), "k2": FakeGate()}
+    gates = {"k1": closed_gate("k1"), "k2": Gate("k2")}
     pool = pool_of(spec("k1"), spec("k2"), gates=gates)
     assert {pool.choose("m").name for _ in range(50)} == {"k2"}  # type: ignore[union-attr]
 
@@ -253,12 +264,12 @@ def test_stragglers_of_a_cooled_upstream_do_not_extend_it() -> None:
     assert a.cooling_until == until
 
 
-def test_quota_exceeded_cools_for_five_minutes() -> None:
-    clock = FakeClock()
-    pool = pool_of(spec("a"), spec("b"), clock=clock)
+def test_budget_refusals_are_the_gates_business_not_a_cooldown() -> None:
+    pool = pool_of(spec("a", cooldown={"failures": 1, "seconds": 30}), spec("b"))
     a = pool.members[0]
     pool.report(a, QuotaExceeded("insufficient_quota"), probe=False)
-    assert a.cooling_until == clock.now + QUOTA_COOLDOWN == clock.now + 300
+    pool.report(a, RateLimited("429"), probe=False)
+    assert pool.states()["a"] == "open" and a.failures == 0
 
 
 def test_a_pool_of_one_never_cools() -> None:
@@ -535,3 +546,51 @@ async def test_spans_carry_the_upstream_its_host_and_provider(pools: list[Upstre
         ("openai", "api.openai.com", "openai", "gpt-4o-mini", None),
     ]
     telemetry.shutdown()
+
+
+async def test_a_429_is_no_attempt_and_the_job_goes_where_there_is_budget(
+    pools: list[UpstreamPool],
+) -> None:
+    script = Scripted(primary=[429, 200], backup=[200])
+    pool = pool_of(spec("primary"), spec("backup", priority=1), handler=script)
+    pools.append(pool)
+    runner = runner_over(pool)
+    outcome = await runner.run(make_job(), no_deltas)
+    assert isinstance(outcome, JobOutcome) and outcome.ok
+    assert outcome.upstream == "backup" and outcome.attempts == 1
+    assert [host for host, _ in script.calls] == ["primary", "backup"]
+    # The primary's gate is closed by its 429: the next job does not knock on it.
+    assert pool.members[0].gate is not None and pool.members[0].gate.state == "closed"
+    again = await runner.run(make_job(), no_deltas)
+    assert isinstance(again, JobOutcome) and again.upstream == "backup"
+    await runner.aclose()
+
+
+async def test_a_closed_gate_is_not_called_while_another_upstream_has_budget(
+    pools: list[UpstreamPool],
+) -> None:
+    script = Scripted(primary=[200], backup=[200])
+    pool = pool_of(
+        spec("primary"),
+        spec("backup", priority=1),
+        handler=script,
+        gates={"primary": closed_gate("primary")},
+    )
+    pools.append(pool)
+    outcome = await runner_over(pool).run(make_job(), no_deltas)
+    assert isinstance(outcome, JobOutcome) and outcome.upstream == "backup"
+    assert [host for host, _ in script.calls] == ["backup"]
+
+
+async def test_every_gate_closed_defers_the_job_for_budget(pools: list[UpstreamPool]) -> None:
+    script = Scripted(primary=[200], backup=[200])
+    pool = pool_of(
+        spec("primary"),
+        spec("backup", priority=1),
+        handler=script,
+        gates={"primary": closed_gate("primary", 120), "backup": closed_gate("backup", 90)},
+    )
+    pools.append(pool)
+    outcome = await runner_over(pool).run(make_job(), no_deltas)
+    assert isinstance(outcome, Deferral) and outcome.error.code.value == "rate_limited"
+    assert outcome.attempts == 0 and script.calls == []

@@ -1,0 +1,237 @@
+"""The per-upstream gate on a fake clock: closing, reopening, cooling, pacing, local limits."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from typing import Any
+
+import pytest
+import structlog
+
+from worker.limits import Gate, GateState, Permit, Wait, estimate_tokens
+from worker.mock_budget import BudgetConfig, OrgBudget
+from worker.quota import ConfiguredLimits, LocalQuota
+
+
+class VirtualTime:
+    """A clock whose sleeps pass in virtual time: many tasks may sleep at once, and they
+    wake in order of their deadlines (see :meth:`run_until`)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self.slept: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._order), future))
+        await future
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def run_until(self, end: float) -> None:
+        await self.settle()
+        while self._sleepers and self._sleepers[0][0] <= end:
+            when, _, future = heapq.heappop(self._sleepers)
+            self.now = max(self.now, when)
+            if not future.done():
+                future.set_result(None)
+            await self.settle()
+        self.now = end
+
+
+def gate(clock: VirtualTime, limits: ConfiguredLimits | None = None) -> Gate:
+    quota = LocalQuota(limits or ConfiguredLimits(), clock=clock.time)
+    return Gate("openai", quota, clock=clock.time, sleep=clock.sleep)
+
+
+def openai(requests: tuple[int, int], tokens: tuple[int, int] | None = None) -> dict[str, str]:
+    headers = {
+        "x-ratelimit-limit-requests": str(requests[0]),
+        "x-ratelimit-remaining-requests": str(requests[1]),
+    }
+    if tokens:
+        headers["x-ratelimit-limit-tokens"] = str(tokens[0])
+        headers["x-ratelimit-remaining-tokens"] = str(tokens[1])
+    return headers
+
+
+async def test_open_gate_lets_calls_through_at_once() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    permit = await g.admit(100, limit=30)
+    assert isinstance(permit, Permit) and permit.waited == 0
+    assert g.state is GateState.OPEN and clock.slept == []
+
+
+async def test_429_closes_until_retry_after_and_logs_each_change_once() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    with structlog.testing.capture_logs() as logs:
+        g.observe(429, {"retry-after-ms": "2500"})
+        g.observe(429, {"retry-after": "1"})  # shorter than the close in force: no change
+        assert g.state is GateState.CLOSED
+        task = asyncio.ensure_future(g.admit(10, limit=30))
+        await clock.run_until(2.4)
+        assert not task.done()
+        await clock.run_until(2.6)
+        permit = task.result()
+        assert isinstance(permit, Permit) and permit.waited == pytest.approx(2.5)
+        assert g.state is GateState.OPEN
+    events = [entry["event"] for entry in logs]
+    assert events == ["upstream gate closed", "upstream gate open"]
+
+
+async def test_wait_past_the_limit_is_said_at_once() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    g.observe(429, {"retry-after": "120"})
+    wait = await g.admit(10, limit=30)
+    assert wait == Wait(120.0, 0.0, quota=False)
+    assert clock.slept == []
+
+
+async def test_429_without_hints_backs_off_doubling() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    closes = []
+    for _ in range(4):
+        g.observe(429, {})
+        wait = await g.admit(1, limit=0)
+        assert isinstance(wait, Wait)
+        closes.append(wait.seconds)
+        clock.now += wait.seconds
+    assert closes == [1.0, 2.0, 4.0, 8.0]
+    g.observe(200, {})
+    g.observe(429, {})
+    wait = await g.admit(1, limit=0)
+    assert isinstance(wait, Wait) and wait.seconds == 1.0  # a success starts again
+
+
+async def test_budget_read_as_spent_closes_until_it_refills() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    g.observe(200, openai((600, 0)))  # 10 requests a second refill
+    assert g.state is GateState.CLOSED
+    assert g.remaining() == {"requests": 0}
+    wait = await g.admit(1, limit=0)
+    assert isinstance(wait, Wait) and wait.seconds == pytest.approx(0.1)
+
+
+async def test_insufficient_quota_cools_then_one_call_probes() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    g.cool(300)
+    assert g.state is GateState.COOLING
+    wait = await g.admit(1, limit=30)
+    assert isinstance(wait, Wait) and wait.quota and wait.seconds == 300
+    clock.now = 300.0
+    probe = await g.admit(1, limit=30)
+    assert isinstance(probe, Permit) and probe.probe
+    other = await g.admit(1, limit=0)
+    assert isinstance(other, Wait) and other.quota  # waits for the probe's answer
+    await g.release(probe)
+    assert g.state is GateState.OPEN
+    assert isinstance(await g.admit(1, limit=0), Permit)
+
+
+async def test_probe_that_finds_quota_spent_keeps_cooling() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    g.cool(300)
+    clock.now = 301.0
+    probe = await g.admit(1, limit=0)
+    assert isinstance(probe, Permit)
+    g.cool(300)
+    await g.release(probe, quota_spent=True)
+    assert g.state is GateState.COOLING
+
+
+async def test_configured_rpm_spreads_calls() -> None:
+    clock = VirtualTime()
+    g = gate(clock, ConfiguredLimits(rpm=120))  # 2 a second, at most 2 at once
+    tasks = [asyncio.ensure_future(g.admit(1, limit=30)) for _ in range(6)]
+    await clock.run_until(10)
+    waited = sorted(round(t.result().waited, 3) for t in tasks)
+    assert waited == [0.0, 0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+async def test_configured_tpm_is_corrected_by_usage() -> None:
+    clock = VirtualTime()
+    quota = LocalQuota(ConfiguredLimits(tpm=6000), clock=clock.time)  # 100 tokens a second
+    assert await quota.reserve(100, horizon=10) == 0.0
+    assert await quota.reserve(100, horizon=10) == pytest.approx(1.0)  # overdrawn: waits
+    await quota.correct(-150)  # the two calls used 50 tokens: 150 back
+    assert await quota.reserve(50, horizon=0) == 0.0
+    assert await quota.reserve(1000, horizon=0.5) == pytest.approx(1.0)  # past the horizon:
+    assert await quota.reserve(100, horizon=0) == pytest.approx(1.0)  # nothing was taken
+
+
+async def test_configured_concurrency() -> None:
+    clock = VirtualTime()
+    g = gate(clock, ConfiguredLimits(max_concurrency=1))
+    first = await g.admit(1, limit=1)
+    assert isinstance(first, Permit)
+    second = asyncio.ensure_future(g.admit(1, limit=1))
+    await clock.settle()
+    assert not second.done()
+    await g.release(first)
+    await clock.settle()
+    assert isinstance(second.result(), Permit)
+
+
+def test_estimate_tokens() -> None:
+    body: dict[str, Any] = {
+        "messages": [
+            {"role": "system", "content": "x" * 400},
+            {"role": "user", "content": [{"type": "text", "text": "y" * 40}]},
+        ],
+        "max_completion_tokens": 50,
+        "n": 2,
+    }
+    assert estimate_tokens(body) == (400 + 40 + 2 * 16) // 4 + 100
+    assert estimate_tokens({"messages": [], "max_tokens": "lots"}) == 0
+
+
+@pytest.mark.parametrize(("replicas", "retry_after"), [(2, True), (4, True), (4, False)])
+async def test_replicas_share_an_organisation_budget(replicas: int, retry_after: bool) -> None:
+    """Gates that know nothing of each other, reading one simulated budget (tokens bind,
+    enforced over one-second windows), stay inside it together and use most of it."""
+    clock = VirtualTime()
+    tpm = 180_000
+    budget = OrgBudget(BudgetConfig(rpm=6000, tpm=tpm, retry_after=retry_after), clock.time)
+    body = {"messages": [{"role": "user", "content": "x" * 800}], "max_tokens": 100}
+    counted = 800 // 4 + 100  # what the provider counts: 10 calls a second
+    cost = estimate_tokens(body)  # what the worker estimates (a little more)
+    gates = [gate(clock) for _ in range(replicas)]
+
+    async def job_loop(g: Gate) -> None:
+        while True:
+            permit = await g.admit(cost, limit=30)
+            assert isinstance(permit, Permit)
+            verdict = budget.admit(body)
+            g.observe(429 if verdict.refused else 200, verdict.headers)
+            if not verdict.refused:
+                await clock.sleep(0.3)  # the call's latency
+                budget.done()
+            await g.release(permit)
+
+    loops = [asyncio.ensure_future(job_loop(g)) for g in gates for _ in range(16)]
+    seconds = 60.0
+    await clock.run_until(seconds)
+    for loop in loops:
+        loop.cancel()
+    await asyncio.gather(*loops, return_exceptions=True)
+    calls = budget.admitted + budget.refused
+    goodput = budget.admitted / seconds / (tpm / 60 / counted)
+    assert budget.refused / calls <= 0.05, (budget.admitted, budget.refused)
+    assert goodput >= 0.9, goodput
