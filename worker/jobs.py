@@ -330,6 +330,7 @@ class JobRunner:
         tokens = estimate_tokens(job.body)
         bodies: dict[str, bytes] = {}
         tried: list[Member] = []  # failed in a row since the last backoff
+        short: list[Member] = []  # had no budget within the wait offered, this delivery
         last: str | None = None  # the upstream of the last attempt
         refused: JobError | None = None  # the last 429, for the result if waiting fails
         while True:
@@ -346,8 +347,8 @@ class JobRunner:
                 if isinstance(admitted, Wait):
                     # No budget here soon: another upstream of the model may have some.
                     self.pool.report(member, None, probe=probe, cancelled=True)
-                    closed = member
-                    member, probe = self._choose(job.model, [*tried, closed], ready=True)
+                    short.append(closed := member)
+                    member, probe = self._choose(job.model, [*tried, *short], ready=True)
                     if member is not None:
                         log.info("upstream has no budget", upstream=closed.name, to=member.name)
                         continue

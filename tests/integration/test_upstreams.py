@@ -120,12 +120,47 @@ async def test_a_429_moves_the_job_to_another_upstream_of_its_model(
     connection: AbstractConnection,
     replies: Replies,
 ) -> None:
-    """A rate-limited key does not hold the job: the other upstream has budget."""
+    """A rate-limited key does not hold the job: the other upstream has budget. The 429
+    closes the primary's gate, so the next job goes to the backup without knocking."""
     mock.config = ALWAYS_429
     worker = await start_pool(two(mock, backup, key_files))
-    result = await ask(connection, worker, replies)
-    assert result.error is None and result.metadata.upstream == "backup"
-    assert mock.stats.faults["429"] == 1 and backup.stats.total == 1
+    # retry_after only shapes the primary's 429 (the backup answers without a fault).
+    first = await ask(connection, worker, replies, mock={"retry_after": 60})
+    assert first.error is None and first.metadata.upstream == "backup"
+    assert first.metadata.attempts == 1  # a call refused for budget is no attempt (§11)
+    second = await ask(connection, worker, replies)
+    assert second.error is None and second.metadata.upstream == "backup"
+    assert mock.stats.faults["429"] == 1 and backup.stats.total == 2
+    states = {
+        (sample.labels["upstream"], sample.labels["state"]): sample.value
+        for metric in worker.telemetry.registry.collect()
+        for sample in metric.samples
+        if sample.name == "chat_worker_upstream_state"
+    }
+    assert states[("primary", "closed")] == 1 and states[("backup", "open")] == 1
+
+
+async def test_every_gate_closed_the_job_waits_at_the_best_one(
+    start_pool: StartPool,
+    mock: MockUpstream,
+    backup: MockUpstream,
+    key_files: dict[str, Path],
+    connection: AbstractConnection,
+    replies: Replies,
+) -> None:
+    """Both keys answer 429 once with a short retry-after: the job waits for budget (no
+    attempt counted) and succeeds where budget returns first."""
+    mock.config = MockConfig(api_key=mock.config.api_key, fault_rate=1.0, random_faults=("429",))
+    backup.config = MockConfig(api_key=BACKUP_KEY, fault_rate=1.0, random_faults=("429",))
+    worker = await start_pool(two(mock, backup, key_files))
+    waiting = asyncio.create_task(ask(connection, worker, replies, mock={"retry_after": 1}))
+    async with asyncio.timeout(20):
+        while mock.stats.total + backup.stats.total < 2:
+            await asyncio.sleep(0.05)
+    mock.config = MockConfig(api_key=mock.config.api_key)  # the primary's budget returns
+    result = await waiting
+    assert result.error is None and result.metadata.upstream == "primary"
+    assert result.metadata.attempts == 1 and result.metadata.rate_limit_wait_ms > 0
 
 
 @pytest.mark.parametrize(
