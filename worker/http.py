@@ -24,8 +24,10 @@ class HealthServer:
         *,
         registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
         host: str = "0.0.0.0",
+        readiness: Callable[[], str] | None = None,
     ) -> None:
         self._is_ready = is_ready
+        self._readiness = readiness
         self._registry = registry
         self._host = host
         self._port = port
@@ -57,7 +59,8 @@ class HealthServer:
     async def _readyz(self, _: web.Request) -> web.Response:
         if self._is_ready():
             return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not consuming"}, status=503)
+        reason = self._readiness() if self._readiness is not None else "not consuming"
+        return web.json_response({"status": reason}, status=503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(

@@ -43,6 +43,8 @@ H_USAGE_PROMPT = "x-usage-prompt-tokens"
 H_USAGE_COMPLETION = "x-usage-completion-tokens"
 H_USAGE_TOTAL = "x-usage-total-tokens"
 H_RATE_LIMIT_WAIT = "x-rate-limit-wait-ms"  # time waited for budget so far, across deliveries
+# On a result kept in the dead-letter queue because nothing took it: where it was sent.
+H_UNROUTABLE_RESULT = "x-unroutable-result"
 
 # Fixed-TTL delay tiers, in seconds. One TTL per queue: mixed per-message TTLs on one queue
 # would let a long wait at the head hold back every shorter one behind it.
