@@ -465,7 +465,8 @@ class JobRunner:
     ) -> JobOutcome | Deferral:
         """Budget is further away than the job may wait here: fail it, or send it round a
         delay queue (a new message: no failed delivery is counted, no slot is held)."""
-        if wait.seconds > self._wait_left(job, waited):
+        left = self._wait_left(job, waited)
+        if wait.seconds > left or left <= 0:
             if job.envelope.deadline is not None and (
                 self.settings.rate_limit_max_wait - waited > self._wait_left(job, waited)
             ):

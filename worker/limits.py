@@ -55,6 +55,7 @@ GROWTH = 0.3  # relative growth a second while the budget reads full
 WINDOW = 1.0  # seconds between the two readings a share is measured over
 FULL = 0.995  # a remaining fraction at or above this reads as full (no spending seen)
 MIN_SHARE = 0.02
+FAIRNESS = 0.01  # of the refill rate, added to each replica's share per window
 PACE_RECHECK = 0.25  # a paced caller looks again this often (the rate may have grown)
 BACKOFF_ON_429 = 0.7  # a 429 cuts a replica's paced rate by this factor
 CHARS_PER_TOKEN = 4  # the providers' own rule of thumb for an estimate before the call
@@ -161,7 +162,9 @@ class _Pacer:
                 if everybody > 0:
                     share = min(max(mine / everybody, MIN_SHARE), 1.0)
                     level = min(1.0, TARGET + (dim.fraction - SETPOINT))
-                    wanted = refill * share * max(level, 0.2)
+                    # The additive part makes shares fair over time (a replica that started
+                    # late or was slowed by a 429 gains on the others), as in TCP's AIMD.
+                    wanted = refill * (share * max(level, 0.2) + FAIRNESS)
                     self.rate = (self.rate + wanted) / 2  # halfway: readings are noisy
                     log.debug(
                         "pace",
@@ -190,6 +193,12 @@ class _Pacer:
     def take(self, cost: float, at: float) -> None:
         self.spent += cost
         self.last_call = (at, cost)
+
+    def one_call(self) -> float:
+        """Seconds the budget takes to refill the last call's cost (0 when unknown)."""
+        if self.reading is None:
+            return 0.0
+        return min(self.last_call[1] / self.reading.refill_rate, 5.0)
 
     def spent_out(self, cost: float) -> float:
         """Seconds until the last reading's budget covers ``cost``; 0 when it does."""
@@ -222,7 +231,10 @@ class Gate:
         self._cooling = False
         self._probing = False
         self._closes = 0  # 429s in a row without a hint: the backoff's exponent
-        self._pacing = 0  # callers waiting for their turn in the pacing
+        # Until an answer says what the budget is, one call at a time finds out: a replica
+        # starting with a full consumer prefetch would otherwise burst past any window.
+        self._answered = False
+        self._scouting = False
 
     @classmethod
     def from_limits(
@@ -282,17 +294,14 @@ class Gate:
                 await self._sleep(blocked)
                 continue
             at = max(self._requests.next_start(now), self._tokens.next_start(now))
+            if not self._answered and self._scouting:
+                at = now + PACE_RECHECK / 5
             if at > now:
-                # Every waiter ahead takes about one spacing: past the limit, say so now.
-                expected = (at - now) * (self._pacing + 1)
-                if waited + expected > limit:
-                    return Wait(expected, waited, False)
-                self._pacing += 1
-                try:
-                    await self._sleep(min(at - now, PACE_RECHECK))
-                finally:
-                    self._pacing -= 1
+                if waited + (at - now) > limit:
+                    return Wait(at - now, waited, False)
+                await self._sleep(min(at - now, PACE_RECHECK))
                 continue
+            self._scouting = not self._answered
             self._requests.take(1, now)
             self._tokens.take(tokens, now)
             _CALL.set((now, self._requests.spent, self._tokens.spent))
@@ -302,8 +311,8 @@ class Gate:
         self, tokens: int, started: float, limit: float, *, probe: bool
     ) -> Permit | Wait:
         waited = self._clock() - started
-        wait = await self.quota.reserve(tokens, limit - waited)
-        if wait > limit - waited:
+        wait = await self.quota.reserve(tokens, max(limit - waited, 0.0))
+        if wait > 0 and wait > limit - waited:
             self._probing = self._probing and not probe
             return Wait(wait, waited, False)
         if wait > 0:
@@ -336,6 +345,7 @@ class Gate:
             if not quota_spent and self._cooling:
                 self._cooling = False
                 log.info("upstream gate open", upstream=self.name, reason="probe answered")
+        self._scouting = False  # answered or not, the scout is back
         if permit.slot is not None:
             await self.quota.release_slot(permit.slot)
         if used_tokens is not None and used_tokens != permit.tokens:
@@ -349,6 +359,7 @@ class Gate:
     def observe(self, status_code: int, headers: Mapping[str, str]) -> None:
         """Read an answer's budget; a 429 closes the gate. Called for every answer."""
         now = self._clock()
+        self._answered = True
         budget = read_budget(headers)
         sent, requests, tokens = _CALL.get() or (now, self._requests.spent, self._tokens.spent)
         if budget.requests is not None:
@@ -370,9 +381,10 @@ class Gate:
             return budget.retry_after
         if spent := max(self._requests.spent_out(1), self._tokens.spent_out(1)):
             return spent
-        resets = [d.reset for d in (budget.requests, budget.tokens) if d and d.reset]
-        if resets:
-            return min(resets)
+        if budget.requests is not None or budget.tokens is not None:
+            # Budget left for the minute, refused all the same: a short window is full.
+            # It refills in about the time one call's cost takes to come back.
+            return max(self._requests.one_call(), self._tokens.one_call(), MIN_CLOSE)
         self._closes += 1
         first, longest = CLOSE_BACKOFF
         return float(min(longest, first * 2 ** (self._closes - 1)))

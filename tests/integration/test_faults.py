@@ -16,7 +16,6 @@ from conftest import Replies, get_one, publish
 from worker.messages import JobDelta, JobResult
 from worker.mock_upstream import MockUpstream
 from worker.service import Worker
-from worker.topology import delay_queue_name
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +82,10 @@ async def test_a_passing_fault_is_retried_and_the_job_succeeds(
     request = job({**fault, "times": 1, "chunks": 6}, stream=stream)
     result, deltas = await run_job(connection, replies, worker.settings.request_queue, request)
     assert result.error is None, result.error
-    assert result.metadata.attempts == 2
+    # A call refused for budget (429) is not an attempt: the job waited for budget (§11).
+    refused = fault["fault"] == "429"
+    assert result.metadata.attempts == (1 if refused else 2)
+    assert (result.metadata.rate_limit_wait_ms > 0) is refused
     assert calls(mock, request) == 2
     if stream:
         last_attempt = [d for d in deltas if d.attempt == 2]
@@ -104,7 +106,8 @@ async def test_retry_after_as_an_http_date_is_honoured(
     started = asyncio.get_running_loop().time()
     result, _ = await run_job(connection, replies, worker.settings.request_queue, request)
     assert result.error is None
-    assert result.metadata.attempts == 2
+    assert result.metadata.attempts == 1
+    assert result.metadata.rate_limit_wait_ms >= 900
     assert asyncio.get_running_loop().time() - started >= 0.9
 
 
@@ -117,7 +120,8 @@ async def test_retry_after_as_an_http_date_is_honoured(
         ({"fault": "403"}, "authentication_error", 1),
         ({"fault": "404"}, "not_found", 1),
         ({"fault": "500"}, "upstream_error", 3),
-        ({"fault": "429", "retry_after_ms": 10}, "rate_limited", 3),
+        # Waiting for budget is not an attempt: it ends at WORKER_RATE_LIMIT_MAX_WAIT.
+        ({"fault": "429", "retry_after_ms": 10}, "rate_limited", 0),
         ({"fault": "stall", "stall": 5}, "timeout", 3),
     ],
 )
@@ -130,7 +134,7 @@ async def test_a_lasting_fault_fails_with_its_code_and_is_dead_lettered(
     code: str,
     attempts: int,
 ) -> None:
-    worker = await start_worker(max_attempts=3, request_timeout=0.3)
+    worker = await start_worker(max_attempts=3, request_timeout=0.3, rate_limit_max_wait=0.5)
     request = job(fault)
     result, _ = await run_job(
         connection, replies, worker.settings.request_queue, request, message_id="failing-1"
@@ -138,7 +142,10 @@ async def test_a_lasting_fault_fails_with_its_code_and_is_dead_lettered(
     assert result.error is not None
     assert result.error.code == code
     assert result.metadata.attempts == attempts
-    assert calls(mock, request) == attempts
+    if code == "rate_limited":
+        assert calls(mock, request) >= 2, "refused calls were made again while budget waited"
+    else:
+        assert calls(mock, request) == attempts
     if fault["fault"].isdigit():
         assert result.error.status_code == int(fault["fault"])
         assert result.response is not None
@@ -157,9 +164,12 @@ async def test_a_long_retry_after_goes_round_a_delay_queue(
     connection: AbstractConnection,
     replies: Replies,
     mock: MockUpstream,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Budget waits over 3 s leave the process (30 s in production: kept short here).
+    monkeypatch.setattr("worker.jobs.RATE_LIMIT_INLINE_WAIT", 3.0)
     worker = await start_worker()
-    request = job({"fault": "429", "retry_after": 20, "times": 1})
+    request = job({"fault": "429", "retry_after": 6, "times": 1})
     await publish(
         connection,
         worker.settings.request_queue,
@@ -167,33 +177,18 @@ async def test_a_long_retry_after_goes_round_a_delay_queue(
         message_id="later-1",
         reply_to=replies.name,
     )
-    delayed = await get_one(connection, delay_queue_name(worker.settings, 30))
-    assert orjson.loads(delayed.body) == request
-    assert delayed.message_id == "later-1"
-    assert (delayed.headers or {})["x-attempts"] == 1
-    assert worker.in_flight == 0, "the slot is free while the job waits"
-    # What comes out of a delay queue lands on the request queue again: replay the copy
-    # through the shortest tier, and the job ends with its attempts counted across both.
-    channel = await connection.channel()
-    await channel.default_exchange.publish(
-        aio_pika_message(delayed), delay_queue_name(worker.settings, 1)
-    )
-    result = JobResult.model_validate_json((await replies.get(timeout=20)).body)
+    async with asyncio.timeout(10):
+        while calls(mock, request) < 1:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
+    assert worker.in_flight == 0, "the slot is free while the job waits in the delay queue"
+    # Back from the 5 s delay queue, it waits the last second inline, then succeeds.
+    result = JobResult.model_validate_json((await replies.get(timeout=30)).body)
     assert result.id == "later-1"
     assert result.error is None
-    assert result.metadata.attempts == 2
-
-
-def aio_pika_message(message: Any) -> Any:
-    import aio_pika
-
-    return aio_pika.Message(
-        message.body,
-        headers=message.headers,
-        message_id=message.message_id,
-        reply_to=message.reply_to,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    assert result.metadata.attempts == 1
+    assert 5000 <= result.metadata.rate_limit_wait_ms <= 8000
+    assert calls(mock, request) == 2
 
 
 async def test_a_job_past_its_deadline_is_not_sent_upstream(

@@ -159,10 +159,24 @@ async def test_probe_that_finds_quota_spent_keeps_cooling() -> None:
 async def test_configured_rpm_spreads_calls() -> None:
     clock = VirtualTime()
     g = gate(clock, ConfiguredLimits(rpm=120))  # 2 a second, at most 2 at once
+    g.observe(200, {})  # an answer came: no more scouting one call at a time
     tasks = [asyncio.ensure_future(g.admit(1, limit=30)) for _ in range(6)]
     await clock.run_until(10)
     waited = sorted(round(t.result().waited, 3) for t in tasks)
     assert waited == [0.0, 0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+async def test_one_call_scouts_until_an_answer_tells_the_budget() -> None:
+    clock = VirtualTime()
+    g = gate(clock)
+    scout = await g.admit(1, limit=30)
+    assert isinstance(scout, Permit)
+    second = asyncio.ensure_future(g.admit(1, limit=30))
+    await clock.run_until(1.0)
+    assert not second.done()
+    g.observe(200, openai((6000, 5999)))
+    await clock.run_until(1.1)
+    assert isinstance(second.result(), Permit)
 
 
 async def test_configured_tpm_is_corrected_by_usage() -> None:
@@ -179,6 +193,7 @@ async def test_configured_tpm_is_corrected_by_usage() -> None:
 async def test_configured_concurrency() -> None:
     clock = VirtualTime()
     g = gate(clock, ConfiguredLimits(max_concurrency=1))
+    g.observe(200, {})
     first = await g.admit(1, limit=1)
     assert isinstance(first, Permit)
     second = asyncio.ensure_future(g.admit(1, limit=1))
@@ -225,8 +240,8 @@ async def test_replicas_share_an_organisation_budget(replicas: int, retry_after:
                 budget.done()
             await g.release(permit)
 
-    loops = [asyncio.ensure_future(job_loop(g)) for g in gates for _ in range(16)]
-    seconds = 60.0
+    loops = [asyncio.ensure_future(job_loop(g)) for g in gates for _ in range(8)]
+    seconds = 40.0
     await clock.run_until(seconds)
     for loop in loops:
         loop.cancel()
