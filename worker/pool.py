@@ -49,6 +49,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+MAX_ROUTES = 4096  # routes cached by model name; bounded, since "*" takes any name
 Clock = Callable[[], float]
 MemberState = Literal["open", "cooling", "probing"]
 
@@ -207,6 +208,8 @@ class UpstreamPool:
             if not serving:
                 raise ModelNotAllowed(f"no upstream serves model {model!r}")
             tiers = [list(g) for _, g in itertools.groupby(serving, lambda m: m.spec.priority)]
+            if len(self._routes) >= MAX_ROUTES:  # "*" serves any name a producer sends
+                self._routes.clear()
             route = self._routes[model] = _Route(tiers)
         return route
 

@@ -594,3 +594,12 @@ async def test_every_gate_closed_defers_the_job_for_budget(pools: list[UpstreamP
     outcome = await runner_over(pool).run(make_job(), no_deltas)
     assert isinstance(outcome, Deferral) and outcome.error.code.value == "rate_limited"
     assert outcome.attempts == 0 and script.calls == []
+
+
+def test_the_route_cache_is_bounded_when_any_name_is_served() -> None:
+    from worker.pool import MAX_ROUTES
+
+    pool = pool_of(spec("gateway", ["*"]))
+    for index in range(MAX_ROUTES + 10):
+        assert pool.choose(f"model-{index}") is pool.members[0]
+    assert len(pool._routes) <= MAX_ROUTES
