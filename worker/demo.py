@@ -108,7 +108,7 @@ async def _drive(
             for name in (
                 settings.request_queue,
                 settings.dead_letter_queue,
-                *(delay_queue_name(settings, s) for s in DELAY_TIERS),
+                *(delay_queue_name(settings.request_queue, s) for s in DELAY_TIERS),
             ):
                 await cleanup.queue_delete(name)
             await cleanup.exchange_delete(settings.result_exchange)

@@ -7,7 +7,6 @@ properties, a callable that publishes deltas, and settles what :meth:`JobRunner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import random
 import time
@@ -38,7 +37,7 @@ from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
 from worker.pool import Member, UpstreamPool
 from worker.quota import ConfiguredLimits
 from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
-from worker.streaming import CompletionAssembler, DeltaStream
+from worker.streaming import CompletionAssembler, DeltaStream, MalformedChunk
 from worker.telemetry import Telemetry
 from worker.topology import (
     DELAY_TIERS,
@@ -584,6 +583,7 @@ class JobRunner:
         deltas = DeltaStream(
             lambda seq, choices: send_delta(attempt, seq, choices),
             self.settings.stream_flush_interval,
+            assembler,
         )
         meta: dict[str, Any] = {}
         started = time.perf_counter()
@@ -594,20 +594,41 @@ class JobRunner:
         try:
             async with asyncio.timeout(idle) as silence:
                 rescheduled = loop.time()
-                chunks = client.stream(body, headers, meta)
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
+                async with client.open_stream(body, headers, meta) as chunks:
+                    # One await per network read; the chunks it completed are plain calls.
+                    while (batch := await chunks.read()) is not None:
+                        if not batch:
+                            continue  # a comment, a keep-alive or half an event
                         now = loop.time()
                         if now - rescheduled > slack:
                             silence.reschedule(now + idle + slack)
                             rescheduled = now
-                        if await deltas.add_parts(assembler.add(chunk)) and ttft_ms is None:
-                            ttft_ms = _ms_since(started)
+                        for chunk in batch:
+                            if assembler.add(chunk):
+                                if ttft_ms is None:
+                                    ttft_ms = _ms_since(started)
+                                if deltas.due():  # at once, or a timer (one per delta)
+                                    await deltas.flush()
+                        if deltas.failed is not None:
+                            raise deltas.failed
+                    done = chunks.done
+            if not done and not assembler.finished:
+                raise UpstreamError(
+                    "upstream stream ended without [DONE] and without a finish_reason",
+                    status_code=meta.get("status_code"),
+                    request_id=meta.get("request_id"),
+                )
             await deltas.close()
         except TimeoutError:
             raise UpstreamTimeout(
                 f"stream silent for WORKER_STREAM_IDLE_TIMEOUT ({idle:g}s)",
                 status_code=meta.get("status_code"),
+            ) from None
+        except MalformedChunk as exc:
+            raise UpstreamError(
+                f"upstream sent a malformed stream chunk: {exc}",
+                status_code=meta.get("status_code"),
+                request_id=meta.get("request_id"),
             ) from None
         finally:
             deltas.discard()

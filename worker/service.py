@@ -35,7 +35,12 @@ from typing import Any
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 from worker.blocking import BlockedState, follow_blocking
 from worker.jobs import (
@@ -49,10 +54,12 @@ from worker.jobs import (
     decode_job,
     read_envelope,
 )
+from worker.lanes import LaneConsumer
 from worker.pool import UpstreamPool
 from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
+from worker.tenants import tenant_of
 from worker.topology import H_DELIVERY_COUNT, H_REDELIVERIES, declare
 from worker.upstream import Upstream
 
@@ -106,6 +113,7 @@ class Worker:
         self._publisher: Publisher | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag = ""
+        self._lane_consumer: LaneConsumer | None = None  # with several lanes (§12)
         self._interrupted = asyncio.Event()
         self._not_consuming_since = time.monotonic()
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
@@ -130,6 +138,12 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def in_flight_by_lane(self) -> dict[str, int]:
+        """Jobs in flight by lane (request queue), every lane named."""
+        if self._lane_consumer is not None:
+            return self._lane_consumer.in_flight()
+        return {self.settings.lanes[0].queue: len(self._tasks)}
 
     def stop(self) -> None:
         """Stop taking jobs and drain (first call); end at once (second call)."""
@@ -198,22 +212,40 @@ class Worker:
             # A broker-side basic.cancel (queue deleted, node down) leaves the connection
             # up and the consumer silently gone: treat it as a loss and start again.
             underlay.on_consumer_cancel_callbacks.add(lambda *_: interrupted.set())
-            await channel.set_qos(prefetch_count=self.settings.concurrency)
             self._publisher = await Publisher.open(channel, self.settings)
-            self._queue = await channel.get_queue(self.settings.request_queue, ensure=False)
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            await self._consume(connection, channel, interrupted)
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
             log.warning("could not start consuming", error=repr(exc))
             await _close_quietly(connection)
             return False
         return True
 
+    async def _consume(
+        self, connection: AbstractConnection, channel: AbstractChannel, interrupted: asyncio.Event
+    ) -> None:
+        """One lane: one consumer with prefetch ``WORKER_CONCURRENCY`` on the publishing
+        channel, as always. Several: :class:`~worker.lanes.LaneConsumer` shares the slots."""
+        lanes = self.settings.lanes
+        self._lane_consumer = None
+        if len(lanes) == 1:
+            await channel.set_qos(prefetch_count=self.settings.concurrency)
+            self._queue = await channel.get_queue(lanes[0].queue, ensure=False)
+            self._consumer_tag = await self._queue.consume(
+                partial(self._on_message, lane=lanes[0].queue)
+            )
+            return
+        self._queue = None
+        self._lane_consumer = LaneConsumer(
+            connection, lanes, self.settings.concurrency, self._on_message, on_lost=interrupted.set
+        )
+        await self._lane_consumer.start()
+
     async def _serve(self, connection: AbstractConnection) -> None:
         """Consume until a stop (drain, then close) or a loss (drop in-flight jobs, return)."""
         self._consuming.set()
         log.info(
             "consuming",
-            queue=self.settings.request_queue,
+            lanes={lane.queue: lane.weight for lane in self.settings.lanes},
             prefetch=self.settings.concurrency,
             worker=self.identity,
         )
@@ -231,6 +263,8 @@ class Worker:
             # already put them back, so stop paying for their upstream calls.
             for task in list(self._tasks):
                 task.cancel()
+            if self._lane_consumer is not None:
+                await self._lane_consumer.stop(cancel_consumers=False)
         await _close_quietly(connection)
 
     async def _drain(self, queue: AbstractQueue | None, tag: str) -> None:
@@ -239,6 +273,8 @@ class Worker:
         if queue is not None:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
+        if self._lane_consumer is not None:
+            await self._lane_consumer.stop()
         grace = self.settings.shutdown_grace
         pending = set(self._tasks)
         log.info("draining", in_flight=len(pending), grace_seconds=grace)
@@ -260,7 +296,7 @@ class Worker:
 
     # --- one delivery ----------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: AbstractIncomingMessage, lane: str) -> None:
         if self._draining:
             return  # not acknowledged: it goes back to the queue when the channel closes
         task = asyncio.current_task()
@@ -269,7 +305,7 @@ class Worker:
         try:
             if self.blocking.blocked and not await self._wait_unblocked():
                 return  # draining: not acknowledged, it goes back to the queue
-            await self._handle(message)
+            await self._handle(message, lane)
         except asyncio.CancelledError:
             raise
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -307,7 +343,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await message.nack(requeue=True)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, lane: str) -> None:
         assert self._publisher is not None
         publisher = self._publisher
         started = time.perf_counter()
@@ -320,6 +356,10 @@ class Worker:
             redelivered=bool(message.redelivered),
             settings=self.settings,
         )
+        envelope.lane = lane
+        envelope.tenant = tenant_of(
+            message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
+        )
         if (
             message.redelivered
             and H_DELIVERY_COUNT not in envelope.headers
@@ -330,10 +370,13 @@ class Worker:
             await message.ack()
             return
         structlog.contextvars.bind_contextvars(
-            job_id=envelope.job_id, correlation_id=envelope.correlation_id
+            job_id=envelope.job_id,
+            correlation_id=envelope.correlation_id,
+            lane=lane,
+            tenant=envelope.tenant,
         )
         with self.telemetry.job_span(
-            self.settings.request_queue,
+            lane,
             envelope.headers,
             job_id=envelope.job_id,
             correlation_id=envelope.correlation_id,
@@ -362,6 +405,9 @@ class Worker:
                     model=model,
                     error_code=outcome.error.code.value if outcome.error else None,
                     seconds=time.perf_counter() - started,
+                    lane=lane,
+                    tenant=envelope.tenant,
+                    usage=outcome.usage,
                 )
 
     def _delta_sender(self, publisher: Publisher, job: Job, trace: dict[str, str]) -> SendDelta:
@@ -429,14 +475,13 @@ class _DeltaSender:
             await self.flush()
         sent = asyncio.ensure_future(self._send(attempt, seq, choices))
         if not self._blocking.blocked:
-            blocked = asyncio.ensure_future(self._blocking.wait_blocked())
             try:
-                await asyncio.wait({sent, blocked}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {sent, self._blocking.next_block()}, return_when=asyncio.FIRST_COMPLETED
+                )
             except BaseException:
                 sent.cancel()
                 raise
-            finally:
-                blocked.cancel()
             if sent.done():
                 sent.result()
                 return

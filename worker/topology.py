@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from worker.settings import Settings
 
-__all__ = ["declare", "delay_queue_name", "delay_tier"]
+__all__ = ["dead_letter_queue_for", "declare", "delay_queue_name", "delay_tier"]
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +51,17 @@ H_UNROUTABLE_RESULT = "x-unroutable-result"
 DELAY_TIERS = (1, 5, 30, 120, 600)
 
 
-def delay_queue_name(settings: Settings, seconds: int) -> str:
-    return f"{settings.request_queue}.delay.{seconds}s"
+def delay_queue_name(queue: str, seconds: int) -> str:
+    """The delay queue of tier ``seconds`` of request queue (lane) ``queue``."""
+    return f"{queue}.delay.{seconds}s"
+
+
+def dead_letter_queue_for(settings: Settings, lane_queue: str) -> str:
+    """A lane's dead-letter queue: ``WORKER_DEAD_LETTER_QUEUE`` with one lane,
+    ``<lane>.dlq`` with several (§12)."""
+    if len(settings.lanes) == 1:
+        return settings.dead_letter_queue
+    return f"{lane_queue}.dlq"
 
 
 def delay_tier(wait: float) -> int:
@@ -72,31 +81,8 @@ async def declare(connection: AbstractConnection, settings: Settings) -> None:
     """
     channel = await connection.channel(publisher_confirms=False)
     try:
-        dead_letter = {
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": settings.dead_letter_queue,
-        }
-        request_args: dict[str, Any] = {**_durable_type(settings), **dead_letter}
-        if settings.queue_type == "quorum":
-            request_args["x-delivery-limit"] = settings.delivery_limit
-        channel = await _declare_queue(connection, channel, settings.request_queue, request_args)
-        channel = await _declare_queue(
-            connection, channel, settings.dead_letter_queue, _durable_type(settings)
-        )
-        for seconds in DELAY_TIERS:
-            channel = await _declare_queue(
-                connection,
-                channel,
-                delay_queue_name(settings, seconds),
-                {
-                    # Classic: quorum queues only gained message TTL in 3.10 and gain nothing
-                    # here, since a delayed message is also on the request queue's record.
-                    "x-queue-type": "classic",
-                    "x-message-ttl": seconds * 1000,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": settings.request_queue,
-                },
-            )
+        for lane in settings.lanes:
+            channel = await _declare_lane(connection, channel, settings, lane.queue)
         exchange = await channel.declare_exchange(
             settings.result_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -108,6 +94,34 @@ async def declare(connection: AbstractConnection, settings: Settings) -> None:
             await queue.bind(exchange, RESULT_BINDING)
     finally:
         await channel.close()
+
+
+async def _declare_lane(
+    connection: AbstractConnection, channel: AbstractChannel, settings: Settings, queue: str
+) -> AbstractChannel:
+    """A request queue (lane), its dead-letter queue and its delay queues."""
+    dead_letter_queue = dead_letter_queue_for(settings, queue)
+    dead_letter = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_queue}
+    request_args: dict[str, Any] = {**_durable_type(settings), **dead_letter}
+    if settings.queue_type == "quorum":
+        request_args["x-delivery-limit"] = settings.delivery_limit
+    channel = await _declare_queue(connection, channel, queue, request_args)
+    channel = await _declare_queue(connection, channel, dead_letter_queue, _durable_type(settings))
+    for seconds in DELAY_TIERS:
+        channel = await _declare_queue(
+            connection,
+            channel,
+            delay_queue_name(queue, seconds),
+            {
+                # Classic: quorum queues only gained message TTL in 3.10 and gain nothing
+                # here, since a delayed message is also on the request queue's record.
+                "x-queue-type": "classic",
+                "x-message-ttl": seconds * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+            },
+        )
+    return channel
 
 
 async def _declare_queue(

@@ -157,7 +157,7 @@ async def main(args: argparse.Namespace) -> int:
             settings.request_queue,
             settings.result_queue,
             settings.dead_letter_queue,
-            *(delay_queue_name(settings, s) for s in DELAY_TIERS),
+            *(delay_queue_name(settings.request_queue, s) for s in DELAY_TIERS),
         ):
             await channel.queue_delete(name)
         await channel.exchange_delete(settings.result_exchange)
