@@ -264,9 +264,10 @@ async def test_a_lane_keeps_its_jobs_delay_queues_and_dead_letters(
 ) -> None:
     fast, slow = lanes
     running = await start_worker(request_queue=f"{fast}:4,{slow}:1", concurrency=4)
-    # A long Retry-After sends the job round its own lane's delay queue.
+    # A long Retry-After sends the job round its own lane's delay queue (a 503's: a 429's
+    # is a wait for budget at the upstream's gate, inline up to 30 s).
     later = job(1, latency=0)
-    later["body"]["mock"] = {"fault": "429", "retry_after": 20, "times": 1, "key": "lane-later"}
+    later["body"]["mock"] = {"fault": "503", "retry_after": 20, "times": 1, "key": "lane-later"}
     await publish(connection, slow, later, message_id="later-1", reply_to=replies.name)
     delayed = await get_one(connection, delay_queue_name(slow, 30))
     assert delayed.message_id == "later-1"
