@@ -129,6 +129,7 @@ def names() -> dict[str, str]:
         "result_exchange": f"{prefix}.results",
         "result_queue": f"{prefix}.results",
         "dead_letter_queue": f"{prefix}.dlq",
+        "events_exchange": f"{prefix}.events",
     }
 
 
@@ -170,6 +171,7 @@ async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[Abst
     for seconds in DELAY_TIERS:
         await channel.queue_delete(f"{names['request_queue']}.delay.{seconds}s")
     await channel.exchange_delete(names["result_exchange"])
+    await channel.exchange_delete(names["events_exchange"])
     await conn.close()
 
 
