@@ -702,8 +702,9 @@ def _gate_of(member: Member) -> Gate:
 
 
 async def _release(gate: Gate, permit: Permit, used: int | None, quota_spent: bool) -> None:
-    # Shielded: a cancelled job must still give back a shared concurrency slot.
-    await asyncio.shield(gate.release(permit, used_tokens=used, quota_spent=quota_spent))
+    # Not shielded (a task per job): a shared slot a cancelled job fails to give back
+    # expires with its lease.
+    await gate.release(permit, used_tokens=used, quota_spent=quota_spent)
 
 
 def _total_tokens(usage: dict[str, Any] | None) -> int | None:

@@ -56,6 +56,7 @@ WINDOW = 1.0  # seconds between the two readings a share is measured over
 FULL = 0.995  # a remaining fraction at or above this reads as full (no spending seen)
 MIN_SHARE = 0.02
 FAIRNESS = 0.01  # of the refill rate, added to each replica's share per window
+SCOUT_WAIT = 1.0  # the others wait this long at most for the first answer (a slow one)
 PACE_RECHECK = 0.25  # a paced caller looks again this often (the rate may have grown)
 BACKOFF_ON_429 = 0.7  # a 429 cuts a replica's paced rate by this factor
 CHARS_PER_TOKEN = 4  # the providers' own rule of thumb for an estimate before the call
@@ -231,10 +232,11 @@ class Gate:
         self._cooling = False
         self._probing = False
         self._closes = 0  # 429s in a row without a hint: the backoff's exponent
-        # Until an answer says what the budget is, one call at a time finds out: a replica
-        # starting with a full consumer prefetch would otherwise burst past any window.
+        # Until an answer says what the budget is, one call finds out (for a second at most):
+        # a replica starting with a full consumer prefetch would burst past any window.
         self._answered = False
         self._scouting = False
+        self._scouted = 0.0  # when the scout went
 
     @classmethod
     def from_limits(
@@ -294,14 +296,15 @@ class Gate:
                 await self._sleep(blocked)
                 continue
             at = max(self._requests.next_start(now), self._tokens.next_start(now))
-            if not self._answered and self._scouting:
+            if not self._answered and self._scouting and now - self._scouted < SCOUT_WAIT:
                 at = now + PACE_RECHECK / 5
             if at > now:
                 if waited + (at - now) > limit:
                     return Wait(at - now, waited, False)
                 await self._sleep(min(at - now, PACE_RECHECK))
                 continue
-            self._scouting = not self._answered
+            if not self._answered and not self._scouting:
+                self._scouting, self._scouted = True, now
             self._requests.take(1, now)
             self._tokens.take(tokens, now)
             _CALL.set((now, self._requests.spent, self._tokens.spent))
@@ -314,12 +317,14 @@ class Gate:
         wait = await self.quota.reserve(tokens, max(limit - waited, 0.0))
         if wait > 0 and wait > limit - waited:
             self._probing = self._probing and not probe
+            self._scouting = False
             return Wait(wait, waited, False)
         if wait > 0:
             await self._sleep(wait)
         slot = await self.quota.acquire_slot(max(limit - (self._clock() - started), 0.0))
         if slot is None:
             self._probing = self._probing and not probe
+            self._scouting = False
             return Wait(1.0, self._clock() - started, False)
         return Permit(tokens, slot, self._clock() - started, probe)
 

@@ -628,6 +628,9 @@ async def test_long_retry_after_defers(upstreams: Upstreams, sleeps: list[float]
     assert (
         upstreams.counter("chat_worker_upstream_rate_limited_total", error_code="rate_limited") == 1
     )
+    # The gate's state is a metric: closed now, with the upstream's name.
+    assert upstreams.counter("chat_worker_upstream_state", upstream="default", state="closed") == 1
+    assert upstreams.counter("chat_worker_upstream_state", upstream="default", state="open") == 0
 
 
 async def test_short_retry_after_waits_inline(upstreams: Upstreams, sleeps: list[float]) -> None:
