@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-browser lint typecheck schemas bench soak clean
+.PHONY: demo test test-browser lint typecheck schemas bench soak clean interop
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,14 @@ soak: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# LiteLLM's proxy as an upstream (tests/interop): ~750 MB in its own virtualenv, so it is
+# neither in the dev extras nor in `make test`.
+LITELLM_VENV ?= .venv-litellm
+$(LITELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet 'litellm[proxy]>=1.50,<2'
+	touch $@
+
+interop: $(VENV)/.installed $(LITELLM_VENV)/.installed
+	LITELLM_BIN=$(LITELLM_VENV)/bin/litellm $(PY) -m pytest tests/interop -q

@@ -1,4 +1,4 @@
-"""The ``chat-worker`` command: run, demo, submit, mock-upstream, dlq, console."""
+"""The ``chat-worker`` command: run, demo, submit, mock-upstream, dlq, console, upstreams."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from worker.settings import Settings, SettingsError, load_settings
+from worker.settings import Settings, SettingsError, UpstreamSpec, load_settings
 
 __all__ = ["main", "run_async"]
 
@@ -34,6 +34,15 @@ def settings_or_exit(**overrides: Any) -> Settings:
         sys.exit(2)
 
 
+def upstreams_or_exit(settings: Settings) -> tuple[UpstreamSpec, ...]:
+    """The upstreams with their keys, or one line naming the place and exit code 2."""
+    try:
+        return settings.upstreams
+    except SettingsError as exc:
+        click.echo(f"chat-worker: invalid setting {exc}", err=True)
+        sys.exit(2)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="chat-worker")
 def main() -> None:
@@ -50,11 +59,7 @@ def run() -> None:
     from worker.telemetry import configure_logging
 
     settings = settings_or_exit()
-    if not settings.upstream_base_url:
-        click.echo(
-            "chat-worker: invalid setting WORKER_UPSTREAM_BASE_URL: required by `run`", err=True
-        )
-        sys.exit(2)
+    upstreams_or_exit(settings)
     configure_logging(settings.log_format, settings.log_level)
     try:
         run_async(serve(settings))
@@ -264,3 +269,36 @@ def console(host: str, port: int) -> None:
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     run_async(serve_console(settings, host, port))
+
+
+@main.group()
+def upstreams() -> None:
+    """The upstreams of WORKER_UPSTREAMS_FILE (or WORKER_UPSTREAM_BASE_URL)."""
+
+
+@upstreams.command("check")
+@click.option("--model", default=None, help="Model to ask for [default: each upstream's first].")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds per upstream.")
+def upstreams_check(model: str | None, timeout: float) -> None:
+    """Read the file, resolve the keys (never printed) and send one tiny request to each
+    upstream (max_tokens 1). Exit 0 when every upstream answers 2xx, 1 otherwise."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from worker.pool import check_upstreams
+
+    specs = upstreams_or_exit(settings_or_exit())
+    rows = run_async(check_upstreams(specs, model=model, limit=timeout))
+    table = Table(title=f"{len(rows)} upstreams")
+    for column in ("name", "models", "model sent", "status", "latency"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row.name,
+            ", ".join(row.models),
+            row.model,
+            f"[green]{row.status}[/]" if row.ok else f"[red]{row.status}[/]",
+            "-" if row.latency_ms is None else f"{row.latency_ms:.0f} ms",
+        )
+    Console(width=max(Console().width, 100)).print(table)
+    sys.exit(0 if all(row.ok for row in rows) else 1)

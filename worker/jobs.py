@@ -34,8 +34,9 @@ from worker.errors import (
 )
 from worker.limits import Gate, Permit, Wait, estimate_tokens
 from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
+from worker.pool import Member, UpstreamPool
 from worker.quota import ConfiguredLimits
-from worker.settings import Settings
+from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
 from worker.streaming import CompletionAssembler, DeltaStream, MalformedChunk
 from worker.telemetry import Telemetry
 from worker.topology import (
@@ -70,7 +71,6 @@ BACKOFF_CAP = 60.0
 # Waiting for rate-limit budget holds the consumer slot up to this long (well inside the
 # broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
 RATE_LIMIT_INLINE_WAIT = 30.0
-DEFAULT_UPSTREAM = "default"
 
 SendDelta = Callable[[int, int, list[dict[str, Any]]], Awaitable[None]]
 """``send(attempt, seq, choices)``: publish one delta message."""
@@ -293,87 +293,158 @@ def backoff(attempt: int, retry_after: float | None) -> float:
 
 
 class JobRunner:
-    """Calls the upstream for a :class:`Job`, retrying as contract §6 says and waiting for
-    rate-limit budget as §11 says."""
+    """Calls the upstreams for a :class:`Job` as contract §6 and §11 say.
+
+    Each attempt goes to the pool's choice for the job's model (lowest priority with budget,
+    by weight), through that upstream's rate-limit gate. A retryable failure moves on to the
+    next candidate at once; only when every candidate has failed in a row does the job back
+    off (in the process, or through a delay queue). A 429 is no attempt: the job goes to
+    another upstream of its model with budget, or waits for budget at the best one.
+    """
 
     def __init__(
         self,
         settings: Settings,
-        upstream: Upstream,
+        upstream: UpstreamPool | Upstream,
         telemetry: Telemetry,
         gate: Gate | None = None,
     ) -> None:
         self.settings = settings
-        self.upstream = upstream
         self.telemetry = telemetry
-        self.gate = gate or _gate_from(settings, upstream.url)
-        upstream.on_answer = self.gate.observe
-        telemetry.watch_gate(self.gate)
+        if isinstance(upstream, UpstreamPool):
+            self.pool = upstream
+        else:
+            self.pool = _pool_of_one(upstream, settings)
+        for member in self.pool.members:
+            if member.gate is None:
+                member.gate = gate if gate is not None else gate_for(settings, member.spec)
+            member.client.on_answer = member.gate.observe
+            telemetry.watch_gate(member.gate)
+
+    @property
+    def gate(self) -> Gate:
+        """The first upstream's gate (the only one of a pool of one)."""
+        return _gate_of(self.pool.members[0])
 
     async def aclose(self) -> None:
-        await self.gate.aclose()
+        for member in self.pool.members:
+            await _gate_of(member).aclose()
 
     async def run(self, job: Job, send_delta: SendDelta) -> JobOutcome | Deferral:
         attempt = job.envelope.prior_attempts
         waited = job.envelope.rate_limit_wait_ms / 1000  # seconds, across deliveries
         if attempt >= self.settings.max_attempts:
-            return self._finish(
-                _failed(
-                    UpstreamError(
-                        f"gave up after {attempt} attempts or deliveries without a result"
-                    ),
-                    attempt,
-                ),
-                waited,
+            error = UpstreamError(
+                f"gave up after {attempt} attempts or deliveries without a result"
             )
-        body = _stream_body(job.body) if job.stream else orjson.dumps(job.body)
+            return self._finish(_failed(error, attempt), waited, None)
+        try:
+            member, probe = self._choose(job.model)
+        except ModelNotAllowed as unserved:
+            return self._finish(_failed(unserved, attempt), waited, None)
         tokens = estimate_tokens(job.body)
+        bodies: dict[str, bytes] = {}
+        tried: list[Member] = []  # failed in a row since the last backoff
+        short: list[Member] = []  # had no budget within the wait offered, this delivery
+        last: str | None = None  # the upstream of the last attempt
         refused: JobError | None = None  # the last 429, for the result if waiting fails
         while True:
-            left = self._wait_left(job, waited)
-            admitted = await self.gate.admit(tokens, limit=min(RATE_LIMIT_INLINE_WAIT, left))
-            if admitted.waited > 0:
-                self.telemetry.rate_limit_wait.record(admitted.waited, {"upstream": self.gate.name})
-            waited += admitted.waited
-            if isinstance(admitted, Wait):
-                return self._wait_longer(job, admitted, waited, attempt, refused)
-            attempt += 1
-            structlog.contextvars.bind_contextvars(attempt=attempt)
-            used: int | None = None
-            quota_spent = False
-            try:
-                outcome = await self._attempt(job, body, attempt, send_delta)
-                used = _total_tokens(outcome.usage)
-                return self._finish(outcome, waited)
-            except BudgetError as exc:
-                # A call the upstream refused for budget is not an attempt (§11): the job
-                # goes back to waiting, bounded by WORKER_RATE_LIMIT_MAX_WAIT alone.
-                attempt -= 1
-                refused = exc
-                quota_spent = isinstance(exc, QuotaExceeded)
-                if quota_spent:
-                    self.gate.cool()
-                self.telemetry.rate_limited.add(
-                    1, {"upstream": self.gate.name, "error_code": exc.code.value}
-                )
-            except JobError as exc:
-                if not exc.retryable or attempt >= self.settings.max_attempts:
-                    return self._finish(_failed(exc, attempt), waited)
-                wait = backoff(attempt, exc.retry_after)
-                self.telemetry.retries.add(1, {"error_code": exc.code.value})
-                log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
-                if wait > INLINE_RETRY_LIMIT:
-                    return Deferral(
-                        wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000
+            if member is None:
+                attempt += 1
+                exc: JobError = self._all_cooling(job.model)
+            else:
+                gate = _gate_of(member)
+                left = self._wait_left(job, waited)
+                admitted = await gate.admit(tokens, limit=min(RATE_LIMIT_INLINE_WAIT, left))
+                if admitted.waited > 0:
+                    self.telemetry.rate_limit_wait.record(admitted.waited, {"upstream": gate.name})
+                waited += admitted.waited
+                if isinstance(admitted, Wait):
+                    # No budget here soon: another upstream of the model may have some.
+                    self.pool.report(member, None, probe=probe, cancelled=True)
+                    short.append(closed := member)
+                    member, probe = self._choose(job.model, [*tried, *short], ready=True)
+                    if member is not None:
+                        log.info("upstream has no budget", upstream=closed.name, to=member.name)
+                        continue
+                    return self._wait_longer(job, admitted, waited, attempt, refused, last)
+                attempt += 1
+                structlog.contextvars.bind_contextvars(attempt=attempt)
+                last = member.name
+                used: int | None = None
+                quota_spent = False
+                try:
+                    outcome = await self._attempt(job, member, bodies, attempt, send_delta)
+                    used = _total_tokens(outcome.usage)
+                    self.pool.report(member, None, probe=probe)
+                    return self._finish(outcome, waited, last)
+                except BudgetError as budget:
+                    # A call refused for budget is not an attempt (§11): the job goes to an
+                    # upstream with budget, or waits, bounded by WORKER_RATE_LIMIT_MAX_WAIT.
+                    attempt -= 1
+                    refused = budget
+                    quota_spent = isinstance(budget, QuotaExceeded)
+                    if quota_spent:
+                        gate.cool()
+                    self.pool.report(member, budget, probe=probe)
+                    self.telemetry.rate_limited.add(
+                        1, {"upstream": gate.name, "error_code": budget.code.value}
                     )
-                await asyncio.sleep(wait)
-            finally:
-                await self._release(admitted, used, quota_spent)
+                    member, probe = self._choose(job.model)
+                    continue
+                except JobError as error:
+                    self.pool.report(member, error, probe=probe)
+                    exc = error
+                except BaseException:
+                    self.pool.report(member, None, probe=probe, cancelled=True)
+                    raise
+                finally:
+                    await _release(gate, admitted, used, quota_spent)
+            if not exc.retryable or attempt >= self.settings.max_attempts:
+                return self._finish(_failed(exc, attempt), waited, last)
+            if member is not None:
+                tried.append(member)
+                member, probe = self._choose(job.model, tried)
+                if member is not None:
+                    self.telemetry.retries.add(
+                        1, {"error_code": exc.code.value, "upstream": tried[-1].name}
+                    )
+                    log.info(
+                        "falling back",
+                        error_code=exc.code.value,
+                        error=exc.message,
+                        upstream=tried[-1].name,
+                        to=member.name,
+                    )
+                    continue
+            wait = backoff(attempt, exc.retry_after)
+            self.telemetry.retries.add(1, {"error_code": exc.code.value, "upstream": last or ""})
+            log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
+            if wait > INLINE_RETRY_LIMIT:
+                return Deferral(
+                    wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000
+                )
+            await asyncio.sleep(wait)
+            tried.clear()
+            member, probe = self._choose(job.model)
 
-    async def _release(self, permit: Permit, used: int | None, quota_spent: bool) -> None:
-        # Not shielded (a task per job): a shared slot a cancelled job fails to give back
-        # expires with its lease.
-        await self.gate.release(permit, used_tokens=used, quota_spent=quota_spent)
+    def _choose(
+        self, model: str, exclude: list[Member] | None = None, *, ready: bool = False
+    ) -> tuple[Member | None, bool]:
+        """The pool's choice, and whether this job is its probe (read at once: another job
+        cannot take a member that is being probed, so the flag is this job's)."""
+        member = self.pool.choose(model, exclude or (), ready=ready)
+        return member, member is not None and member.probing
+
+    def _all_cooling(self, model: str) -> UpstreamError:
+        """The attempt that finds every upstream of ``model`` resting: it waits for the
+        first to come back (counted as an attempt, so a dead provider fails jobs after
+        ``WORKER_MAX_ATTEMPTS`` instead of holding them for ever)."""
+        wait = self.pool.cooling_wait(model)
+        return UpstreamError(
+            f"every upstream of model {model!r} is cooling down",
+            retry_after=wait or None,  # 0: another job is probing; back off as usual
+        )
 
     def _wait_left(self, job: Job, waited: float) -> float:
         """Seconds the job may still wait for budget: WORKER_RATE_LIMIT_MAX_WAIT, x-deadline."""
@@ -383,7 +454,13 @@ class JobRunner:
         return max(left, 0.0)
 
     def _wait_longer(
-        self, job: Job, wait: Wait, waited: float, attempt: int, refused: JobError | None
+        self,
+        job: Job,
+        wait: Wait,
+        waited: float,
+        attempt: int,
+        refused: JobError | None,
+        upstream: str | None,
     ) -> JobOutcome | Deferral:
         """Budget is further away than the job may wait here: fail it, or send it round a
         delay queue (a new message: no failed delivery is counted, no slot is held)."""
@@ -405,7 +482,7 @@ class JobRunner:
                 request_id=refused.request_id if refused else None,
             )
             log.info("gave up waiting for budget", error_code=error.code.value, waited_s=waited)
-            return self._finish(_failed(error, attempt), waited)
+            return self._finish(_failed(error, attempt), waited, upstream)
         # The longest delay tier that does not overshoot: back in time to take the budget.
         tier = max((t for t in DELAY_TIERS if t <= wait.seconds), default=DELAY_TIERS[0])
         return Deferral(
@@ -415,23 +492,40 @@ class JobRunner:
             rate_limit_wait_ms=(waited + tier) * 1000,
         )
 
-    def _finish(self, outcome: JobOutcome, waited: float) -> JobOutcome:
-        outcome.upstream = self.gate.name
+    @staticmethod
+    def _finish(outcome: JobOutcome, waited: float, upstream: str | None) -> JobOutcome:
+        outcome.upstream = upstream
         outcome.rate_limit_wait_ms = round(waited * 1000, 1)
         return outcome
 
     async def _attempt(
-        self, job: Job, body: bytes, attempt: int, send_delta: SendDelta
+        self,
+        job: Job,
+        member: Member,
+        bodies: dict[str, bytes],
+        attempt: int,
+        send_delta: SendDelta,
     ) -> JobOutcome:
         """One upstream call inside its CLIENT span, recorded in the metrics."""
-        with self.telemetry.upstream_span(self.upstream.url, job.body, attempt) as span:
+        sent_model = member.spec.upstream_model(job.model)
+        body = bodies.get(sent_model)
+        upstream_body = job.body if sent_model == job.model else {**job.body, "model": sent_model}
+        if body is None:
+            dumped = _stream_body(upstream_body) if job.stream else orjson.dumps(upstream_body)
+            body = bodies[sent_model] = dumped
+        client = member.client
+        with self.telemetry.upstream_span(
+            client.url, upstream_body, attempt, upstream=member.name, provider=member.provider
+        ) as span:
             headers = self.telemetry.outgoing_headers()
             started = time.perf_counter()
             try:
                 if job.stream:
-                    outcome = await self._stream_once(job, body, attempt, send_delta, headers)
+                    outcome = await self._stream_once(
+                        client, job, body, attempt, send_delta, headers
+                    )
                 else:
-                    outcome = await self._call_once(body, attempt, headers)
+                    outcome = await self._call_once(client, body, attempt, headers)
             except JobError as exc:
                 self.telemetry.record_attempt(
                     span,
@@ -439,6 +533,8 @@ class JobRunner:
                     seconds=time.perf_counter() - started,
                     body=exc.response,
                     error_type=exc.code.value,
+                    upstream=member.name,
+                    provider=member.provider,
                 )
                 raise
             self.telemetry.record_attempt(
@@ -447,14 +543,18 @@ class JobRunner:
                 seconds=time.perf_counter() - started,
                 body=outcome.body,
                 ttft_seconds=None if outcome.ttft_ms is None else outcome.ttft_ms / 1000,
+                upstream=member.name,
+                provider=member.provider,
             )
             return outcome
 
-    async def _call_once(self, body: bytes, attempt: int, headers: Mapping[str, str]) -> JobOutcome:
+    async def _call_once(
+        self, client: Upstream, body: bytes, attempt: int, headers: Mapping[str, str]
+    ) -> JobOutcome:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.request_timeout):
-                completion = await self.upstream.complete(body, headers)
+                completion = await client.complete(body, headers)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"no answer within WORKER_REQUEST_TIMEOUT ({self.settings.request_timeout:g}s)"
@@ -470,6 +570,7 @@ class JobRunner:
 
     async def _stream_once(
         self,
+        client: Upstream,
         job: Job,
         body: bytes,
         attempt: int,
@@ -493,7 +594,7 @@ class JobRunner:
         try:
             async with asyncio.timeout(idle) as silence:
                 rescheduled = loop.time()
-                async with self.upstream.open_stream(body, headers, meta) as chunks:
+                async with client.open_stream(body, headers, meta) as chunks:
                     # One await per network read; the chunks it completed are plain calls.
                     while (batch := await chunks.read()) is not None:
                         if not batch:
@@ -560,21 +661,50 @@ def _failed(exc: JobError, attempts: int) -> JobOutcome:
     )
 
 
-def _gate_from(settings: Settings, url: str) -> Gate:
-    limits = ConfiguredLimits(
-        settings.upstream_rpm, settings.upstream_tpm, settings.upstream_max_concurrency
+def _pool_of_one(client: Upstream, settings: Settings) -> UpstreamPool:
+    """A client made elsewhere (tests, benchmarks) as the pool of one ``default``, with the
+    limits of the ``WORKER_UPSTREAM_*`` variables."""
+    spec = UpstreamSpec(
+        name=DEFAULT_UPSTREAM,
+        base_url=client.url.removesuffix("/chat/completions"),
+        models=["*"],
+        limits=LimitsSpec(
+            rpm=settings.upstream_rpm,
+            tpm=settings.upstream_tpm,
+            max_concurrency=settings.upstream_max_concurrency,
+        ),
     )
+    return UpstreamPool.single(client, spec)
+
+
+def gate_for(settings: Settings, spec: UpstreamSpec) -> Gate:
+    """The rate-limit gate of one upstream, with its configured limits (local, or shared in
+    Redis by replicas that call the same endpoint under the same name)."""
+    limits = ConfiguredLimits(spec.limits.rpm, spec.limits.tpm, spec.limits.max_concurrency)
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     lease = max(settings.request_timeout, settings.stream_idle_timeout)
-    # Replicas share limits when they call the same endpoint under the same name.
+    query = "&".join(f"{k}={v}" for k, v in sorted(spec.query.items()))
+    url = f"{spec.url}?{query}" if query else spec.url
     endpoint = hashlib.sha256(url.encode()).hexdigest()[:12]
     return Gate.from_limits(
-        DEFAULT_UPSTREAM,
+        spec.name,
         limits,
         redis_url=redis_url,
-        shared_as=f"{DEFAULT_UPSTREAM}:{endpoint}",
+        shared_as=f"{spec.name}:{endpoint}",
         lease_seconds=lease,
     )
+
+
+def _gate_of(member: Member) -> Gate:
+    if member.gate is None:  # every member gets one in JobRunner.__init__
+        raise RuntimeError(f"upstream {member.name!r} has no gate")
+    return member.gate
+
+
+async def _release(gate: Gate, permit: Permit, used: int | None, quota_spent: bool) -> None:
+    # Not shielded (a task per job): a shared slot a cancelled job fails to give back
+    # expires with its lease.
+    await gate.release(permit, used_tokens=used, quota_spent=quota_spent)
 
 
 def _total_tokens(usage: dict[str, Any] | None) -> int | None:

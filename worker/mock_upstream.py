@@ -81,6 +81,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class MockUpstream:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/mock/stats", self._stats)
         app.router.add_post("/mock/reset", self._reset)
@@ -209,7 +211,10 @@ class MockUpstream:
 
     async def _recorded(self, _: web.Request) -> web.Response:
         return _json(
-            [{"path": r.path, "headers": r.headers, "body": r.body} for r in self.requests]
+            [
+                {"path": r.path, "query": r.query, "headers": r.headers, "body": r.body}
+                for r in self.requests
+            ]
         )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -224,8 +229,12 @@ class MockUpstream:
             return _error(400, "Request body must be a JSON object", "invalid_json", None, headers)
         if self.config.record:
             lowered = {k.lower(): v for k, v in request.headers.items()}
-            self.requests.append(RecordedRequest(request.path, lowered, body))
-        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            self.requests.append(RecordedRequest(request.path, lowered, body, dict(request.query)))
+        # The key as a bearer token (OpenAI) or in an `api-key` header (Azure OpenAI).
+        if self._auth is not None and (
+            request.headers.get("Authorization") != self._auth
+            and request.headers.get("api-key") != self.config.api_key
+        ):
             return _error(401, "Incorrect API key provided", "invalid_api_key", None, headers)
         try:
             opts = self._options(request, body)

@@ -56,6 +56,7 @@ from worker.jobs import (
     read_envelope,
 )
 from worker.lanes import LaneConsumer
+from worker.pool import UpstreamPool
 from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
@@ -90,16 +91,18 @@ class Worker:
         self,
         settings: Settings,
         *,
-        upstream: Upstream | None = None,
+        upstream: Upstream | UpstreamPool | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.telemetry = telemetry or Telemetry()
-        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-        self.upstream = upstream or Upstream(
-            settings.upstream_url, key, max_connections=settings.concurrency
+        self.runner = JobRunner(
+            settings,
+            upstream
+            or UpstreamPool.from_specs(settings.upstreams, max_connections=settings.concurrency),
+            self.telemetry,
         )
-        self.runner = JobRunner(settings, self.upstream, self.telemetry)
+        self.upstreams = self.runner.pool
         self.telemetry.allowed_models = settings.allowed_models
         self.blocking = BlockedState()
         self.identity = f"{socket.gethostname()}/{os.getpid()}"
@@ -175,7 +178,7 @@ class Worker:
                     break
                 await self._serve(connection)
         finally:
-            await self.upstream.aclose()
+            await self.upstreams.aclose()
             await self.runner.aclose()
         log.info("worker stopped")
 
@@ -526,7 +529,7 @@ async def _close_quietly(connection: AbstractConnection) -> None:
         await connection.close()
 
 
-async def serve(settings: Settings, *, upstream: Upstream | None = None) -> None:
+async def serve(settings: Settings, *, upstream: Upstream | UpstreamPool | None = None) -> None:
     """``chat-worker run``: the worker and its HTTP endpoints until SIGTERM/SIGINT."""
     from worker.http import HealthServer
 

@@ -2,21 +2,140 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Lane", "Settings", "SettingsError", "load_settings"]
+__all__ = [
+    "CooldownSpec",
+    "Lane",
+    "LimitsSpec",
+    "Settings",
+    "SettingsError",
+    "UpstreamSpec",
+    "UpstreamsFile",
+    "load_settings",
+]
 
 ENV_PREFIX = "WORKER_"
 DEFAULT_SECRETS_DIR = "/run/secrets"
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+DEFAULT_UPSTREAM = "default"  # the name of the single upstream of WORKER_UPSTREAM_BASE_URL
+
+
+# --- the upstreams file (contract §11) -----------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # A misspelt key (``priorty``) must stop the process, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LimitsSpec(_Strict):
+    """Configured limits of one upstream; each optional."""
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+
+
+class CooldownSpec(_Strict):
+    """``failures`` retryable failures in a row cool an upstream for ``seconds``."""
+
+    failures: int = Field(3, ge=1)
+    seconds: float = Field(30.0, gt=0)
+
+
+class UpstreamSpec(_Strict):
+    """One upstream of ``WORKER_UPSTREAMS_FILE``; ``api_key`` is filled by the loader from
+    ``api_key_env`` or ``api_key_file``, never from the file."""
+
+    name: str = Field(pattern=r"^[a-z0-9_-]+$", max_length=64)
+    base_url: str
+    api_key_env: str | None = Field(None, min_length=1)
+    api_key_file: Path | None = None
+    auth: Literal["bearer", "api-key", "none"] = "bearer"
+    query: dict[str, str] = {}
+    headers: dict[str, str] = {}
+    models: list[str] = Field(default_factory=list)
+    model_map: dict[str, str] = {}
+    priority: int = 0
+    weight: float = Field(1.0, gt=0)
+    limits: LimitsSpec = LimitsSpec()
+    cooldown: CooldownSpec = CooldownSpec()
+    api_key: SecretStr | None = Field(None, exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_inline(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError("api_key: keys come from api_key_env or api_key_file, not the file")
+        return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_base(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
+        # A key written here would sit in a ConfigMap in clear; it belongs in a Secret.
+        if {"authorization", "api-key"} & {k.lower() for k in value}:
+            raise ValueError("put the key in api_key_env or api_key_file, not in headers")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> UpstreamSpec:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        if not self.models and not self.model_map:
+            raise ValueError('models: name at least one model (or "*")')
+        return self
+
+    @property
+    def url(self) -> str:
+        """The chat-completions endpoint, without the fixed query parameters."""
+        return f"{self.base_url}/chat/completions"
+
+    def serves(self, model: str) -> bool:
+        return model in self.model_map or model in self.models or "*" in self.models
+
+    def upstream_model(self, model: str) -> str:
+        """The name sent upstream for a requested ``model``."""
+        return self.model_map.get(model, model)
+
+
+class UpstreamsFile(_Strict):
+    """The document of ``WORKER_UPSTREAMS_FILE``."""
+
+    upstreams: list[UpstreamSpec] = Field(min_length=1)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_names(cls, value: list[UpstreamSpec]) -> list[UpstreamSpec]:
+        names = [spec.name for spec in value]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"names must be unique: {', '.join(dupes)} repeated")
+        return value
 
 
 class Settings(BaseSettings):
@@ -161,6 +280,33 @@ class Settings(BaseSettings):
             raise SettingsError("WORKER_UPSTREAM_BASE_URL: required by `chat-worker run`")
         return f"{self.upstream_base_url}/chat/completions"
 
+    @functools.cached_property
+    def upstreams(self) -> tuple[UpstreamSpec, ...]:
+        """The upstreams with their keys: from ``WORKER_UPSTREAMS_FILE``, else a pool of one
+        (``default``) from ``WORKER_UPSTREAM_BASE_URL``/``_API_KEY``/``_RPM``/....
+
+        Raises :class:`SettingsError` with one line naming the file and the place in it.
+        """
+        if self.upstreams_file is not None:
+            return _read_upstreams(self.upstreams_file)
+        if not self.upstream_base_url:
+            raise SettingsError(
+                "WORKER_UPSTREAM_BASE_URL: required by `chat-worker run` "
+                "unless WORKER_UPSTREAMS_FILE is set"
+            )
+        return (
+            UpstreamSpec(
+                name=DEFAULT_UPSTREAM,
+                base_url=self.upstream_base_url,
+                models=["*"],
+                limits=LimitsSpec(
+                    rpm=self.upstream_rpm,
+                    tpm=self.upstream_tpm,
+                    max_concurrency=self.upstream_max_concurrency,
+                ),
+            ).model_copy(update={"api_key": self.upstream_api_key}),
+        )
+
     @property
     def delivery_limit(self) -> int:
         """Deliveries after which the broker itself dead-letters a message (quorum queues).
@@ -202,6 +348,88 @@ def _parse_lanes(value: str) -> list[Lane]:
 
 class SettingsError(Exception):
     """A setting is missing or invalid; the message names the variable."""
+
+
+def _read_upstreams(path: Path) -> tuple[UpstreamSpec, ...]:
+    """Parse, validate and resolve the keys of the upstreams file (one-line errors)."""
+    where = f"WORKER_UPSTREAMS_FILE {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+        document = yaml.safe_load(text)
+    except OSError as exc:
+        raise SettingsError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not YAML"
+        raise SettingsError(f"{where}{at}: {problem}") from None
+    try:
+        parsed = UpstreamsFile.model_validate(document)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [p for p in error["loc"] if p != "__root__"]
+        place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        line = _line_of(text, loc)
+        message = error["msg"].removeprefix("Value error, ")
+        raise SettingsError(
+            f"{where}{f' line {line}' if line else ''}: {place or 'document'}: {message}"
+        ) from None
+    return tuple(
+        spec.model_copy(update={"api_key": _resolve_key(spec, where)}) for spec in parsed.upstreams
+    )
+
+
+def _resolve_key(spec: UpstreamSpec, where: str) -> SecretStr | None:
+    """The key of ``spec`` from its variable (or the secrets directory) or its file."""
+    place = f"{where}: upstream {spec.name!r}"
+    if spec.api_key_env:
+        value = os.environ.get(spec.api_key_env)
+        if not value:
+            secrets = Path(os.environ.get(f"{ENV_PREFIX}SECRETS_DIR", DEFAULT_SECRETS_DIR))
+            with_file = secrets / spec.api_key_env
+            value = with_file.read_text(encoding="utf-8") if with_file.is_file() else None
+        if not value or not value.strip():
+            raise SettingsError(
+                f"{place}: api_key_env {spec.api_key_env} is not set (nor a file of that name "
+                "in WORKER_SECRETS_DIR)"
+            )
+        return SecretStr(value.strip())
+    if spec.api_key_file:
+        try:
+            value = spec.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise SettingsError(
+                f"{place}: api_key_file {spec.api_key_file}: cannot read: {reason}"
+            ) from None
+        if not value:
+            raise SettingsError(f"{place}: api_key_file {spec.api_key_file} is empty")
+        return SecretStr(value)
+    return None
+
+
+def _line_of(text: str, loc: list[Any]) -> int | None:
+    """The 1-based line of the node at ``loc`` in the YAML ``text``, as near as it exists."""
+    try:
+        node: Any = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+            if node is None:
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if part < len(node.value) else None
+        else:
+            break
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
 
 
 def load_settings(**overrides: Any) -> Settings:

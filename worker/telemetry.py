@@ -336,18 +336,29 @@ class Telemetry:
             otel_context.detach(token)
 
     @contextlib.contextmanager
-    def upstream_span(self, url: str, body: Mapping[str, Any], attempt: int) -> Iterator[Span]:
-        """The CLIENT span of one upstream attempt (GenAI conventions, no content)."""
+    def upstream_span(
+        self,
+        url: str,
+        body: Mapping[str, Any],
+        attempt: int,
+        *,
+        upstream: str | None = None,
+        provider: str = PROVIDER,
+    ) -> Iterator[Span]:
+        """The CLIENT span of one upstream attempt (GenAI conventions, no content);
+        ``upstream`` is the pool member's name, ``provider`` read from its host."""
         if not self.recording:
             yield trace.get_current_span()
             return
         model = str(body.get("model"))
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.provider.name": provider,
             "gen_ai.request.model": model,
             "chat_worker.attempt": attempt,
         }
+        if upstream is not None:
+            attributes["chat_worker.upstream"] = upstream
         parts = urlsplit(url)
         if parts.hostname:
             attributes["server.address"] = parts.hostname
@@ -388,12 +399,16 @@ class Telemetry:
         body: Mapping[str, Any] | None,
         ttft_seconds: float | None = None,
         error_type: str | None = None,
+        upstream: str | None = None,
+        provider: str = PROVIDER,
     ) -> None:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.provider.name": provider,
             "gen_ai.request.model": self.model_label(model),
         }
+        if upstream is not None:
+            attributes["upstream"] = upstream
         usage = (body or {}).get("usage") or {}
         if body is not None and span.is_recording():
             if response_id := body.get("id"):

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import httpx
@@ -30,7 +30,14 @@ from worker import __version__
 from worker.errors import JobError, QuotaExceeded, UpstreamError, error_for_status
 from worker.sse import EventStreamParser
 
-__all__ = ["ChunkStream", "Completion", "Upstream", "default_transport", "retry_after_seconds"]
+__all__ = [
+    "AuthStyle",
+    "ChunkStream",
+    "Completion",
+    "Upstream",
+    "default_transport",
+    "retry_after_seconds",
+]
 
 # Connecting is the one phase the transport times itself: a host that does not answer a
 # SYN should fail fast and be retried, not eat the whole request timeout.
@@ -165,27 +172,41 @@ def _check_error_event(
     )
 
 
+AuthStyle = Literal["bearer", "api-key", "none"]
+
+
 class Upstream:
-    """POSTs chat-completion bodies to ``url`` with the configured bearer key."""
+    """POSTs chat-completion bodies to ``url`` with the configured key, query and headers.
+
+    ``auth``: ``bearer`` sends ``Authorization: Bearer <key>``, ``api-key`` sends
+    ``api-key: <key>`` (Azure OpenAI), ``none`` sends no key. Each instance owns its
+    connection pool, so one slow upstream cannot starve another's connections.
+    """
 
     def __init__(
         self,
         url: str,
         api_key: str | None = None,
         *,
+        auth: AuthStyle = "bearer",
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url
-        headers = {
+        fixed = {
             "content-type": "application/json",
             "accept": "application/json",
             "user-agent": f"chat-worker/{__version__}",
+            **{name.lower(): value for name, value in (headers or {}).items()},
         }
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._headers = headers
-        self._url = httpx.URL(url)
+        if api_key and auth == "bearer":
+            fixed["authorization"] = f"Bearer {api_key}"
+        elif api_key and auth == "api-key":
+            fixed["api-key"] = api_key
+        self._headers = fixed
+        self._url = httpx.URL(url).copy_merge_params(dict(query)) if query else httpx.URL(url)
         self._extensions = {
             "timeout": {"connect": CONNECT_TIMEOUT, "read": None, "write": None, "pool": None}
         }
@@ -252,11 +273,11 @@ class Upstream:
                 status, answer_headers = response.status_code, response.headers
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
-        if self.on_answer is not None:
-            self.on_answer(status, answer_headers)
         if meta is not None:
             meta["status_code"] = status
             meta["headers"] = answer_headers
+        if self.on_answer is not None:
+            self.on_answer(status, answer_headers)
         if status >= 300:
             raise _status_error(status, answer_headers, content)
         return Completion(
@@ -303,6 +324,8 @@ class Upstream:
                 meta["status_code"] = status
                 meta["request_id"] = answer_headers.get("x-request-id")
                 meta["headers"] = answer_headers
+            if self.on_answer is not None:
+                self.on_answer(status, answer_headers)
             if status >= 300:
                 try:
                     content = await read_all()

@@ -158,8 +158,38 @@ def env_of(container: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in container.get("env", [])}
 
 
+UPSTREAMS = {
+    "upstreams": [
+        {
+            "name": "openai",
+            "base_url": "https://api.openai.com/v1",
+            "api_key_env": "OPENAI_API_KEY",
+            "models": ["gpt-4o-mini", "gpt-4o"],
+            "limits": {"rpm": 3000, "tpm": 1000000},
+        },
+        {
+            "name": "azure",
+            "base_url": "https://example.openai.azure.com/openai/deployments/gpt-4o-mini",
+            "auth": "api-key",
+            "api_key_env": "AZURE_OPENAI_KEY",
+            "query": {"api-version": "2024-10-21"},
+            "models": ["gpt-4o-mini"],
+            "model_map": {"fast": "gpt-4o-mini"},
+            "priority": 1,
+            "weight": 2,
+            "cooldown": {"failures": 5, "seconds": 10},
+        },
+        {"name": "vllm", "base_url": "http://vllm:8000/v1", "auth": "none", "models": ["*"]},
+    ],
+    "upstreamKeys": [
+        {"name": "OPENAI_API_KEY", "secretName": "llm-keys", "secretKey": "openai"},
+        {"name": "AZURE_OPENAI_KEY", "secretName": "llm-keys", "secretKey": "azure"},
+    ],
+}
+
 SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "defaults": ({}, ()),
+    "upstreams": (merge(SECRETS, UPSTREAMS), (KEDA_API,)),
     "keda": (SECRETS, (KEDA_API,)),
     "keda-api-absent": (SECRETS, ()),
     "keda-switched-off": (
@@ -379,6 +409,53 @@ def test_configmap_carries_every_non_secret_setting() -> None:
 
 def test_upstream_base_url_is_left_out_when_unset() -> None:
     assert "WORKER_UPSTREAM_BASE_URL" not in render().config_map()["data"]
+
+
+def test_upstreams_render_to_a_mounted_file_the_worker_accepts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from worker.settings import Settings
+
+    rendered = render(UPSTREAMS)
+    data = rendered.config_map()["data"]
+    path = data["WORKER_UPSTREAMS_FILE"]
+    (files,) = [
+        d for d in rendered.of_kind("ConfigMap") if d["metadata"]["name"] == f"{FULLNAME}-upstreams"
+    ]
+    text = files["data"]["upstreams.yaml"]
+    assert yaml.safe_load(text) == {"upstreams": UPSTREAMS["upstreams"]}
+    # The worker reads the rendered file as it is, keys from the variables the pod gets.
+    (tmp_path / "upstreams.yaml").write_text(text)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-o")
+    monkeypatch.setenv("AZURE_OPENAI_KEY", "az-k")
+    settings = Settings(_env_file=None, upstreams_file=tmp_path / "upstreams.yaml")  # type: ignore[call-arg]
+    assert [u.name for u in settings.upstreams] == ["openai", "azure", "vllm"]
+    assert settings.upstreams[1].query == {"api-version": "2024-10-21"}
+
+    container = rendered.container()
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "upstreams")
+    assert mount == {"name": "upstreams", "mountPath": str(Path(path).parent), "readOnly": True}
+    volume = next(v for v in rendered.pod_spec()["volumes"] if v["name"] == "upstreams")
+    assert volume["configMap"]["name"] == f"{FULLNAME}-upstreams"
+    env = env_of(container)
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "llm-keys",
+        "key": "openai",
+    }
+    assert env["AZURE_OPENAI_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "azure"
+    assert "checksum/upstreams" in rendered.pod_annotations()
+    changed = merge(UPSTREAMS, {"upstreams": UPSTREAMS["upstreams"][:1]})
+    assert (
+        render(changed).pod_annotations()["checksum/upstreams"]
+        != rendered.pod_annotations()["checksum/upstreams"]
+    )
+
+
+def test_no_upstreams_file_without_upstreams() -> None:
+    rendered = render()
+    assert "WORKER_UPSTREAMS_FILE" not in rendered.config_map()["data"]
+    assert len(rendered.of_kind("ConfigMap")) == 1
+    assert "checksum/upstreams" not in rendered.pod_annotations()
 
 
 @pytest.mark.parametrize("apis", [(), (KEDA_API, MONITORING_API)])
@@ -627,6 +704,22 @@ def test_dashboard_configmap_carries_the_dashboard_for_the_sidecar() -> None:
         pytest.param({"autoscaling": {"maxReplicas": 0}}, id="max-replicas-0"),
         pytest.param({"image": {"pullPolicy": "Sometimes"}}, id="pull-policy"),
         pytest.param({"replicas": 3}, id="unknown-top-level-key"),
+        pytest.param(
+            {"upstreams": [{"name": "a", "base_url": "https://x/v1", "api_key": "sk-1"}]},
+            id="upstream-key-inline",
+        ),
+        pytest.param(
+            {"upstreams": [{"name": "a", "base_url": "https://x/v1", "headers": {"api-key": "k"}}]},
+            id="upstream-key-in-headers",
+        ),
+        pytest.param(
+            {"upstreams": [{"name": "A B", "base_url": "https://x/v1"}]}, id="upstream-name"
+        ),
+        pytest.param(
+            {"upstreams": [{"name": "a", "base_url": "https://x/v1", "auth": "basic"}]},
+            id="upstream-auth",
+        ),
+        pytest.param({"upstreamKeys": [{"name": "K", "secretName": "s"}]}, id="key-ref-no-key"),
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:

@@ -537,7 +537,7 @@ async def test_requests_are_recorded(mock: MockUpstream, session: aiohttp.Client
 
     async with session.get(f"{mock.base_url[:-3]}/mock/requests") as resp:
         rows = await resp.json()
-    assert rows == [{"path": recorded.path, "headers": recorded.headers, "body": body}]
+    assert rows == [{"path": recorded.path, "query": {}, "headers": recorded.headers, "body": body}]
     async with session.get(f"{mock.base_url[:-3]}/mock/stats") as resp:
         assert await resp.json() == {"total": 1, "faults": {}}
     async with session.post(f"{mock.base_url[:-3]}/mock/reset") as resp:
@@ -618,3 +618,19 @@ async def test_serve_runs_until_sigterm(session: aiohttp.ClientSession) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_query_and_azure_paths_are_recorded_and_api_key_accepted(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with MockUpstream(MockConfig(api_key="sk-az")) as server:
+        root = server.base_url.removesuffix("/v1")
+        url = f"{root}/openai/deployments/mini/chat/completions?api-version=2024-10-21"
+        async with session.post(url, json=request(), headers={"api-key": "sk-az"}) as resp:
+            assert resp.status == 200
+        async with session.post(url, json=request(), headers={"api-key": "sk-wrong"}) as resp:
+            assert resp.status == 401
+        first = server.requests[0]
+        assert first.path == "/openai/deployments/mini/chat/completions"
+        assert first.query == {"api-version": "2024-10-21"}
+        assert first.headers["api-key"] == "sk-az"

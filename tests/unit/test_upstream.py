@@ -540,48 +540,6 @@ async def test_usage_not_an_object_in_plain_answer(closing: list[Upstream]) -> N
         await upstream.complete(BODY, {})
 
 
-QUOTA_BODY = {
-    "error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
-              "code": "insufficient_quota", "param": None}
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("stream", [False, True])
-async def test_insufficient_quota_is_told_apart_from_a_rate_limit(
-    closing: list[Upstream], stream: bool
-) -> None:
-    upstream = upstream_with(lambda request: httpx.Response(429, json=QUOTA_BODY))
-    closing.append(upstream)
-    call = collect(upstream) if stream else upstream.complete(BODY, {})
-    with pytest.raises(QuotaExceeded) as caught:
-        await call
-    assert caught.value.code.value == "quota_exceeded"
-    assert caught.value.status_code == 429
-
-
-@pytest.mark.parametrize("stream", [False, True])
-async def test_every_answer_is_handed_to_the_gate(closing: list[Upstream], stream: bool) -> None:
-    answers = iter(
-        [
-            httpx.Response(429, json=ERROR_BODY, headers={"x-ratelimit-remaining-requests": "0"}),
-            httpx.Response(200, json=COMPLETION, headers={"x-ratelimit-remaining-requests": "9"})
-            if not stream
-            else httpx.Response(200, content=sse(chunk("a")), headers={
-                "content-type": "text/event-stream", "x-ratelimit-remaining-requests": "9"}),
-        ]
-    )  # fmt: skip
-    upstream = upstream_with(lambda request: next(answers))
-    closing.append(upstream)
-    seen: list[tuple[int, str | None]] = []
-    upstream.on_answer = lambda status, headers: seen.append(
-        (status, headers.get("x-ratelimit-remaining-requests"))
-    )
-    with pytest.raises(RateLimited):
-        await (collect(upstream) if stream else upstream.complete(BODY, {}))
-    await (collect(upstream) if stream else upstream.complete(BODY, {}))
-    assert seen == [(429, "0"), (200, "9")]
-
-
 @pytest.mark.parametrize(
     "body",
     [ERROR_BODY, {"error": "quota", "choices": None}, {"object": "chat.completion"}],
@@ -626,3 +584,45 @@ async def test_answer_headers_are_exposed(closing: list[Upstream]) -> None:
         assert await chunks.read() == [chunk("a", "stop")]
         assert await chunks.read() is None
         assert chunks.done
+
+
+QUOTA_BODY = {
+    "error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+              "code": "insufficient_quota", "param": None}
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_insufficient_quota_is_told_apart_from_a_rate_limit(
+    closing: list[Upstream], stream: bool
+) -> None:
+    upstream = upstream_with(lambda request: httpx.Response(429, json=QUOTA_BODY))
+    closing.append(upstream)
+    call = collect(upstream) if stream else upstream.complete(BODY, {})
+    with pytest.raises(QuotaExceeded) as caught:
+        await call
+    assert caught.value.code.value == "quota_exceeded"
+    assert caught.value.status_code == 429
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_answer_is_handed_to_the_gate(closing: list[Upstream], stream: bool) -> None:
+    answers = iter(
+        [
+            httpx.Response(429, json=ERROR_BODY, headers={"x-ratelimit-remaining-requests": "0"}),
+            httpx.Response(200, json=COMPLETION, headers={"x-ratelimit-remaining-requests": "9"})
+            if not stream
+            else httpx.Response(200, content=sse(chunk("a")), headers={
+                "content-type": "text/event-stream", "x-ratelimit-remaining-requests": "9"}),
+        ]
+    )  # fmt: skip
+    upstream = upstream_with(lambda request: next(answers))
+    closing.append(upstream)
+    seen: list[tuple[int, str | None]] = []
+    upstream.on_answer = lambda status, headers: seen.append(
+        (status, headers.get("x-ratelimit-remaining-requests"))
+    )
+    with pytest.raises(RateLimited):
+        await (collect(upstream) if stream else upstream.complete(BODY, {}))
+    await (collect(upstream) if stream else upstream.complete(BODY, {}))
+    assert seen == [(429, "0"), (200, "9")]

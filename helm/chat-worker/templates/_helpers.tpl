@@ -131,3 +131,10 @@ JSON array: the weights are the worker's business, the backlogs KEDA's.
 {{- end }}
 {{- toJson $queues }}
 {{- end }}
+
+{{/*
+Where the upstreams file is mounted in the container.
+*/}}
+{{- define "chat-worker.upstreamsFile" -}}
+/etc/chat-worker/upstreams.yaml
+{{- end }}

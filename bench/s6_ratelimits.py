@@ -1,4 +1,4 @@
-"""S5 rate limits: worker processes sharing one organisation's budget on a provider simulator.
+"""S6 rate limits: worker processes sharing one organisation's budget on a provider simulator.
 
 The simulator is the bundled mock with its budget on (``worker/mock_budget.py``): requests
 and tokens per minute, refilling continuously, enforced over one-second windows, OpenAI's
@@ -10,7 +10,7 @@ that succeeded a second over the run, divided by the jobs a second the budget ad
 The last scenario has no headers at all: a server that answers 429 past N calls at once,
 and workers that share ``WORKER_UPSTREAM_MAX_CONCURRENCY=N`` through Redis.
 
-    python bench/s5_ratelimits.py --seconds 20
+    python bench/s6_ratelimits.py --seconds 20
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ async def main(args: argparse.Namespace) -> None:
         print(row(outcome), flush=True)
     payload = {"args": vars(args), "runs": [o.__dict__ | {"scenario": o.scenario.__dict__}
                                             for o in outcomes]}  # fmt: skip
-    print(write_json("s5_ratelimits", payload))
+    print(write_json("s6_ratelimits", payload))
 
 
 if __name__ == "__main__":
