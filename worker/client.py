@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from aio_pika.abc import (
 from opentelemetry import propagate, trace
 from pydantic import Field, TypeAdapter, ValidationError
 
+from worker.broker import connect_any
 from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
 from worker.settings import Settings, load_settings
 from worker.topology import H_DEADLINE
@@ -123,11 +125,12 @@ class ChatClient:
         settings: Settings | None = None,
         request_queue: str | None = None,
     ) -> AsyncIterator[Self]:
-        """A client on a connection of its own to ``url`` (default ``WORKER_AMQP_URL``)."""
+        """A client on a connection of its own to ``url`` (default ``WORKER_AMQP_URL``; a
+        comma-separated list names nodes of one cluster, tried in a random order)."""
         if url is None:
             settings = settings or load_settings()
             url = settings.amqp_url.get_secret_value()
-        connection = await aio_pika.connect(url)
+        connection = await connect_any(url, name=f"chat-worker client {os.getpid()}")
         try:
             async with cls(connection, settings=settings, request_queue=request_queue) as client:
                 yield client

@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from worker.broker import connect_any
 from worker.publisher import copy_request
 from worker.settings import Settings
 from worker.topology import (
@@ -92,7 +93,7 @@ async def _browse(
 async def list_dead_letters(
     settings: Settings, *, codes: Collection[str] = (), limit: int | None = None
 ) -> list[DeadLetter]:
-    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+    async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel()
         found: list[DeadLetter] = []
         async for message in _browse(channel, settings.dead_letter_queue):
@@ -113,7 +114,7 @@ async def replay_dead_letters(
 ) -> int:
     """Republish the selected dead letters to the request queue; returns how many."""
     replayed = 0
-    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+    async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel(publisher_confirms=True)
         async for message in _browse(channel, settings.dead_letter_queue):
             letter = describe(message)

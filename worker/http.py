@@ -6,7 +6,8 @@ answers no probe, and the orchestrator restarts the process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import prometheus_client
 from aiohttp import web
@@ -24,8 +25,10 @@ class HealthServer:
         *,
         registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
         host: str = "0.0.0.0",
+        details: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._is_ready = is_ready
+        self._details = details
         self._registry = registry
         self._host = host
         self._port = port
@@ -55,9 +58,10 @@ class HealthServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        if self._is_ready():
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not consuming"}, status=503)
+        ready = self._is_ready()
+        body = dict(self._details()) if self._details else {}
+        body.setdefault("status", "ready" if ready else "not consuming")
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(

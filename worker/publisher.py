@@ -256,7 +256,8 @@ class Publisher:
         tier = delay_tier(deferral.wait)
         headers = _carried_headers(message)
         headers[H_ATTEMPTS] = deferral.attempts
-        await self._send_copy(message, envelope, headers, delay_queue_name(self._settings, tier))
+        queue = delay_queue_name(self._settings.request_queue, tier, self._settings.queue_type)
+        await self._send_copy(message, envelope, headers, queue)
         return tier
 
     async def requeue_counted(

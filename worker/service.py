@@ -21,11 +21,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
+from worker.broker import Nodes, NoNodeAnswers, connect_any, redact
 from worker.jobs import (
     Deferral,
     Envelope,
@@ -39,7 +39,7 @@ from worker.jobs import (
 from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
-from worker.topology import H_DELIVERY_COUNT, declare
+from worker.topology import H_DELIVERY_COUNT, TopologyUnavailable, declare
 from worker.upstream import Upstream
 
 __all__ = ["BrokerUnavailable", "Worker"]
@@ -51,6 +51,8 @@ log = structlog.get_logger(__name__)
 RESUME_DEADLINE = 60.0
 RECONNECT_MAX_DELAY = 5.0
 CONNECT_TIMEOUT = 10.0
+# How often queues that were out of reach at start are declared again.
+REDECLARE_INTERVAL = 5.0
 
 
 class BrokerUnavailable(RuntimeError):
@@ -85,12 +87,26 @@ class Worker:
         self._consumer_tag = ""
         self._interrupted = asyncio.Event()
         self._not_consuming_since = time.monotonic()
+        self._nodes = Nodes(settings.amqp_urls)
+        self._node = ""  # the node consumed from, without credentials
+        # Queues out of reach (a node down): consuming goes on; they are declared again.
+        self._missing: dict[str, str] = {}
+        self._redeclare: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
 
     @property
     def ready(self) -> bool:
         """Connected to the broker and consuming: what ``/readyz`` reports."""
         return self._consuming.is_set()
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` says besides its status code: degraded while queues other than
+        the request queue are out of reach (still ready: jobs are being consumed)."""
+        if not self.ready:
+            return {"status": "not consuming"}
+        if self._missing:
+            return {"status": "degraded", "node": self._node, "unavailable": dict(self._missing)}
+        return {"status": "ready", "node": self._node}
 
     async def wait_ready(self) -> None:
         await self._consuming.wait()
@@ -130,19 +146,17 @@ class Worker:
             raise BrokerUnavailable(f"not consuming for {RESUME_DEADLINE:g}s: {problem!r}")
 
     async def _connect(self) -> AbstractConnection | None:
+        """Connect to a node that answers (§13: the next one after a loss) and consume."""
         delay = 0.2
-        url = self.settings.amqp_url.get_secret_value()
         while not self._stopping.is_set():
             try:
-                connection = await aio_pika.connect(
-                    url,
-                    timeout=CONNECT_TIMEOUT,
-                    client_properties={"connection_name": f"chat-worker {self.identity}"},
+                connection = await connect_any(
+                    self._nodes, name=f"chat-worker {self.identity}", wait=CONNECT_TIMEOUT
                 )
                 if await self._start_consuming(connection):
                     return connection
                 problem: object = "could not declare the topology or start the consumer"
-            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+            except NoNodeAnswers as exc:
                 problem = exc
             self._check_deadline(problem)
             log.warning("broker unavailable; retrying", error=repr(problem), retry_in=delay)
@@ -157,7 +171,7 @@ class Worker:
         interrupted = self._interrupted
         try:
             connection.close_callbacks.add(lambda *_: interrupted.set())
-            await declare(connection, self.settings)
+            self._missing = await declare(connection, self.settings)
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channel.close_callbacks.add(lambda *_: interrupted.set())
             underlay = await channel.get_underlay_channel()
@@ -168,11 +182,27 @@ class Worker:
             self._publisher = await Publisher.open(channel, self.settings)
             self._queue = await channel.get_queue(self.settings.request_queue, ensure=False)
             self._consumer_tag = await self._queue.consume(self._on_message)
-        except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+        except (OSError, aiormq.exceptions.AMQPError, TimeoutError, TopologyUnavailable) as exc:
             log.warning("could not start consuming", error=repr(exc))
             await _close_quietly(connection)
             return False
+        self._node = redact(self._nodes.current or "")
+        if self._missing:
+            self._redeclare = asyncio.create_task(self._declare_missing(connection))
         return True
+
+    async def _declare_missing(self, connection: AbstractConnection) -> None:
+        """Declare again, until all is there, what was out of reach at start (§13)."""
+        while self._missing and not connection.is_closed:
+            await asyncio.sleep(REDECLARE_INTERVAL)
+            try:
+                self._missing = await declare(connection, self.settings)
+            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                log.info("could not declare the missing queues yet", error=repr(exc))
+            except TopologyUnavailable as exc:  # the consumer notices on its own
+                log.warning("request queue out of reach", error=str(exc))
+        if not self._missing:
+            log.info("every queue declared again")
 
     async def _serve(self, connection: AbstractConnection) -> None:
         """Consume until a stop (drain, then close) or a loss (drop in-flight jobs, return)."""
@@ -189,6 +219,9 @@ class Worker:
         stop.cancel()
         lost.cancel()
         self._consuming.clear()
+        if self._redeclare is not None:
+            self._redeclare.cancel()
+            self._redeclare = None
         if self._stopping.is_set():
             await self._drain(self._queue, self._consumer_tag)
         else:
@@ -363,7 +396,10 @@ async def serve(settings: Settings, *, upstream: Upstream | None = None) -> None
     health = None
     if settings.http_port:
         health = HealthServer(
-            lambda: worker.ready, settings.http_port, registry=worker.telemetry.registry
+            lambda: worker.ready,
+            settings.http_port,
+            registry=worker.telemetry.registry,
+            details=worker.readiness,
         )
         await health.start()
     try:

@@ -167,7 +167,9 @@ async def test_a_long_retry_after_goes_round_a_delay_queue(
         message_id="later-1",
         reply_to=replies.name,
     )
-    delayed = await get_one(connection, delay_queue_name(worker.settings, 30))
+    delayed = await get_one(
+        connection, delay_queue_name(worker.settings.request_queue, 30, worker.settings.queue_type)
+    )
     assert orjson.loads(delayed.body) == request
     assert delayed.message_id == "later-1"
     assert (delayed.headers or {})["x-attempts"] == 1
@@ -176,7 +178,8 @@ async def test_a_long_retry_after_goes_round_a_delay_queue(
     # through the shortest tier, and the job ends with its attempts counted across both.
     channel = await connection.channel()
     await channel.default_exchange.publish(
-        aio_pika_message(delayed), delay_queue_name(worker.settings, 1)
+        aio_pika_message(delayed),
+        delay_queue_name(worker.settings.request_queue, 1, worker.settings.queue_type),
     )
     result = JobResult.model_validate_json((await replies.get(timeout=20)).body)
     assert result.id == "later-1"
