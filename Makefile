@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck schemas bench soak clean
+.PHONY: demo test test-cluster lint typecheck schemas bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check worker tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# Three extra RabbitMQ nodes on this machine (as the rabbitmq user; needs root), killed
+# under load: see README "Broker clusters". About 6-8 minutes.
+test-cluster: $(VENV)/.installed
+	$(PY) -m pytest tests/cluster -m cluster -s -p no:cacheprovider
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check worker tests bench

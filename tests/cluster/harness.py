@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Cluster", "Node", "running_cluster"]
+__all__ = ["Cluster", "Node", "port_free", "running_cluster"]
 
 RABBITMQ_USER = "rabbitmq"
 RABBITMQ_HOME = "/var/lib/rabbitmq"  # holds the .erlang.cookie all nodes share
@@ -110,7 +110,7 @@ def _as_rabbitmq(argv: list[str]) -> list[str]:
     return ["runuser", "-u", RABBITMQ_USER, "--", *argv]
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
@@ -177,7 +177,7 @@ class Cluster:
     def start(self) -> None:
         for node in self.nodes:
             for port in (node.port, node.dist_port):
-                if not _port_free(port):
+                if not port_free(port):
                     raise RuntimeError(f"port {port} is taken: another cluster test running?")
         started = time.monotonic()
         for node in self.nodes:
@@ -213,7 +213,7 @@ class Cluster:
             node.process.wait(timeout=30)
             node.process = None
         deadline = time.monotonic() + 30
-        while not _port_free(node.port) and time.monotonic() < deadline:
+        while not port_free(node.port) and time.monotonic() < deadline:
             time.sleep(0.2)
         self._say(f"killed {node.name} (kill -9 of pid {pid})")
 
