@@ -102,7 +102,7 @@ async def connect_any(
                 )
             continue
         nodes.used(url)
-        log.info("connected to the broker", node=redact(url))
+        log.debug("connected to the broker", node=redact(url))
         return connection
     raise NoNodeAnswers("; ".join(problems))
 

@@ -187,6 +187,7 @@ class Worker:
             await _close_quietly(connection)
             return False
         self._node = redact(self._nodes.current or "")
+        log.info("connected", node=self._node, queues_out_of_reach=len(self._missing))
         if self._missing:
             self._redeclare = asyncio.create_task(self._declare_missing(connection))
         return True

@@ -120,6 +120,14 @@ class WorkerProcess:
     def readyz(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/readyz"
 
+    def deferred_jobs(self) -> set[str]:
+        """Ids of the jobs this worker sent round a delay queue (from its log)."""
+        found = set()
+        for line in self.log_path.read_bytes().splitlines():
+            if b'"job deferred"' in line:
+                found.add(str(orjson.loads(line)["job_id"]))
+        return found
+
     def exited(self) -> int | None:
         return self.process.poll()
 
@@ -184,12 +192,18 @@ class Readiness:
     samples: dict[int, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
     bodies: list[Any] = field(default_factory=list)
 
+    def retire(self, worker: WorkerProcess) -> None:
+        """Stop sampling a worker stopped on purpose (a rolling restart)."""
+        self.workers.remove(worker)
+
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session:
             while True:
-                for n, worker in enumerate(self.workers):
+                for worker in list(self.workers):
                     status, body = await readyz(session, worker)
-                    self.samples[n].append((time.monotonic(), status))
+                    if worker not in self.workers:
+                        continue
+                    self.samples[worker.http_port].append((time.monotonic(), status))
                     if body and body.get("status") != "ready":
                         self.bodies.append(body)
                 await asyncio.sleep(0.5)
@@ -307,6 +321,7 @@ class Results:
     queue: str
     bodies: dict[str, set[bytes]] = field(default_factory=lambda: defaultdict(set))
     first_at: dict[str, float] = field(default_factory=dict)
+    arrived: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     arrivals: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -323,6 +338,7 @@ class Results:
         if digest not in self.bodies[job_id]:
             self.bodies[job_id].add(digest)
             self.arrivals.append(time.monotonic())
+            self.arrived[job_id].append(time.monotonic())
         self.first_at.setdefault(job_id, time.monotonic())
         if document["error"]:
             self.errors[document["error"]["code"]] += 1
