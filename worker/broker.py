@@ -76,11 +76,13 @@ async def connect_any(
     *,
     name: str,
     wait: float = CONNECT_TIMEOUT,
+    log_failures: bool = False,
 ) -> AbstractConnection:
     """A connection to the first node of ``nodes`` that answers, named ``name``.
 
     ``nodes`` may be one URL or a comma-separated list, as in ``WORKER_AMQP_URL``. Raises
-    :class:`NoNodeAnswers` when none answers.
+    :class:`NoNodeAnswers` when none answers. Silent unless ``log_failures`` (the worker's
+    choice): the command-line tools' output is their own.
     """
     if isinstance(nodes, str):
         nodes = [url.strip() for url in nodes.split(",") if url.strip()]
@@ -94,7 +96,7 @@ async def connect_any(
             )
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
             problems.append(f"{redact(url)}: {type(exc).__name__}: {exc}")
-            if len(nodes) > 1:
+            if log_failures and len(nodes) > 1:
                 log.warning(
                     "broker node unavailable; trying the next",
                     node=redact(url),
@@ -102,7 +104,6 @@ async def connect_any(
                 )
             continue
         nodes.used(url)
-        log.debug("connected to the broker", node=redact(url))
         return connection
     raise NoNodeAnswers("; ".join(problems))
 

@@ -151,7 +151,10 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 connection = await connect_any(
-                    self._nodes, name=f"chat-worker {self.identity}", wait=CONNECT_TIMEOUT
+                    self._nodes,
+                    name=f"chat-worker {self.identity}",
+                    wait=CONNECT_TIMEOUT,
+                    log_failures=True,
                 )
                 if await self._start_consuming(connection):
                     return connection
