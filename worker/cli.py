@@ -183,9 +183,13 @@ def dlq_list(codes: tuple[str, ...], limit: int | None, as_json: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
 def dlq_replay(codes: tuple[str, ...], limit: int | None, everything: bool) -> None:
     """Send dead letters back to the request queue with fresh attempts."""
-    from worker.dlq import replay_dead_letters
+    from worker.dlq import ReplayFailed, replay_dead_letters
 
     if not codes and not everything:
         raise click.UsageError("say which: --code CODE (repeatable) or --all")
-    count = run_async(replay_dead_letters(settings_or_exit(), codes=codes, limit=limit))
+    try:
+        count = run_async(replay_dead_letters(settings_or_exit(), codes=codes, limit=limit))
+    except ReplayFailed as exc:
+        click.echo(f"chat-worker dlq replay: {exc}", err=True)
+        sys.exit(1)
     click.echo(f"replayed {count} dead letters to the request queue")

@@ -4,7 +4,8 @@ ChatClientError
 ├── PublishFailed      the broker refused the request or could not route it
 ├── ConnectionLost     the connection closed while a result was awaited
 ├── JobTimeout         no result in time (also a ``TimeoutError``)
-└── JobFailed          the result is an error; carries it and its ``ErrorCode``
+├── JobFailed          the result is an error; carries it and its ``ErrorCode``
+└── UnreadableResult   a result arrived for the job but is not a valid result document
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from worker.broker import connect_any
 from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
 from worker.settings import Settings, load_settings
-from worker.topology import H_DEADLINE
+from worker.topology import H_DEADLINE, H_JOB_ID, TYPE_DELTA
 
 __all__ = [
     "ChatClient",
@@ -45,6 +46,7 @@ __all__ = [
     "PublishFailed",
     "Reply",
     "StreamText",
+    "UnreadableResult",
 ]
 
 #: seconds :meth:`ChatClient.complete` and :meth:`ChatClient.stream` wait by default
@@ -86,6 +88,17 @@ class JobFailed(ChatClientError):
         super().__init__(f"job {result.id} failed: {result.error.code}: {result.error.message}")
         self.result = result
         self.code: ErrorCode = result.error.code
+
+
+class UnreadableResult(ChatClientError):
+    """A message that should be the job's result does not read as one: reported for the
+    job rather than ignored (waiting on would only end in :class:`JobTimeout`)."""
+
+    def __init__(self, job_id: str | None, problem: str, body: bytes) -> None:
+        super().__init__(f"the result of job {job_id} cannot be read: {problem}")
+        self.job_id = job_id
+        self.problem = problem
+        self.body = body  # the raw message, for whoever can make sense of it
 
 
 @dataclass(slots=True)
@@ -334,7 +347,16 @@ class ChatClient:
             return  # a late reply: its caller timed out or stopped listening
         try:
             reply = _REPLY.validate_json(message.body)
-        except ValidationError:
+        except ValidationError as exc:
+            if message.type == TYPE_DELTA:
+                return  # a partial output that cannot be read: the result still comes
+            self._waiters.pop(message.correlation_id or "", None)
+            job_id = message.headers.get(H_JOB_ID) if message.headers else None
+            waiter.replies.put_nowait(
+                UnreadableResult(
+                    None if job_id is None else str(job_id), _first_problem(exc), message.body
+                )
+            )
             return
         if isinstance(reply, JobResult):
             # The result is the job's last message: nothing more comes for this id.
@@ -406,6 +428,11 @@ def _merge_tool_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any])
     function = fragment.get("function") or {}
     call["function"]["name"] = function.get("name") or call["function"]["name"]
     call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    return f"{'.'.join(str(part) for part in error['loc']) or 'message'}: {error['msg']}"
 
 
 def _payload(body: ChatBody) -> dict[str, Any]:

@@ -126,9 +126,9 @@ def _print(console: Console, results: list[JobResult], deltas: dict[str, int]) -
         usage = result.usage
         if usage:
             totals = [
-                totals[0] + usage.prompt_tokens,
-                totals[1] + usage.completion_tokens,
-                totals[2] + usage.total_tokens,
+                totals[0] + (usage.prompt_tokens or 0),
+                totals[1] + (usage.completion_tokens or 0),
+                totals[2] + (usage.total_tokens or 0),
             ]
         table.add_row(
             result.custom_id or result.id,

@@ -1,8 +1,14 @@
 """``chat-worker dlq``: list dead-lettered requests and replay a selection to the request queue.
 
 Listing is non-destructive: messages are fetched unacknowledged and all go back when the
-channel closes. A replayed request is republished (confirmed) with a fresh attempt count,
-then removed from the dead-letter queue; the others stay where they were.
+channel closes. A replayed request is republished ``mandatory`` with a fresh attempt count
+and removed from the dead-letter queue only once the broker routed and confirmed the copy;
+a copy it returns (no request queue of that name) or nacks stops the replay with
+:class:`ReplayFailed`, and that dead letter and the rest stay where they were.
+
+A result kept there because nothing took it (AMQP type ``chat.result``, header
+``x-unroutable-result``) is listed with reason ``result_unroutable``; it is not a request,
+so a replay leaves it (read its body: it is the result document).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from worker.broker import connect_any
@@ -24,9 +31,23 @@ from worker.topology import (
     H_ERROR_MESSAGE,
     H_JOB_ID,
     H_REDELIVERIES,
+    H_UNROUTABLE_RESULT,
+    TYPE_RESULT,
 )
 
-__all__ = ["DeadLetter", "list_dead_letters", "replay_dead_letters"]
+__all__ = ["DeadLetter", "ReplayFailed", "list_dead_letters", "replay_dead_letters"]
+
+UNROUTABLE_RESULT = "result_unroutable"
+
+
+class ReplayFailed(Exception):
+    """A replay copy was not routed or not confirmed; it stays in the dead-letter queue."""
+
+    def __init__(self, replayed: int, reason: str) -> None:
+        super().__init__(f"{reason}; replayed {replayed}, the rest stay in the dead-letter queue")
+        self.replayed = replayed
+        self.reason = reason
+
 
 H_REPLAYS = "x-replays"
 # Headers that describe a past failure; a replayed request starts clean.
@@ -61,7 +82,9 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     headers = message.headers or {}
     deaths = headers.get("x-death")
     reason = "worker"
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+    if _is_result(message):
+        reason = UNROUTABLE_RESULT
+    elif isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         reason = str(deaths[0].get("reason", "broker"))
     attempts = headers.get(H_ATTEMPTS)
     return DeadLetter(
@@ -72,6 +95,10 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         size=len(message.body),
         reason=reason,
     )
+
+
+def _is_result(message: AbstractIncomingMessage) -> bool:
+    return message.type == TYPE_RESULT or H_UNROUTABLE_RESULT in (message.headers or {})
 
 
 def _text(value: Any) -> str | None:
@@ -112,15 +139,24 @@ async def replay_dead_letters(
     limit: int | None = None,
     on_replay: Callable[[DeadLetter], None] | None = None,
 ) -> int:
-    """Republish the selected dead letters to the request queue; returns how many."""
+    """Republish the selected dead letters to the request queue; returns how many.
+
+    Raises :class:`ReplayFailed` at the first copy the broker returns or nacks.
+    """
     replayed = 0
+    queue = settings.request_queue
     async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         async for message in _browse(channel, settings.dead_letter_queue):
             letter = describe(message)
-            if not _selected(letter, codes):
+            if _is_result(message) or not _selected(letter, codes):
                 continue
-            await channel.default_exchange.publish(_replay_copy(message), settings.request_queue)
+            try:
+                await channel.default_exchange.publish(_replay_copy(message), queue, mandatory=True)
+            except aiormq.exceptions.PublishError:
+                raise ReplayFailed(replayed, f"no queue {queue!r} took the request") from None
+            except aiormq.exceptions.DeliveryError:
+                raise ReplayFailed(replayed, f"the broker refused the copy to {queue!r}") from None
             await message.ack()
             replayed += 1
             if on_replay is not None:

@@ -25,9 +25,11 @@ class HealthServer:
         *,
         registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
         host: str = "0.0.0.0",
+        readiness: Callable[[], str] | None = None,
         details: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._is_ready = is_ready
+        self._readiness = readiness
         self._details = details
         self._registry = registry
         self._host = host
@@ -59,7 +61,9 @@ class HealthServer:
 
     async def _readyz(self, _: web.Request) -> web.Response:
         ready = self._is_ready()
-        body = dict(self._details()) if self._details else {}
+        body: dict[str, Any] = dict(self._details()) if self._details else {}
+        if self._readiness is not None:
+            body["status"] = self._readiness()
         body.setdefault("status", "ready" if ready else "not consuming")
         return web.json_response(body, status=200 if ready else 503)
 

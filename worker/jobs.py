@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +46,7 @@ __all__ = [
     "Rejection",
     "decode_job",
     "read_envelope",
+    "stable_job_id",
 ]
 
 log = structlog.get_logger(__name__)
@@ -85,9 +86,10 @@ def read_envelope(
     headers: Mapping[str, Any] | None,
     redelivered: bool,
     settings: Settings,
+    body: bytes | None = None,
 ) -> Envelope:
     headers = headers or {}
-    job_id = message_id or uuid.uuid4().hex
+    job_id = message_id or stable_job_id(body or b"", correlation_id, reply_to, headers)
     forbidden = bool(
         reply_to
         and settings.reply_to_pattern is not None
@@ -105,6 +107,21 @@ def read_envelope(
         redeliveries=_redeliveries(headers),
         headers=headers,
     )
+
+
+def stable_job_id(
+    body: bytes, correlation_id: str | None, reply_to: str | None, headers: Mapping[str, Any]
+) -> str:
+    """The id of a job published without ``message_id``: a hash of what stays the same on
+    every delivery of one publish (body, ``correlation_id``, ``reply_to``, ``x-deadline``),
+    so a redelivery or a duplicate carries the same id. Two identical publishes are one job
+    to the worker's id; a producer that wants them told apart sets ``message_id``."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (correlation_id, reply_to, headers.get(H_DEADLINE)):
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    digest.update(body)
+    return digest.hexdigest()
 
 
 def _prior_attempts(headers: Mapping[str, Any], redelivered: bool) -> int:

@@ -16,6 +16,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_CUSTOM_ID",
     "BatchRequest",
     "ChatCompletionRequest",
     "ChatMessage",
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 CHAT_COMPLETIONS_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+#: longest ``custom_id`` accepted (OpenAI's Batch API documents no limit; 512 keeps every
+#: header the worker writes small); a longer one fails ``invalid_message``.
+MAX_CUSTOM_ID = 512
 
 
 class ErrorCode(StrEnum):
@@ -102,7 +106,10 @@ class StreamOptions(_Open):
     include_usage: bool | None = None
 
 
-Penalty = Annotated[float, Field(ge=-2, le=2)]
+# Strict: lax mode would take "stream": "false" or "temperature": true, while the raw value
+# goes upstream unchanged, so the worker and the upstream would read the job differently.
+Penalty = Annotated[float, Field(ge=-2, le=2, strict=True)]
+Count = Annotated[int, Field(ge=0, strict=True)]
 
 
 class ChatCompletionRequest(_Open):
@@ -110,14 +117,14 @@ class ChatCompletionRequest(_Open):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
-    stream: bool | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1, strict=True)] | None = None
+    n: Annotated[int, Field(ge=1, strict=True)] | None = None
+    stream: Annotated[bool, Field(strict=True)] | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: Annotated[int, Field(ge=0)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
@@ -125,7 +132,7 @@ class ChatCompletionRequest(_Open):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(strict=True)] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
@@ -136,7 +143,7 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    custom_id: str | None = None
+    custom_id: str | None = Field(None, max_length=MAX_CUSTOM_ID)
     method: str | None = Field(None, description="when present: POST")
     url: str | None = Field(None, description="when present: /v1/chat/completions")
     body: ChatCompletionRequest
@@ -146,11 +153,14 @@ class BatchRequest(BaseModel):
 
 
 class Usage(_Open):
-    """The upstream's usage object, repeated whole (details included when given)."""
+    """The upstream's usage object, repeated whole (details included when given).
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    Counts may be ``null``: some upstreams send that, and the worker passes usage through.
+    """
+
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+    total_tokens: int | None = 0
     prompt_tokens_details: dict[str, Any] | None = None
     completion_tokens_details: dict[str, Any] | None = None
 

@@ -57,9 +57,9 @@ class Tally:
         else:
             self.failed += 1
         if result.usage is not None:
-            self.prompt_tokens += result.usage.prompt_tokens
-            self.completion_tokens += result.usage.completion_tokens
-            self.total_tokens += result.usage.total_tokens
+            self.prompt_tokens += result.usage.prompt_tokens or 0
+            self.completion_tokens += result.usage.completion_tokens or 0
+            self.total_tokens += result.usage.total_tokens or 0
 
 
 class Reporter(Protocol):

@@ -1,11 +1,20 @@
 """Everything the worker publishes: deltas, results, delay-queue retries, dead letters.
 
-Every publish waits for the broker's confirm; the caller acknowledges the request only
-after that (contract §8).
+Every publish waits for the broker's confirm, and every copy the worker relies on (result,
+dead letter, delay, counted requeue) is published ``mandatory``: a copy the broker returns
+(no queue) or nacks (a queue that refuses it) raises :class:`CopyRefused` instead of
+passing for delivered. The caller acknowledges the request only after every copy
+succeeded (contract §8; the rules are in :mod:`worker.service`).
+
+A result goes to ``reply_to``; if that queue returns or refuses it, to the result exchange;
+if nothing takes it there either, the result document itself goes to the dead-letter
+queue (AMQP type ``chat.result``, header ``x-unroutable-result``), so a paid completion is
+never thrown away. Only when that fails too does the request stay unacknowledged.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +27,7 @@ from pamqp.commands import Basic
 
 from worker.errors import JobError
 from worker.jobs import Deferral, Envelope, JobOutcome
+from worker.messages import MAX_CUSTOM_ID
 from worker.settings import Settings
 from worker.topology import (
     DELTA,
@@ -29,6 +39,7 @@ from worker.topology import (
     H_JOB_ID,
     H_REDELIVERIES,
     H_STATUS,
+    H_UNROUTABLE_RESULT,
     H_USAGE_COMPLETION,
     H_USAGE_PROMPT,
     H_USAGE_TOTAL,
@@ -40,15 +51,31 @@ from worker.topology import (
     delay_tier,
 )
 
-__all__ = ["Publisher", "copy_request", "render_result"]
+__all__ = ["MAX_HEADER_TEXT", "CopyRefused", "Publisher", "copy_request", "render_result"]
 
 log = structlog.get_logger(__name__)
 
 Properties = Basic.Properties
 
 APP_ID = "chat-worker"
-# Header values are free text from an upstream; keep dead-letter headers small.
+# Header values are free text (an upstream's message, a producer's custom_id): all headers
+# of one message must fit in one frame (128 KiB by default), or the broker closes the
+# whole connection and every job on it. Longer values are cut (messages) or left out (ids).
 MAX_HEADER_TEXT = 1000
+
+
+class CopyRefused(aiormq.exceptions.AMQPError):
+    """The broker returned (unroutable) or nacked a copy the request depends on."""
+
+    def __init__(self, what: str, destination: str, reason: str) -> None:
+        super().__init__(f"{what} to {destination!r} {reason}")
+        self.what = what
+        self.destination = destination
+        self.reason = reason
+
+
+def _refusal(exc: aiormq.exceptions.DeliveryError) -> str:
+    return "was returned as unroutable" if _returned(exc) else "was refused (nack)"
 
 
 def render_result(
@@ -106,6 +133,10 @@ class Publisher:
     def __init__(self, channel: aiormq.abc.AbstractChannel, settings: Settings) -> None:
         self._channel = channel
         self._settings = settings
+        # aiormq matches a basic.return to its publish by message_id: two mandatory publishes
+        # with one id in flight at once (copies of duplicate jobs) could swap a return for a
+        # confirm. One publish per message_id at a time keeps the match exact.
+        self._id_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     async def open(cls, channel: AbstractChannel, settings: Settings) -> Publisher:
@@ -120,14 +151,31 @@ class Publisher:
         *,
         mandatory: bool = False,
     ) -> None:
-        """Publish and wait for the broker's confirm (a nack raises ``DeliveryError``)."""
-        await self._channel.basic_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=mandatory,
-        )
+        """Publish and wait for the broker's confirm (a nack raises ``DeliveryError``, a
+        return of a ``mandatory`` publish ``PublishError``)."""
+        message_id = properties.message_id
+        if not mandatory or not message_id:
+            await self._channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+            )
+            return
+        lock = self._id_locks.setdefault(message_id, asyncio.Lock())
+        try:
+            async with lock:
+                await self._channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+        finally:
+            if not lock.locked() and self._id_locks.get(message_id) is lock:
+                del self._id_locks[message_id]
 
     async def delta(
         self,
@@ -174,8 +222,8 @@ class Publisher:
             H_ATTEMPTS: outcome.attempts,
             **trace,
         }
-        if custom_id is not None:
-            headers[H_CUSTOM_ID] = custom_id
+        if custom_id is not None and len(custom_id) <= MAX_CUSTOM_ID:
+            headers[H_CUSTOM_ID] = custom_id  # a longer one is in the body only
         if outcome.error is not None:
             headers[H_ERROR_CODE] = outcome.error.code.value
         usage = outcome.usage or {}
@@ -196,22 +244,44 @@ class Publisher:
             timestamp=outcome.finished_at,
         )
         routing_key = RESULT_OK if outcome.error is None else RESULT_ERROR
-        await self._reply(envelope, document, properties, routing_key)
+        if await self._reply(envelope, document, properties, routing_key):
+            return
+        # Nothing takes the result (WORKER_RESULT_QUEUE empty and no binding, or queues that
+        # refuse it): keep the document itself in the dead-letter queue rather than drop a
+        # paid completion. A refusal there raises: the request then stays unacknowledged.
+        exchange = self._settings.result_exchange
+        log.error(
+            "result unroutable; keeping it in the dead-letter queue",
+            job_id=envelope.job_id,
+            exchange=exchange,
+            routing_key=routing_key,
+        )
+        headers[H_UNROUTABLE_RESULT] = f"{exchange}/{routing_key}"[:MAX_HEADER_TEXT]
+        queue = self._settings.dead_letter_queue
+        try:
+            await self._send("", queue, document, properties, mandatory=True)
+        except aiormq.exceptions.DeliveryError as exc:
+            raise CopyRefused("the unroutable result", queue, _refusal(exc)) from None
 
     async def _reply(
         self, envelope: Envelope, body: bytes, properties: Properties, routing_key: str
-    ) -> None:
+    ) -> bool:
+        """Send to ``reply_to``, else to the result exchange; False when nothing took it.
+
+        A ``reply_to`` queue that is missing (return) or refuses the message (nack: full
+        with ``overflow=reject-publish``, …) is given up for the rest of the job: retrying
+        into it would only loop.
+        """
         if envelope.reply_to:
             try:
                 await self._send("", envelope.reply_to, body, properties, mandatory=True)
-                return
+                return True
             except aiormq.exceptions.DeliveryError as exc:
-                if not _returned(exc):
-                    raise
                 log.warning(
-                    "reply_to queue does not exist; sending to the result exchange instead",
+                    "reply_to queue did not take a message; using the result exchange",
                     job_id=envelope.job_id,
                     reply_to=envelope.reply_to,
+                    reason=_refusal(exc),
                 )
                 # Later messages of this job go straight to the exchange.
                 envelope.reply_to = None
@@ -219,20 +289,19 @@ class Publisher:
         if routing_key == DELTA:
             # Deltas are for whoever listens; with no binding they are simply not wanted.
             await self._send(exchange, routing_key, body, properties)
-            return
+            return True
         try:
             await self._send(exchange, routing_key, body, properties, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
-            if not _returned(exc):
-                raise
-            # Nothing is bound for results (WORKER_RESULT_QUEUE empty and no queue of the
-            # operator's): retrying cannot help, and a failed job is in the DLQ anyway.
-            log.error(
-                "result unroutable: no queue bound to the result exchange for it",
+            log.warning(
+                "result exchange did not take a result",
                 job_id=envelope.job_id,
                 exchange=exchange,
                 routing_key=routing_key,
+                reason=_refusal(exc),
             )
+            return False
+        return True
 
     async def dead_letter(
         self, message: AbstractIncomingMessage, envelope: Envelope, error: JobError, attempts: int
@@ -247,7 +316,9 @@ class Publisher:
                 H_JOB_ID: envelope.job_id,
             }
         )
-        await self._send_copy(message, envelope, headers, self._settings.dead_letter_queue)
+        await self._send_copy(
+            "the dead letter", message, envelope, headers, self._settings.dead_letter_queue
+        )
 
     async def defer(
         self, message: AbstractIncomingMessage, envelope: Envelope, deferral: Deferral
@@ -257,7 +328,7 @@ class Publisher:
         headers = _carried_headers(message)
         headers[H_ATTEMPTS] = deferral.attempts
         queue = delay_queue_name(self._settings.request_queue, tier, self._settings.queue_type)
-        await self._send_copy(message, envelope, headers, queue)
+        await self._send_copy("the delayed retry", message, envelope, headers, queue)
         return tier
 
     async def requeue_counted(
@@ -267,17 +338,23 @@ class Publisher:
         none, and without one a message that crashes workers would loop for ever)."""
         headers = _carried_headers(message)
         headers[H_REDELIVERIES] = redeliveries
-        await self._send_copy(message, envelope, headers, self._settings.request_queue)
+        await self._send_copy(
+            "the counted requeue", message, envelope, headers, self._settings.request_queue
+        )
 
     async def _send_copy(
         self,
+        what: str,
         message: AbstractIncomingMessage,
         envelope: Envelope,
         headers: dict[str, Any],
         queue: str,
     ) -> None:
         copy = copy_request(message, message_id=envelope.job_id, headers=headers)
-        await self._send("", queue, copy.body, copy.properties)
+        try:
+            await self._send("", queue, copy.body, copy.properties, mandatory=True)
+        except aiormq.exceptions.DeliveryError as exc:
+            raise CopyRefused(what, queue, _refusal(exc)) from None
 
 
 def _returned(exc: aiormq.exceptions.DeliveryError) -> bool:
@@ -309,7 +386,12 @@ def _carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
 def copy_request(
     message: AbstractIncomingMessage, *, message_id: str | None, headers: dict[str, Any]
 ) -> aio_pika.Message:
-    """A persistent copy of a delivered request with other headers, to publish again."""
+    """A persistent copy of a delivered request with other headers, to publish again.
+
+    The copy never inherits the request's ``expiration``: a dead letter, a delayed retry or
+    a requeued job must not vanish when the producer's TTL runs out (RabbitMQ strips it
+    when it dead-letters, for the same reason); a delay queue's own TTL still applies.
+    """
     return aio_pika.Message(
         message.body,
         headers=headers,
@@ -319,7 +401,6 @@ def copy_request(
         priority=message.priority,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
-        expiration=message.expiration,
         message_id=message_id,
         timestamp=message.timestamp,
         type=message.type,

@@ -1,12 +1,24 @@
 """The worker's life: connect, declare, consume, settle each job, drain on a signal, reconnect.
 
-Settlement rules, in one place (:meth:`Worker._settle`):
+Settlement rules, stated once and applied in one place (:meth:`Worker._settle`; a failure
+of any step ends in :meth:`Worker._release`):
 
-- a result (ok or error) is published and confirmed, a failed job's request is also
-  copied to the dead-letter queue and confirmed, *then* the request is acknowledged;
-- a retry that must wait long is republished to a delay queue and confirmed, then acked;
-- anything else (a publish that failed, a lost channel, a bug) leaves the request
-  unacknowledged: the broker delivers it again, and the delivery count bounds the loop.
+- A request is acknowledged only after every copy it depends on is published
+  ``mandatory`` and confirmed by the broker:
+  - a finished job (ok or error): its result, to ``reply_to``; if that queue is missing or
+    refuses it (return or nack), to the result exchange; if nothing takes it there, the
+    result document itself to the dead-letter queue (a paid completion is never dropped);
+  - a failed job: also the copy of its request in the dead-letter queue;
+  - a retry that must wait long: the copy in its delay queue;
+  - a redelivery on a classic queue: the copy with its redelivery count.
+- Anything else (a copy returned or nacked with no fallback left, a publish that failed,
+  a lost channel, a bug) leaves the request unacknowledged: after a pause that grows with
+  its redeliveries (no hot loop), it is nacked back to the queue, and the delivery count
+  bounds the loop.
+- Copies never inherit the request's ``expiration`` (see :func:`~worker.publisher.copy_request`).
+- While the broker blocks the connection (a resource alarm, :mod:`worker.blocking`), no
+  new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
+  result waits for them), so the wait is not charged to the upstream's idle timeout.
 """
 
 from __future__ import annotations
@@ -17,7 +29,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -25,6 +36,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
+from worker.blocking import BlockedState, follow_blocking
 from worker.broker import Nodes, NoNodeAnswers, connect_any, redact
 from worker.jobs import (
     Deferral,
@@ -33,13 +45,14 @@ from worker.jobs import (
     JobOutcome,
     JobRunner,
     Rejection,
+    SendDelta,
     decode_job,
     read_envelope,
 )
 from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
-from worker.topology import H_DELIVERY_COUNT, TopologyUnavailable, declare
+from worker.topology import H_DELIVERY_COUNT, H_REDELIVERIES, TopologyUnavailable, declare
 from worker.upstream import Upstream
 
 __all__ = ["BrokerUnavailable", "Worker"]
@@ -53,6 +66,11 @@ RECONNECT_MAX_DELAY = 5.0
 CONNECT_TIMEOUT = 10.0
 # How often queues that were out of reach at start are declared again.
 REDECLARE_INTERVAL = 5.0
+# A request that could not be settled waits this long (doubling with each redelivery, up
+# to the cap) before it goes back to the queue: a copy the broker keeps refusing must not
+# turn into a hot redelivery loop.
+RELEASE_DELAY = 0.5
+RELEASE_DELAY_CAP = 30.0
 
 
 class BrokerUnavailable(RuntimeError):
@@ -76,6 +94,8 @@ class Worker:
             settings.upstream_url, key, max_connections=settings.concurrency
         )
         self.runner = JobRunner(settings, self.upstream, self.telemetry)
+        self.telemetry.allowed_models = settings.allowed_models
+        self.blocking = BlockedState()
         self.identity = f"{socket.gethostname()}/{os.getpid()}"
         self._consuming = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -96,17 +116,29 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """Connected to the broker and consuming: what ``/readyz`` reports."""
-        return self._consuming.is_set()
+        """Connected to the broker, consuming and not blocked: what ``/readyz`` reports."""
+        return self._consuming.is_set() and not self.blocking.blocked
 
-    def readiness(self) -> dict[str, Any]:
-        """What ``/readyz`` says besides its status code: degraded while queues other than
-        the request queue are out of reach (still ready: jobs are being consumed)."""
-        if not self.ready:
-            return {"status": "not consuming"}
+    @property
+    def readiness(self) -> str:
+        """Why ``/readyz`` answers as it does, in a few words."""
+        if not self._consuming.is_set():
+            return "not consuming"
+        if self.blocking.blocked:
+            return f"broker connection blocked: {self.blocking.reason}"
+        if self._missing:  # consuming all the same: still ready (§13)
+            return "degraded"
+        return "ready"
+
+    def readiness_details(self) -> dict[str, Any]:
+        """The rest of ``/readyz``'s body: the node in use and, while degraded, the queues
+        out of reach (a node down) with why."""
+        if not self._consuming.is_set():
+            return {}
+        details: dict[str, Any] = {"node": self._node}
         if self._missing:
-            return {"status": "degraded", "node": self._node, "unavailable": dict(self._missing)}
-        return {"status": "ready", "node": self._node}
+            details["unavailable"] = dict(self._missing)
+        return details
 
     async def wait_ready(self) -> None:
         await self._consuming.wait()
@@ -174,6 +206,7 @@ class Worker:
         interrupted = self._interrupted
         try:
             connection.close_callbacks.add(lambda *_: interrupted.set())
+            follow_blocking(connection, self.blocking)
             self._missing = await declare(connection, self.settings)
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channel.close_callbacks.add(lambda *_: interrupted.set())
@@ -270,26 +303,52 @@ class Worker:
         assert task is not None
         self._tasks.add(task)
         try:
+            if self.blocking.blocked and not await self._wait_unblocked():
+                return  # draining: not acknowledged, it goes back to the queue
             await self._handle(message)
         except asyncio.CancelledError:
             raise
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            # A publish failed or the channel is gone: the broker delivers the request again.
+            # A copy was refused, a publish failed or the channel is gone.
             log.warning("could not settle a job; it will be redelivered", error=repr(exc))
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            await self._release(message)
         except Exception:
             log.exception("bug while handling a job; it will be redelivered")
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            await self._release(message)
         finally:
             self._tasks.discard(task)
+
+    async def _wait_unblocked(self) -> bool:
+        """Hold a new delivery while the broker blocks the connection; False on a stop."""
+        unblocked = asyncio.ensure_future(self.blocking.wait_unblocked())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({unblocked, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            unblocked.cancel()
+            stopping.cancel()
+        return not self._stopping.is_set()
+
+    async def _release(self, message: AbstractIncomingMessage) -> None:
+        """Give an unsettled request back to the queue, after a pause (see RELEASE_DELAY)."""
+        headers = message.headers or {}
+        count = max(
+            _count(headers.get(H_DELIVERY_COUNT)),
+            _count(headers.get(H_REDELIVERIES)),
+            int(bool(message.redelivered)),
+        )
+        delay = min(RELEASE_DELAY * 2 ** min(count, 16), RELEASE_DELAY_CAP)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        with contextlib.suppress(Exception):
+            await message.nack(requeue=True)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         assert self._publisher is not None
         publisher = self._publisher
         started = time.perf_counter()
         envelope = read_envelope(
+            body=message.body,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
@@ -326,9 +385,12 @@ class Worker:
             else:
                 custom_id, model = decoded.custom_id, decoded.model
                 structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
-                outcome = await self.runner.run(
-                    decoded, self._delta_sender(publisher, decoded, trace)
-                )
+                deltas = _DeltaSender(self._delta_sender(publisher, decoded, trace), self.blocking)
+                try:
+                    outcome = await self.runner.run(decoded, deltas)
+                    await deltas.flush()  # the result is the job's last message
+                finally:
+                    deltas.discard()
             await self._settle(message, envelope, custom_id, model, outcome, trace)
             if isinstance(outcome, JobOutcome):
                 self.telemetry.record_job(
@@ -338,9 +400,7 @@ class Worker:
                     seconds=time.perf_counter() - started,
                 )
 
-    def _delta_sender(
-        self, publisher: Publisher, job: Job, trace: dict[str, str]
-    ) -> Callable[[int, int, list[dict[str, Any]]], Any]:
+    def _delta_sender(self, publisher: Publisher, job: Job, trace: dict[str, str]) -> SendDelta:
         return partial(publisher.delta, job.envelope, job.custom_id, trace=trace)
 
     async def _settle(
@@ -386,6 +446,57 @@ class Worker:
         )
 
 
+class _DeltaSender:
+    """Publishes one job's deltas in order. While the broker blocks the connection, a
+    delta does not wait for its confirm (nor does one already waiting when the block
+    comes): the wait would count as upstream silence. :meth:`flush` awaits them all before
+    the result; a failed one fails the next send or the flush (the request is then
+    redelivered)."""
+
+    def __init__(self, send: SendDelta, blocking: BlockedState) -> None:
+        self._send = send
+        self._blocking = blocking
+        self._pending: list[asyncio.Future[None]] = []
+
+    async def __call__(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
+        if any(sent.done() and sent.exception() is not None for sent in self._pending):
+            await self.flush()  # raises that failure
+        if not self._blocking.blocked:
+            await self.flush()
+        sent = asyncio.ensure_future(self._send(attempt, seq, choices))
+        if not self._blocking.blocked:
+            blocked = asyncio.ensure_future(self._blocking.wait_blocked())
+            try:
+                await asyncio.wait({sent, blocked}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                sent.cancel()
+                raise
+            finally:
+                blocked.cancel()
+            if sent.done():
+                sent.result()
+                return
+        self._pending.append(sent)
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            for sent in pending:
+                await sent
+        finally:
+            for sent in pending:
+                sent.cancel()
+
+    def discard(self) -> None:
+        for sent in self._pending:
+            sent.cancel()
+        self._pending = []
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
 async def _close_quietly(connection: AbstractConnection) -> None:
     with contextlib.suppress(Exception):
         await connection.close()
@@ -403,7 +514,8 @@ async def serve(settings: Settings, *, upstream: Upstream | None = None) -> None
             lambda: worker.ready,
             settings.http_port,
             registry=worker.telemetry.registry,
-            details=worker.readiness,
+            readiness=lambda: worker.readiness,
+            details=worker.readiness_details,
         )
         await health.start()
     try:

@@ -33,10 +33,12 @@ from worker.client import ChatClient, ChatClientError
 from worker.messages import BatchRequest, ErrorCode, JobResult
 from worker.progress import PlainReporter, Reporter, RichReporter, Tally
 from worker.settings import Settings
-from worker.topology import TYPE_DELTA, declare
+from worker.topology import H_JOB_ID, TYPE_DELTA, declare
 
 __all__ = [
+    "UNREADABLE_RESULT",
     "OutputExists",
+    "ReplyQueueForbidden",
     "default_output",
     "job_id_for",
     "journal_path",
@@ -58,6 +60,15 @@ ACK_INTERVAL = 0.05
 
 class OutputExists(Exception):
     """The output file has lines and ``--resume`` was not given."""
+
+
+class ReplyQueueForbidden(Exception):
+    """``WORKER_REPLY_TO_PATTERN`` does not admit the run's reply queue: workers would send
+    every result elsewhere, and the run would wait for ever."""
+
+
+#: ``error.code`` of an output line whose result arrived but does not read as a result
+UNREADABLE_RESULT = "unreadable_result"
 
 
 def default_output(source: Path) -> Path:
@@ -200,6 +211,8 @@ class _Submission:
         self.finished = asyncio.Event()
         self.failure: BaseException | None = None
         self.id_prefix = f"{output}\0"
+        # job id -> custom_id of every awaited job: names the job of an unreadable result
+        self.job_ids = {self.job_id(custom_id): custom_id for custom_id in outstanding}
         self._unacked: AbstractIncomingMessage | None = None
         self._unacked_count = 0
 
@@ -238,6 +251,7 @@ class _Submission:
                     return
                 self.mine.add(custom_id)
                 self.waiting.add(custom_id)
+                self.job_ids[self.job_id(custom_id)] = custom_id
                 task = asyncio.create_task(self._publish(custom_id, data))
                 self.publishing.add(task)
                 task.add_done_callback(self._published)
@@ -301,8 +315,8 @@ class _Submission:
             return
         try:
             result = JobResult.model_validate_json(message.body)
-        except ValidationError:
-            self.reporter.warn(f"dropped a message that is not a result: {message.body[:80]!r}")
+        except ValidationError as exc:
+            self._unreadable(message, exc)
             return
         custom_id = result.custom_id
         if custom_id is None or result.id != self.job_id(custom_id):
@@ -315,12 +329,51 @@ class _Submission:
             error = {"code": result.error.code.value, "message": result.error.message}
         response = result.response.model_dump(mode="json") if result.response else None
         self._write({"id": result.id, "custom_id": custom_id, "response": response, "error": error})
+        self._answered(custom_id)
+        self.tally.add(result)
+        self.reporter.update(self.tally)
+        self._check_finished()
+
+    def _answered(self, custom_id: str) -> None:
         self.done.add(custom_id)
         self.waiting.discard(custom_id)
+        self.job_ids.pop(self.job_id(custom_id), None)
         if custom_id in self.mine:
             self.mine.discard(custom_id)
             self.slots.release()
-        self.tally.add(result)
+
+    def _unreadable(self, message: AbstractIncomingMessage, exc: ValidationError) -> None:
+        """A result that does not validate is written as its job's error line (with its
+        ``response`` when there is one), never dropped: the run would wait for it for ever."""
+        try:
+            document = orjson.loads(message.body)
+        except orjson.JSONDecodeError:
+            document = None
+        document = document if isinstance(document, dict) else {}
+        headers = message.headers or {}
+        candidates = (document.get("id"), headers.get(H_JOB_ID), message.correlation_id)
+        job_id = next((str(c) for c in candidates if str(c) in self.job_ids), None)
+        if job_id is None:
+            self.reporter.warn(f"dropped a message that is not a result of this run: {exc}")
+            return
+        custom_id = self.job_ids[job_id]
+        if custom_id in self.done:
+            return
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "message"
+        problem = f"the result cannot be read: {where}: {error['msg']}"
+        self.reporter.warn(f"job {job_id} ({custom_id}): {problem}")
+        response = document.get("response")
+        self._write(
+            {
+                "id": job_id,
+                "custom_id": custom_id,
+                "response": response if isinstance(response, dict) else None,
+                "error": {"code": UNREADABLE_RESULT, "message": problem},
+            }
+        )
+        self._answered(custom_id)
+        self.tally.failed += 1
         self.reporter.update(self.tally)
         self._check_finished()
 
@@ -391,12 +444,18 @@ async def submit_file(
     set (results still due stay queued for a run with ``resume``). Raises
     :class:`OutputExists` when ``output`` has lines and ``resume`` is false.
     """
+    reply_queue = reply_queue_name(output)
+    pattern = settings.reply_to_pattern
+    if pattern is not None and not pattern.fullmatch(reply_queue):
+        raise ReplyQueueForbidden(
+            f"WORKER_REPLY_TO_PATTERN does not admit this run's reply queue {reply_queue!r}: "
+            f"allow {REPLY_QUEUE_PREFIX}* (e.g. add |{REPLY_QUEUE_PREFIX}[0-9a-f]+)"
+        )
     start = _prepare(source, output, resume)
     output, journal, earlier = start.output, start.journal, start.earlier
     reporter = reporter or PlainReporter(sys.stderr)
     stop = stop or asyncio.Event()
     tally = Tally(total=start.total, earlier_failed=earlier.failed)
-    reply_queue = reply_queue_name(output)
     if start.outstanding:
         reporter.warn(
             f"awaiting the results of {len(start.outstanding)} jobs an earlier run published "
@@ -486,7 +545,7 @@ async def run_submit(
                 reporter=reporter,
                 stop=stop,
             )
-        except OutputExists as exc:
+        except (OutputExists, ReplyQueueForbidden) as exc:
             _say(console, f"chat-worker submit: {exc}")
             return 2
         except (OSError, aiormq.exceptions.AMQPError, ChatClientError) as exc:

@@ -121,8 +121,29 @@ def _sdk_disabled() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
+#: distinct ``model`` label values a process reports before the rest count as ``other``
+#: (models in WORKER_ALLOWED_MODELS always have their own): the label comes from messages,
+#: and a producer must not be able to create unbounded metric series.
+MAX_MODEL_LABELS = 100
+OTHER_MODEL = "other"
+
+
 class Telemetry:
     """The worker's tracer and instruments; one per worker process (or per test)."""
+
+    #: models that always get their own label (the worker sets WORKER_ALLOWED_MODELS here)
+    allowed_models: frozenset[str] = frozenset()
+
+    def model_label(self, model: str | None) -> str:
+        """The bounded ``model`` label of a metric: see :data:`MAX_MODEL_LABELS`."""
+        if not model:
+            return ""
+        if model in self.allowed_models or model in self._model_labels:
+            return model
+        if self.allowed_models or len(self._model_labels) >= MAX_MODEL_LABELS:
+            return OTHER_MODEL
+        self._model_labels.add(model)
+        return model
 
     def __init__(
         self,
@@ -132,6 +153,7 @@ class Telemetry:
         metric_readers: tuple[MetricReader, ...] = (),
     ) -> None:
         os.environ.setdefault("OTEL_SERVICE_NAME", SERVICE_NAME)
+        self._model_labels: set[str] = set()
         resource = Resource.create()
         self.registry = registry or prometheus_client.REGISTRY
         self._tracer_provider: TracerProvider | None = None
@@ -324,7 +346,7 @@ class Telemetry:
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": PROVIDER,
-            "gen_ai.request.model": model,
+            "gen_ai.request.model": self.model_label(model),
         }
         usage = (body or {}).get("usage") or {}
         if body is not None and span.is_recording():
@@ -338,9 +360,9 @@ class Telemetry:
                 if isinstance(c, dict) and c.get("finish_reason")
             ]
             span.set_attribute("gen_ai.response.finish_reasons", reasons)
-            if "prompt_tokens" in usage:
+            if isinstance(usage.get("prompt_tokens"), int):
                 span.set_attribute("gen_ai.usage.input_tokens", usage["prompt_tokens"])
-            if "completion_tokens" in usage:
+            if isinstance(usage.get("completion_tokens"), int):
                 span.set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
         if error_type is not None:
             attributes["error.type"] = error_type
@@ -359,7 +381,7 @@ class Telemetry:
         attributes = {
             "outcome": "error" if error_code else "ok",
             "error_code": error_code or "",
-            "gen_ai.request.model": model or "",
+            "gen_ai.request.model": self.model_label(model),
         }
         self.jobs.add(1, attributes)
         self.job_duration.record(seconds, {"outcome": attributes["outcome"]})

@@ -50,6 +50,8 @@ H_REDELIVERIES = "x-redeliveries"  # kept by the worker itself on classic queues
 H_USAGE_PROMPT = "x-usage-prompt-tokens"
 H_USAGE_COMPLETION = "x-usage-completion-tokens"
 H_USAGE_TOTAL = "x-usage-total-tokens"
+# On a result kept in the dead-letter queue because nothing took it: where it was sent.
+H_UNROUTABLE_RESULT = "x-unroutable-result"
 
 # Fixed-TTL delay tiers, in seconds. One TTL per queue: mixed per-message TTLs on one queue
 # would let a long wait at the head hold back every shorter one behind it.

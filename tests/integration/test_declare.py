@@ -44,7 +44,9 @@ async def test_a_queue_out_of_reach_leaves_the_worker_consuming_degraded_then_wh
     owner_channel = await owner.channel()
     await owner_channel.declare_queue(names["dead_letter_queue"], exclusive=True)
     running = await start_worker()
-    health = HealthServer(lambda: running.ready, 0, host="127.0.0.1", details=running.readiness)
+    health = HealthServer(
+        lambda: running.ready, 0, host="127.0.0.1", details=running.readiness_details
+    )
     await health.start()
     try:
         answer = await readyz(health)
@@ -103,7 +105,7 @@ async def test_a_quorum_worker_starts_beside_legacy_classic_delay_queues(
     # A job deferred by an older version still sits in its classic delay queue.
     await publish(connection, legacy, BODY, reply_to=replies.name, message_id="old-1")
     running = await start_worker(queue_type="quorum")
-    assert running.readiness()["status"] == "ready"
+    assert running.readiness == "ready"
     result = JobResult.model_validate_json((await replies.get()).body)
     assert result.id == "old-1", "a legacy delay queue drains back by itself"
     for seconds in DELAY_TIERS:

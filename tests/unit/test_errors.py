@@ -23,7 +23,13 @@ from worker.errors import (
 from worker.messages import ErrorCode, ErrorInfo
 
 # Contract §6, column "retried".
-RETRIED = {ErrorCode.RATE_LIMITED, ErrorCode.UPSTREAM_ERROR, ErrorCode.TIMEOUT}
+# quota_exceeded, like rate_limited, waits for budget rather than failing at once (§11).
+RETRIED = {
+    ErrorCode.RATE_LIMITED,
+    ErrorCode.QUOTA_EXCEEDED,
+    ErrorCode.UPSTREAM_ERROR,
+    ErrorCode.TIMEOUT,
+}
 
 
 def _subclasses(cls: type[JobError]) -> list[type[JobError]]:

@@ -113,10 +113,21 @@ def test_job_id_and_correlation_id_from_properties() -> None:
 
 
 @pytest.mark.parametrize("message_id", [None, ""])
-def test_job_id_generated_when_absent(message_id: str | None) -> None:
-    first = envelope(message_id=message_id)
-    second = envelope(message_id=message_id)
-    assert first.job_id != second.job_id
+def test_job_id_without_message_id_is_stable_per_delivery(message_id: str | None) -> None:
+    """Every delivery (or duplicate) of one publish gets the same id; another job another."""
+    line = request_line()
+    first = envelope(message_id=message_id, body=line, reply_to="r")
+    again = envelope(
+        message_id=message_id,
+        body=line,
+        reply_to="r",
+        redelivered=True,
+        headers={"x-delivery-count": 2},
+    )
+    other_body = envelope(message_id=message_id, body=request_line(custom_id="o"), reply_to="r")
+    other_reply = envelope(message_id=message_id, body=line, reply_to="s")
+    assert first.job_id == again.job_id
+    assert len({first.job_id, other_body.job_id, other_reply.job_id}) == 3
     assert uuid.UUID(first.job_id)
     assert first.correlation_id == first.job_id
 

@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from worker.messages import (
+    MAX_CUSTOM_ID,
     BatchRequest,
     ChatCompletionRequest,
     ErrorCode,
     JobDelta,
     JobResult,
+    Usage,
     render_schemas,
 )
 
@@ -361,6 +363,10 @@ def test_result_document_round_trips() -> None:
             "ttft_ms": None,
             "worker": "host/1",
             "finished_at": "2025-11-25T18:00:00Z",
+            "upstream": "openai",
+            "lane": "chat.requests",
+            "tenant": None,
+            "rate_limit_wait_ms": 0.0,
         },
     }
     result = JobResult.model_validate(document)
@@ -419,3 +425,54 @@ def test_delta_document() -> None:
         ],
     }
     assert orjson.loads(JobDelta.model_validate(document).model_dump_json()) == document
+
+
+# --- strict types and the custom_id limit (issue 10) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("stream", "false"),
+        ("stream", "true"),
+        ("stream", 0),
+        ("stream", 1),
+        ("temperature", True),
+        ("temperature", "1"),
+        ("top_p", False),
+        ("top_p", "0.5"),
+        ("presence_penalty", True),
+        ("frequency_penalty", "1"),
+        ("n", True),
+        ("n", "2"),
+        ("n", 2.0),
+        ("max_tokens", True),
+        ("max_tokens", "100"),
+        ("max_completion_tokens", "100"),
+        ("seed", "7"),
+        ("seed", False),
+    ],
+)
+def test_lax_values_are_rejected(field: str, value: Any) -> None:
+    """The raw body goes upstream: a value the worker would read otherwise than the upstream
+    (``"stream": "false"`` is truthy text) must fail ``invalid_message``."""
+    assert not valid(body(**{field: value}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("stream", False), ("temperature", 1), ("top_p", 0), ("seed", -3), ("max_tokens", 0)],
+)
+def test_strict_fields_take_their_json_types(field: str, value: Any) -> None:
+    assert valid(body(**{field: value}))
+
+
+def test_custom_id_limit() -> None:
+    assert BatchRequest.model_validate({"custom_id": "x" * MAX_CUSTOM_ID, "body": body()})
+    with pytest.raises(ValidationError, match=str(MAX_CUSTOM_ID)):
+        BatchRequest.model_validate({"custom_id": "x" * (MAX_CUSTOM_ID + 1), "body": body()})
+
+
+def test_result_usage_counts_may_be_null() -> None:
+    usage = Usage.model_validate({"prompt_tokens": None, "completion_tokens": 2})
+    assert usage.prompt_tokens is None and usage.completion_tokens == 2

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from worker.settings import Settings, SettingsError, load_settings
+from worker.settings import Lane, Settings, SettingsError, load_settings
 
 SECRET_KEY = "sk-very-secret-0123456789"
 SECRET_PASSWORD = "hunter2-broker-password"
@@ -97,6 +97,21 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_HTTP_PORT", "0", "http_port", 0),
     ("WORKER_LOG_FORMAT", "console", "log_format", "console"),
     ("WORKER_LOG_LEVEL", "DEBUG", "log_level", "debug"),
+    (
+        "WORKER_UPSTREAMS_FILE",
+        "/etc/chat-worker/upstreams.yaml",
+        "upstreams_file",
+        Path("/etc/chat-worker/upstreams.yaml"),
+    ),
+    ("WORKER_UPSTREAM_RPM", "3000", "upstream_rpm", 3000),
+    ("WORKER_UPSTREAM_TPM", "1000000", "upstream_tpm", 1000000),
+    ("WORKER_UPSTREAM_MAX_CONCURRENCY", "200", "upstream_max_concurrency", 200),
+    ("WORKER_RATE_LIMIT_MAX_WAIT", "90", "rate_limit_max_wait", 90.0),
+    ("WORKER_REDIS_URL", "redis://127.0.0.1:6379/0", "redis_url", "redis://127.0.0.1:6379/0"),
+    ("WORKER_TRUST_TENANT_HEADER", "true", "trust_tenant_header", True),
+    ("WORKER_EVENTS", "false", "events", False),
+    ("WORKER_EVENTS_EXCHANGE", "ops.events", "events_exchange", "ops.events"),
+    ("WORKER_CONSOLE_TOKEN", " s3cret\n", "console_token", "s3cret"),
 ]
 
 
@@ -106,7 +121,7 @@ def test_variable_from_environment(
 ) -> None:
     monkeypatch.setenv(variable, value)
     got = getattr(load_settings(), attribute)
-    if attribute in ("amqp_url", "upstream_api_key"):
+    if attribute in ("amqp_url", "upstream_api_key", "redis_url", "console_token"):
         got = _secret(got)
     assert got == expected
 
@@ -114,6 +129,26 @@ def test_variable_from_environment(
 def test_every_setting_is_covered_by_a_test() -> None:
     tested = {variable for variable, *_ in FROM_ENV} | {"WORKER_REPLY_TO_PATTERN"}
     assert tested == {f"WORKER_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_lanes_from_the_request_queue_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_REQUEST_QUEUE", "chat.interactive:4, chat.batch")
+    assert load_settings().lanes == [Lane("chat.interactive", 4), Lane("chat.batch", 1)]
+
+
+@pytest.mark.parametrize("value", ["a:0", "a:x", "a,,b", "a,a", ":3"])
+def test_bad_lane_lists_name_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("WORKER_REQUEST_QUEUE", value)
+    with pytest.raises(SettingsError, match="WORKER_REQUEST_QUEUE"):
+        load_settings()
+
+
+def test_several_broker_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_AMQP_URL", "amqp://a:5672/, amqp://b:5672/")
+    assert load_settings().amqp_urls == ["amqp://a:5672/", "amqp://b:5672/"]
+    monkeypatch.setenv("WORKER_AMQP_URL", "amqp://a:5672/,http://b/")
+    with pytest.raises(SettingsError, match="WORKER_AMQP_URL"):
+        load_settings()
 
 
 def test_reply_to_pattern_is_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
