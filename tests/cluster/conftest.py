@@ -29,9 +29,10 @@ import aiormq
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
-from harness import Cluster, port_free, running_cluster
 
 from worker.broker import Nodes, connect_any
+
+from .harness import Cluster, port_free, running_cluster
 
 # Each worker: WORKER_CONCURRENCY jobs at once, each held MOCK_LATENCY seconds by the mock:
 # a known capacity (2 workers: 32 jobs/s) that a shared two-core machine sustains.

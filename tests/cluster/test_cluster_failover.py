@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import (
+
+from .conftest import (
     Producer,
     Readiness,
     Results,
@@ -19,7 +20,7 @@ from conftest import (
     wait_for,
     wait_ready,
 )
-from harness import Cluster
+from .harness import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 

@@ -16,7 +16,10 @@ from collections.abc import Callable
 
 import aio_pika
 import pytest
-from conftest import (
+
+from worker.topology import DELAY_TIERS, delay_queue_name
+
+from .conftest import (
     Producer,
     Readiness,
     Results,
@@ -26,9 +29,7 @@ from conftest import (
     wait_for,
     wait_ready,
 )
-from harness import Cluster
-
-from worker.topology import DELAY_TIERS, delay_queue_name
+from .harness import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
