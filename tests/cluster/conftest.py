@@ -20,6 +20,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,14 @@ class WorkerProcess:
             if b'"job deferred"' in line:
                 found.add(str(orjson.loads(line)["job_id"]))
         return found
+
+    def finished_at(self) -> list[float]:
+        """When this worker settled each job (epoch seconds, from its log)."""
+        return [
+            datetime.fromisoformat(orjson.loads(line)["timestamp"]).timestamp()
+            for line in self.log_path.read_bytes().splitlines()
+            if b'"job finished"' in line or b'"job deferred"' in line
+        ]
 
     def exited(self) -> int | None:
         return self.process.poll()
@@ -360,19 +369,27 @@ class Results:
                 print(f"results: connection lost ({exc!r}); again")
                 await asyncio.sleep(0.5)
 
-    def per_window(self, start: float, end: float, width: float) -> list[float]:
-        """Results per second in consecutive windows of ``width`` seconds."""
-        rates = []
-        at = start
-        while at + width <= end + 1e-6:
-            rates.append(sum(1 for t in self.arrivals if at <= t < at + width) / width)
-            at += width
-        return rates
 
-    def longest_gap(self, start: float, end: float) -> float:
-        """The longest time without a new result between ``start`` and ``end``."""
-        times = [start, *(t for t in self.arrivals if start <= t <= end), end]
-        return max(b - a for a, b in itertools.pairwise(times))
+def settled_times(workers: list[WorkerProcess]) -> list[float]:
+    """Every job settlement by these workers, in order: consumption as the workers saw it
+    (the test's own result collector may lag behind a node's death)."""
+    return sorted(t for worker in workers for t in worker.finished_at())
+
+
+def per_window(times: list[float], start: float, end: float, width: float) -> list[float]:
+    """Events per second in consecutive windows of ``width`` seconds."""
+    rates = []
+    at = start
+    while at + width <= end + 1e-6:
+        rates.append(sum(1 for t in times if at <= t < at + width) / width)
+        at += width
+    return rates
+
+
+def longest_gap(times: list[float], start: float, end: float) -> float:
+    """The longest time without an event between ``start`` and ``end``."""
+    inside = [start, *(t for t in times if start <= t <= end), end]
+    return max(b - a for a, b in itertools.pairwise(inside))
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,8 @@ from .conftest import (
     WorkerProcess,
     background,
     in_thread,
+    longest_gap,
+    settled_times,
     wait_for,
     wait_ready,
 )
@@ -40,6 +42,7 @@ async def test_killing_the_request_queue_leader_twice_loses_no_job(
     producer = Producer(cluster.urls, request_queue, results)
     readiness = Readiness(workers)
     started = time.monotonic()
+    started_wall = time.time()
     killed: list[str] = []
     async with (
         background(results.run()),
@@ -67,6 +70,7 @@ async def test_killing_the_request_queue_leader_twice_loses_no_job(
             "a result for every job",
         )
     ended = time.monotonic()
+    settled = settled_times(workers)
     lost = len(producer.confirmed) - results.finished(producer.confirmed)
     exits = [worker.exited() for worker in workers]
     summary = {
@@ -76,7 +80,12 @@ async def test_killing_the_request_queue_leader_twice_loses_no_job(
         "duplicated": results.duplicates(),
         "errors": dict(results.errors),
         "republished_by_producer": producer.republished,
-        "longest_without_results_s": round(results.longest_gap(started, ended), 1),
+        "longest_without_a_job_settled_s": round(
+            longest_gap(settled, started_wall, settled[-1]), 1
+        ),
+        "longest_without_a_result_at_the_collector_s": round(
+            longest_gap(results.arrivals, started, ended), 1
+        ),
         "longest_worker_unready_s": round(readiness.longest_unready(), 1),
         "seconds": round(ended - started, 1),
         "worker_exits": exits,
