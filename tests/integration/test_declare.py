@@ -45,7 +45,11 @@ async def test_a_queue_out_of_reach_leaves_the_worker_consuming_degraded_then_wh
     await owner_channel.declare_queue(names["dead_letter_queue"], exclusive=True)
     running = await start_worker()
     health = HealthServer(
-        lambda: running.ready, 0, host="127.0.0.1", details=running.readiness_details
+        lambda: running.ready,
+        0,
+        host="127.0.0.1",
+        readiness=lambda: running.readiness,
+        details=running.readiness_details,
     )
     await health.start()
     try:
