@@ -9,8 +9,11 @@ from measure import Setup, measure_each, median_run
 from report import Row, table, write_json
 
 
-def raw_loop(client: str = "aiohttp", concurrency: int = 64) -> WorkerFactory:
-    """One ``raw_loop.py`` process using ``client`` for the upstream calls."""
+def raw_loop(
+    client: str = "aiohttp", concurrency: int = 64, mode: str = "plain", chunks_per_delta: int = 5
+) -> WorkerFactory:
+    """One ``raw_loop.py`` process using ``client`` for the upstream calls; ``mode``
+    ``stream`` is the S3 baseline, ``echo`` the bare broker loop (no HTTP)."""
 
     def spawn(ctx: RunContext) -> list[Proc]:
         argv = [
@@ -28,8 +31,12 @@ def raw_loop(client: str = "aiohttp", concurrency: int = 64) -> WorkerFactory:
             str(concurrency),
             "--client",
             client,
+            "--mode",
+            mode,
+            "--chunks-per-delta",
+            str(chunks_per_delta),
         ]
-        return [Proc(f"raw-{client}", argv, ctx.log_dir, env=clean_env())]
+        return [Proc(f"raw-{client}-{mode}", argv, ctx.log_dir, env=clean_env())]
 
     return spawn
 

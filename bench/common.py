@@ -76,8 +76,7 @@ class Names:
         )
 
     def queues(self) -> list[str]:
-        settings = self.settings()
-        delays = delay_queues(settings)
+        delays = delay_queues(self.settings(), self.request_queue)
         return [self.request_queue, self.result_queue, self.dead_letter_queue, *delays]
 
 
@@ -314,16 +313,18 @@ def chat_worker(concurrency: int = 64, processes: int = 1, **env: str) -> Worker
         procs = []
         for index in range(processes):
             variables = clean_env(
-                WORKER_AMQP_URL=AMQP_URL,
-                WORKER_UPSTREAM_BASE_URL=ctx.upstream,
-                WORKER_REQUEST_QUEUE=ctx.names.request_queue,
-                WORKER_RESULT_EXCHANGE=ctx.names.result_exchange,
-                WORKER_RESULT_QUEUE=ctx.names.result_queue,
-                WORKER_DEAD_LETTER_QUEUE=ctx.names.dead_letter_queue,
-                WORKER_CONCURRENCY=str(concurrency),
-                WORKER_HTTP_PORT=str(free_port()),
-                WORKER_SECRETS_DIR=str(ctx.log_dir / "no-secrets"),
-                **env,
+                **{
+                    "WORKER_AMQP_URL": AMQP_URL,
+                    "WORKER_UPSTREAM_BASE_URL": ctx.upstream,
+                    "WORKER_REQUEST_QUEUE": ctx.names.request_queue,
+                    "WORKER_RESULT_EXCHANGE": ctx.names.result_exchange,
+                    "WORKER_RESULT_QUEUE": ctx.names.result_queue,
+                    "WORKER_DEAD_LETTER_QUEUE": ctx.names.dead_letter_queue,
+                    "WORKER_CONCURRENCY": str(concurrency),
+                    "WORKER_HTTP_PORT": str(free_port()),
+                    "WORKER_SECRETS_DIR": str(ctx.log_dir / "no-secrets"),
+                    **env,  # a scenario may override any of these (S5: the lanes)
+                }
             )
             procs.append(Proc(f"worker{index}", [CHAT_WORKER, "run"], ctx.log_dir, env=variables))
         return procs

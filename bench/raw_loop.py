@@ -10,6 +10,18 @@ an HTTP client. ``--client`` picks the HTTP client (``transports.py`` compares t
   ``AsyncClient`` (what ``worker.upstream.Upstream`` does).
 
 Every client gets a pool of ``--concurrency`` kept-alive connections.
+
+``--mode`` picks the job:
+
+- ``plain`` (default): the S1 loop above;
+- ``stream``: the S3 raw baseline: POST the job streamed with bare aiohttp, read the SSE
+  lines, parse each chunk with orjson, publish a delta message (aiormq, confirmed) to
+  ``reply_to`` for the first content at once and then one every ``--chunks-per-delta``
+  content chunks (the S3 scenario passes the worker's own ratio, so both publish as many
+  deltas), then the result, then ack;
+- ``echo``: the bare broker loop of the added-latency scenario: no HTTP at all, the reply
+  is a fixed document published to ``reply_to`` (confirmed), then ack.
+
 Run by the benchmarks as its own process; SIGTERM ends it.
 """
 
@@ -20,13 +32,16 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 import aio_pika
 import aiohttp
+import aiormq
 import httpx
 import orjson
 import uvloop
 from aio_pika.abc import AbstractIncomingMessage
+from pamqp.commands import Basic
 
 Post = Callable[[bytes], Awaitable[bytes]]
 HEADERS = {"content-type": "application/json"}
@@ -94,6 +109,21 @@ async def main(args: argparse.Namespace) -> None:
         await channel.set_qos(prefetch_count=args.concurrency)
         results = await channel.get_exchange(args.exchange, ensure=False)
         queue = await channel.get_queue(args.queue, ensure=False)
+        underlay = await channel.get_underlay_channel()
+        if args.mode == "stream":
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
+            )
+            handler = stream_handler(
+                session, f"{args.upstream}/chat/completions", underlay, args.chunks_per_delta
+            )
+            await queue.consume(handler)
+            await stop.wait()
+            return
+        if args.mode == "echo":
+            await queue.consume(echo_handler(underlay))
+            await stop.wait()
+            return
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             answer = await post(orjson.dumps(orjson.loads(message.body)["body"]))
@@ -112,6 +142,83 @@ async def main(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
+def _properties(message: AbstractIncomingMessage, kind: str) -> Basic.Properties:
+    return Basic.Properties(
+        content_type="application/json",
+        message_type=kind,
+        correlation_id=message.correlation_id,
+        delivery_mode=1 if kind == "chat.delta" else 2,
+    )
+
+
+def echo_handler(channel: aiormq.abc.AbstractChannel) -> Callable[[AbstractIncomingMessage], Any]:
+    answer = orjson.dumps({"type": "result", "error": None})
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        await channel.basic_publish(
+            answer,
+            routing_key=message.reply_to or "",
+            properties=_properties(message, "chat.result"),
+        )
+        await message.ack()
+
+    return on_message
+
+
+def stream_handler(
+    session: aiohttp.ClientSession,
+    url: str,
+    channel: aiormq.abc.AbstractChannel,
+    every: int,
+) -> Callable[[AbstractIncomingMessage], Any]:
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        body = orjson.loads(message.body)["body"]
+        body["stream_options"] = {"include_usage": True}
+        reply = message.reply_to or ""
+        seq, pending = 0, []
+        delta_properties = _properties(message, "chat.delta")
+
+        async def publish_delta() -> None:
+            nonlocal seq, pending
+            text = "".join(pending)
+            pending = []
+            delta = {
+                "type": "delta",
+                "seq": seq,
+                "choices": [{"index": 0, "delta": {"content": text}}],
+            }
+            seq += 1
+            await channel.basic_publish(
+                orjson.dumps(delta), routing_key=reply, properties=delta_properties
+            )
+
+        usage = None
+        async with session.post(url, data=orjson.dumps(body), headers=HEADERS) as response:
+            async for line in response.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = orjson.loads(data)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    if content := (choice.get("delta") or {}).get("content"):
+                        pending.append(content)
+                if pending and (seq == 0 or len(pending) >= every):
+                    await publish_delta()
+        if pending:
+            await publish_delta()
+        await channel.basic_publish(
+            orjson.dumps({"type": "result", "usage": usage}),
+            routing_key=reply,
+            properties=_properties(message, "chat.result"),
+        )
+        await message.ack()
+
+    return on_message
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--amqp", required=True)
@@ -120,4 +227,6 @@ if __name__ == "__main__":
     parser.add_argument("--upstream", required=True, help="base URL, ending in /v1")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--client", default="aiohttp", choices=CLIENTS)
+    parser.add_argument("--mode", default="plain", choices=("plain", "stream", "echo"))
+    parser.add_argument("--chunks-per-delta", type=int, default=5, help="stream mode")
     uvloop.run(main(parser.parse_args()))

@@ -10,18 +10,23 @@ import argparse
 import shlex
 import sys
 import time
+from pathlib import Path
 
+import orjson
+from added_latency import run_added_latency
 from common import run_main
+from plots import OUT, commit, write_plots
 from report import Row, Section, table, write_json
 from s1_overhead import run_s1, s1_worker_rate
 from s2_latency import run_s2
-from s3_streaming import run_s3
+from s3_streaming import LEVELS, QUICK_LEVELS, run_s3
 from s4_scaleout import run_s4
+from s5_lanes import run_s5
 from telemetry import run_telemetry
 from transports import run_transports
 
-SCENARIOS = ("s1", "s2", "s3", "s4", "telemetry", "transports")
-DEFAULT = "s1,s2,s3,s4,telemetry"
+SCENARIOS = ("s1", "s2", "s3", "latency", "s4", "s5", "telemetry", "transports")
+DEFAULT = "s1,s2,s3,latency,s4,s5,telemetry"
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -48,9 +53,14 @@ async def main(args: argparse.Namespace) -> int:
             seconds, cap = (3.0, 4_000) if quick else (12.0, 20_000)
             section = await run_s2(s1_rate, seconds=seconds, max_jobs=cap, timeout=args.timeout)
         elif name == "s3":
-            section = await run_s3(128 if quick else 384, timeout=args.timeout)
+            section = await run_s3(QUICK_LEVELS if quick else LEVELS, timeout=args.timeout)
+        elif name == "latency":
+            section = await run_added_latency(100 if quick else 400, 20 if quick else 40)
         elif name == "s4":
             section = await run_s4(jobs, args.repeat, args.timeout)
+        elif name == "s5":
+            backlog, seconds, window = (3_000, 15.0, 8.0) if quick else (20_000, 60.0, 20.0)
+            section = await run_s5(backlog, seconds, window)
         elif name == "telemetry":
             section = await run_telemetry(jobs, args.repeat, args.timeout)
         else:
@@ -66,13 +76,17 @@ async def main(args: argparse.Namespace) -> int:
         "run",
         {
             "command": command,
-            "args": vars(args),
+            "commit": commit(),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "duration_s": duration,
             "rows": rows,
             "sections": {section.name: section.data for section in sections},
         },
     )
     print(path)
+    if not args.no_plots:
+        for figure in write_plots(orjson.loads(path.read_bytes()), args.plots):
+            print(figure)
     return 0
 
 
@@ -87,4 +101,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per contender (S1, S4)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run, at most")
+    parser.add_argument("--plots", type=Path, default=OUT, help=f"PNG figures here ({OUT})")
+    parser.add_argument("--no-plots", action="store_true", help="write no figures")
     sys.exit(run_main(main(parser.parse_args())))

@@ -36,6 +36,7 @@ class BlockedState:
         self._unblocked = asyncio.Event()
         self._unblocked.set()
         self._blocked = asyncio.Event()
+        self._next_block: asyncio.Future[None] | None = None
 
     @property
     def blocked(self) -> bool:
@@ -47,6 +48,9 @@ class BlockedState:
         self.reason = reason
         self._unblocked.clear()
         self._blocked.set()
+        if self._next_block is not None and not self._next_block.done():
+            self._next_block.set_result(None)
+        self._next_block = None
 
     def unblock(self) -> None:
         if self.blocked:
@@ -60,6 +64,13 @@ class BlockedState:
 
     async def wait_blocked(self) -> None:
         await self._blocked.wait()
+
+    def next_block(self) -> asyncio.Future[None]:
+        """A future done when the connection is next blocked, shared by every waiter: one
+        per delta would cost a task per message on the stream path. Never cancel it."""
+        if self._next_block is None:
+            self._next_block = asyncio.get_running_loop().create_future()
+        return self._next_block
 
 
 def follow_blocking(connection: AbstractConnection, state: BlockedState) -> bool:

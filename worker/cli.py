@@ -89,7 +89,20 @@ def demo(jobs: str | None) -> None:
     type=click.IntRange(min=1),
     help="Jobs published and not yet answered.",
 )
-def submit(file: Path, output: Path | None, resume: bool, max_in_flight: int) -> None:
+@click.option("--lane", default=None, help="Publish to this lane (request queue) [default: first].")
+@click.option(
+    "--tenant-from-connection",
+    is_flag=True,
+    help="Set each job's user_id to the broker user: the workers report it as the tenant.",
+)
+def submit(
+    file: Path,
+    output: Path | None,
+    resume: bool,
+    max_in_flight: int,
+    lane: str | None,
+    tenant_from_connection: bool,
+) -> None:
     """Publish a Batch input file, wait for the results, write them in Batch output format.
 
     Exit 0 when every job succeeded, 1 otherwise, 2 when OUT exists without --resume,
@@ -97,7 +110,16 @@ def submit(file: Path, output: Path | None, resume: bool, max_in_flight: int) ->
     """
     from worker.submit import run_submit
 
-    code = run_submit(settings_or_exit(), file, output, resume=resume, max_in_flight=max_in_flight)
+    settings = settings_or_exit()
+    code = run_submit(
+        settings,
+        file,
+        output,
+        resume=resume,
+        max_in_flight=max_in_flight,
+        lane=_lane_or_exit(settings, lane),
+        tenant_from_connection=tenant_from_connection,
+    )
     sys.exit(run_async(code))
 
 
@@ -143,13 +165,26 @@ def dlq() -> None:
 _codes = click.option(
     "--code", "codes", multiple=True, help="Only this error code (repeatable), e.g. rate_limited."
 )
+_lane = click.option(
+    "--lane", default=None, help="The lane (request queue) whose dead letters [default: first]."
+)
+
+
+def _lane_or_exit(settings: Settings, lane: str | None) -> str:
+    from worker.dlq import lane_queue
+
+    try:
+        return lane_queue(settings, lane)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--lane") from None
 
 
 @dlq.command("list")
 @_codes
+@_lane
 @click.option("--limit", type=int, default=None, help="Show at most this many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
-def dlq_list(codes: tuple[str, ...], limit: int | None, as_json: bool) -> None:
+def dlq_list(codes: tuple[str, ...], lane: str | None, limit: int | None, as_json: bool) -> None:
     """Show dead letters (job id, error code, attempts, reason); leaves them in place."""
     import orjson
     from rich.console import Console
@@ -157,7 +192,9 @@ def dlq_list(codes: tuple[str, ...], limit: int | None, as_json: bool) -> None:
 
     from worker.dlq import list_dead_letters
 
-    letters = run_async(list_dead_letters(settings_or_exit(), codes=codes, limit=limit))
+    settings = settings_or_exit()
+    lane = _lane_or_exit(settings, lane)
+    letters = run_async(list_dead_letters(settings, codes=codes, limit=limit, lane=lane))
     if as_json:
         for letter in letters:
             click.echo(orjson.dumps(letter.as_dict()).decode())
@@ -179,17 +216,22 @@ def dlq_list(codes: tuple[str, ...], limit: int | None, as_json: bool) -> None:
 
 @dlq.command("replay")
 @_codes
+@_lane
 @click.option("--limit", type=int, default=None, help="Replay at most this many.")
 @click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
-def dlq_replay(codes: tuple[str, ...], limit: int | None, everything: bool) -> None:
-    """Send dead letters back to the request queue with fresh attempts."""
+def dlq_replay(
+    codes: tuple[str, ...], lane: str | None, limit: int | None, everything: bool
+) -> None:
+    """Send dead letters back to their lane's request queue with fresh attempts."""
     from worker.dlq import ReplayFailed, replay_dead_letters
 
     if not codes and not everything:
         raise click.UsageError("say which: --code CODE (repeatable) or --all")
+    settings = settings_or_exit()
+    lane = _lane_or_exit(settings, lane)
     try:
-        count = run_async(replay_dead_letters(settings_or_exit(), codes=codes, limit=limit))
+        count = run_async(replay_dead_letters(settings, codes=codes, limit=limit, lane=lane))
     except ReplayFailed as exc:
         click.echo(f"chat-worker dlq replay: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"replayed {count} dead letters to the request queue")
+    click.echo(f"replayed {count} dead letters to {lane}")

@@ -112,7 +112,12 @@ class ChatClient:
 
     ``async with ChatClient.connect(url) as client`` opens (and closes) its own connection;
     ``async with ChatClient(connection)`` borrows one. Queue names default to the settings'
-    (``WORKER_*`` variables), so a producer sharing the workers' environment needs none.
+    (``WORKER_*`` variables), so a producer sharing the workers' environment needs none;
+    with several lanes (§12) the default is the first one, and ``request_queue`` names
+    another lane's queue.
+
+    ``tenant_from_connection=True`` sets each job's AMQP ``user_id`` to the connection's
+    user: RabbitMQ checks it, and the workers report it as the job's tenant.
     """
 
     def __init__(
@@ -121,9 +126,11 @@ class ChatClient:
         *,
         settings: Settings | None = None,
         request_queue: str | None = None,
+        tenant_from_connection: bool = False,
     ) -> None:
         self.connection = connection
-        self.request_queue = request_queue or (settings or load_settings()).request_queue
+        self.request_queue = request_queue or (settings or load_settings()).lanes[0].queue
+        self.user_id = connection_user(connection) if tenant_from_connection else None
         self._channel: AbstractChannel | None = None
         self._replies: AbstractQueue | None = None
         self._replies_lock = asyncio.Lock()
@@ -137,6 +144,7 @@ class ChatClient:
         *,
         settings: Settings | None = None,
         request_queue: str | None = None,
+        tenant_from_connection: bool = False,
     ) -> AsyncIterator[Self]:
         """A client on a connection of its own to ``url`` (default ``WORKER_AMQP_URL``; a
         comma-separated list names nodes of one cluster, tried in a random order)."""
@@ -145,7 +153,12 @@ class ChatClient:
             url = settings.amqp_url.get_secret_value()
         connection = await connect_any(url, name=f"chat-worker client {os.getpid()}")
         try:
-            async with cls(connection, settings=settings, request_queue=request_queue) as client:
+            async with cls(
+                connection,
+                settings=settings,
+                request_queue=request_queue,
+                tenant_from_connection=tenant_from_connection,
+            ) as client:
                 yield client
         finally:
             await connection.close()
@@ -225,6 +238,7 @@ class ChatClient:
             reply_to=reply_to,
             priority=priority,
             headers=headers or None,
+            user_id=self.user_id,
         )
         try:
             # mandatory: a request queue that does not exist fails here, not silently.
@@ -373,6 +387,12 @@ class ChatClient:
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
             waiter.replies.put_nowait(error)
+
+
+def connection_user(connection: AbstractConnection) -> str:
+    """The user a connection logged in as (AMQP's default, ``guest``, when the URL has none)."""
+    url = getattr(connection, "url", None)
+    return (url.user if url is not None else None) or "guest"
 
 
 class StreamText:

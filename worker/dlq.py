@@ -1,5 +1,8 @@
 """``chat-worker dlq``: list dead-lettered requests and replay a selection to the request queue.
 
+With several lanes (§12) each lane has a dead-letter queue of its own: ``lane`` names the
+lane's request queue (the first lane by default), and a replay goes back to that lane.
+
 Listing is non-destructive: messages are fetched unacknowledged and all go back when the
 channel closes. A replayed request is republished ``mandatory`` with a fresh attempt count
 and removed from the dead-letter queue only once the broker routed and confirmed the copy;
@@ -33,9 +36,10 @@ from worker.topology import (
     H_REDELIVERIES,
     H_UNROUTABLE_RESULT,
     TYPE_RESULT,
+    dead_letter_queue_for,
 )
 
-__all__ = ["DeadLetter", "ReplayFailed", "list_dead_letters", "replay_dead_letters"]
+__all__ = ["DeadLetter", "ReplayFailed", "lane_queue", "list_dead_letters", "replay_dead_letters"]
 
 UNROUTABLE_RESULT = "result_unroutable"
 
@@ -117,13 +121,28 @@ async def _browse(
         yield message
 
 
+def lane_queue(settings: Settings, lane: str | None) -> str:
+    """The request queue of ``lane`` (the first lane when none is named)."""
+    queues = [configured.queue for configured in settings.lanes]
+    if lane is None:
+        return queues[0]
+    if lane not in queues:
+        raise ValueError(f"{lane!r} is not a lane of WORKER_REQUEST_QUEUE ({', '.join(queues)})")
+    return lane
+
+
 async def list_dead_letters(
-    settings: Settings, *, codes: Collection[str] = (), limit: int | None = None
+    settings: Settings,
+    *,
+    codes: Collection[str] = (),
+    limit: int | None = None,
+    lane: str | None = None,
 ) -> list[DeadLetter]:
+    dead_letter_queue = dead_letter_queue_for(settings, lane_queue(settings, lane))
     async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel()
         found: list[DeadLetter] = []
-        async for message in _browse(channel, settings.dead_letter_queue):
+        async for message in _browse(channel, dead_letter_queue):
             letter = describe(message)
             if _selected(letter, codes):
                 found.append(letter)
@@ -138,16 +157,17 @@ async def replay_dead_letters(
     codes: Collection[str] = (),
     limit: int | None = None,
     on_replay: Callable[[DeadLetter], None] | None = None,
+    lane: str | None = None,
 ) -> int:
-    """Republish the selected dead letters to the request queue; returns how many.
+    """Republish the selected dead letters to their lane's queue; returns how many.
 
     Raises :class:`ReplayFailed` at the first copy the broker returns or nacks.
     """
     replayed = 0
-    queue = settings.request_queue
+    queue = lane_queue(settings, lane)
     async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        async for message in _browse(channel, settings.dead_letter_queue):
+        async for message in _browse(channel, dead_letter_queue_for(settings, queue)):
             letter = describe(message)
             if _is_result(message) or not _selected(letter, codes):
                 continue

@@ -7,7 +7,6 @@ properties, a callable that publishes deltas, and settles what :meth:`JobRunner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import random
 import time
@@ -32,7 +31,7 @@ from worker.errors import (
 )
 from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
 from worker.settings import Settings
-from worker.streaming import CompletionAssembler, DeltaStream
+from worker.streaming import CompletionAssembler, DeltaStream, MalformedChunk
 from worker.telemetry import Telemetry
 from worker.topology import H_ATTEMPTS, H_DEADLINE, H_DELIVERY_COUNT, H_REDELIVERIES
 from worker.upstream import Upstream
@@ -369,6 +368,7 @@ class JobRunner:
         deltas = DeltaStream(
             lambda seq, choices: send_delta(attempt, seq, choices),
             self.settings.stream_flush_interval,
+            assembler,
         )
         meta: dict[str, Any] = {}
         started = time.perf_counter()
@@ -379,20 +379,41 @@ class JobRunner:
         try:
             async with asyncio.timeout(idle) as silence:
                 rescheduled = loop.time()
-                chunks = self.upstream.stream(body, headers, meta)
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
+                async with self.upstream.open_stream(body, headers, meta) as chunks:
+                    # One await per network read; the chunks it completed are plain calls.
+                    while (batch := await chunks.read()) is not None:
+                        if not batch:
+                            continue  # a comment, a keep-alive or half an event
                         now = loop.time()
                         if now - rescheduled > slack:
                             silence.reschedule(now + idle + slack)
                             rescheduled = now
-                        if await deltas.add_parts(assembler.add(chunk)) and ttft_ms is None:
-                            ttft_ms = _ms_since(started)
+                        for chunk in batch:
+                            if assembler.add(chunk):
+                                if ttft_ms is None:
+                                    ttft_ms = _ms_since(started)
+                                if deltas.due():  # at once, or a timer (one per delta)
+                                    await deltas.flush()
+                        if deltas.failed is not None:
+                            raise deltas.failed
+                    done = chunks.done
+            if not done and not assembler.finished:
+                raise UpstreamError(
+                    "upstream stream ended without [DONE] and without a finish_reason",
+                    status_code=meta.get("status_code"),
+                    request_id=meta.get("request_id"),
+                )
             await deltas.close()
         except TimeoutError:
             raise UpstreamTimeout(
                 f"stream silent for WORKER_STREAM_IDLE_TIMEOUT ({idle:g}s)",
                 status_code=meta.get("status_code"),
+            ) from None
+        except MalformedChunk as exc:
+            raise UpstreamError(
+                f"upstream sent a malformed stream chunk: {exc}",
+                status_code=meta.get("status_code"),
+                request_id=meta.get("request_id"),
             ) from None
         finally:
             deltas.discard()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import email.utils
 import hashlib
@@ -24,7 +25,16 @@ _STATUS_FAULTS = frozenset(
     ("400", "401", "403", "404", "408", "409", "422", "429", "500", "502", "503")
 )
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-_OTHER_FAULTS = ("stall", "malformed", "error_event", "disconnect", "no_done", "no_finish_reason")
+_OTHER_FAULTS = (
+    "stall",
+    "malformed",
+    "error_event",
+    "disconnect",
+    "no_done",
+    "no_finish_reason",
+    "truncated",  # a stream that ends cleanly with neither a finish_reason nor [DONE]
+    "error_body",  # a 200 whose body is {"error": ...} without choices, as some proxies send
+)
 _FAULTS = _STATUS_FAULTS.union(_OTHER_FAULTS)
 _RANDOM_FAULTS = ("429", "500", "503", "stall", "malformed", "error_event", "disconnect")
 # A random stall must not pin a soak test's connections for the default hour.
@@ -81,6 +91,7 @@ class _Choice:
     content: str | None
     tool_calls: list[tuple[str, str]]  # (function name, arguments)
     finish_reason: str | None
+    refusal: str | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +106,9 @@ class _Plan:
     reasoning: str | None
     choices: list[_Choice]
     usage: dict[str, Any]
+    logprobs: bool = False  # the request's "logprobs": every content piece gets its entry
+    audio: bool = False  # "audio" in the request's modalities: the text comes as audio
+    usage_choices: bool = True  # False: the usage chunk has no "choices" key at all
 
 
 class _BadRequest(Exception):
@@ -109,7 +123,10 @@ class MockUpstream:
     Per-request control comes from the body field `mock` or the `X-Mock` header (JSON; body
     keys win): `fault`, `times`, `key`, `retry_after`, `retry_after_ms`, `retry_after_date`,
     `latency`, `chunks`, `chunk_interval`, `after_chunks`, `stall`, `reasoning`,
-    `reasoning_field`, `tool_calls`, `content`. `after_chunks` counts every `data:` chunk,
+    `reasoning_field`, `tool_calls`, `content`, `refusal` (the model refuses with this
+    text), `usage_choices` (false: the usage chunk has no `choices` key). The request's own
+    `logprobs` and `modalities: ["audio", ...]` are honoured (logprobs per piece; the text
+    as audio with its transcript). `after_chunks` counts every `data:` chunk,
     the opening role chunk included, and defaults to `chunks // 2`. A fault drawn at random
     (`MockConfig.fault_rate`) ignores `times`, and its stall lasts `min(stall_seconds, 5)`
     seconds unless the request sets `stall`.
@@ -216,6 +233,9 @@ class MockUpstream:
         stream = body.get("stream") is True
         if plan.fault in _STATUS_FAULTS or (plan.fault == "error_event" and not stream):
             return await _status_fault(plan, opts, headers)
+        if plan.fault == "error_body":
+            error = {"message": "Mock fault error_body", "type": "server_error", "code": None}
+            return web.json_response({"error": error}, headers=headers)
         base = {
             "id": f"chatcmpl-mock{self._counter}",
             "object": "chat.completion.chunk" if stream else "chat.completion",
@@ -272,6 +292,9 @@ class MockUpstream:
             reasoning=reasoning,
             choices=choices,
             usage=usage,
+            logprobs=body.get("logprobs") is True,
+            audio=isinstance(body.get("modalities"), list) and "audio" in body["modalities"],
+            usage_choices=bool(opts.get("usage_choices", True)),
         )
 
 
@@ -326,6 +349,11 @@ async def _reply(
     rows = []
     for index, choice in enumerate(plan.choices):
         message: dict[str, Any] = {"role": "assistant", "content": choice.content}
+        if choice.refusal is not None:
+            message["refusal"] = choice.refusal
+        if plan.audio and choice.content is not None:
+            message["content"] = None
+            message["audio"] = _audio(index, choice.content)
         if plan.reasoning is not None:
             message[plan.reasoning_field] = plan.reasoning
         if choice.tool_calls:
@@ -334,7 +362,10 @@ async def _reply(
                 for k, (n, a) in enumerate(choice.tool_calls)
             ]
         finish = None if plan.fault == "no_finish_reason" else choice.finish_reason
-        rows.append({"index": index, "message": message, "finish_reason": finish})
+        row = {"index": index, "message": message, "finish_reason": finish}
+        if plan.logprobs:
+            row["logprobs"] = {"content": [_logprob(choice.content or "")], "refusal": None}
+        rows.append(row)
     reply = {**base, "choices": rows, "usage": plan.usage}
     return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
 
@@ -342,16 +373,48 @@ async def _reply(
 async def _stream(
     request: web.Request, headers: dict[str, str], plan: _Plan, base: dict[str, Any]
 ) -> web.StreamResponse:
-    def event(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def event(
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> bytes:
         choice = {"index": index, "delta": delta, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
         return b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n"
 
+    def text_event(index: int, text: str, field: str) -> bytes:
+        if field == "audio":
+            # As OpenAI streams audio: the id and expiry once, then data with its transcript.
+            audio = _audio(index, text)
+            if not first_audio[index]:
+                audio = {"data": audio["data"], "transcript": text}
+            first_audio[index] = False
+            return event(index, {"audio": audio})
+        if not plan.logprobs:
+            return event(index, {field: text})
+        entry = _logprob(text)
+        key = "refusal" if field == "refusal" else "content"
+        return event(
+            index, {field: text}, logprobs={"content": None, "refusal": None, key: [entry]}
+        )
+
+    first_audio = [True] * len(plan.choices)
     lanes: list[list[bytes]] = []
     thoughts = _split(plan.reasoning or "", plan.chunks)
+    truncated = plan.fault in ("no_finish_reason", "truncated")
     for index, choice in enumerate(plan.choices):
-        lane = [event(index, {"role": "assistant", "content": ""})]
+        if choice.refusal is not None:
+            lane = [event(index, {"role": "assistant", "content": None, "refusal": ""})]
+        elif choice.tool_calls or plan.audio:
+            lane = [event(index, {"role": "assistant", "content": None})]
+        else:
+            lane = [event(index, {"role": "assistant", "content": ""})]
         lane += [event(index, {plan.reasoning_field: piece}) for piece in thoughts]
-        lane += [event(index, {"content": p}) for p in _split(choice.content or "", plan.chunks)]
+        field = "audio" if plan.audio else "content"
+        lane += [text_event(index, p, field) for p in _split(choice.content or "", plan.chunks)]
+        lane += [text_event(index, p, "refusal") for p in _split(choice.refusal or "", plan.chunks)]
         for k, (name, arguments) in enumerate(choice.tool_calls):
             head = {"name": name, "arguments": ""}
             fragments: list[dict[str, Any]] = [
@@ -359,15 +422,16 @@ async def _stream(
             ]
             fragments += [{"function": {"arguments": piece}} for piece in _split(arguments, 3)]
             lane += [event(index, {"tool_calls": [{"index": k, **f}]}) for f in fragments]
-        if plan.fault != "no_finish_reason":
+        if not truncated:
             lane.append(event(index, {}, choice.finish_reason))
         lanes.append(lane)
     # Choices interleave step by step, as real servers send them.
     events = [e for e in chain.from_iterable(zip_longest(*lanes)) if e is not None]
     if "usage" in base:
-        events.append(
-            b"data: " + orjson.dumps({**base, "choices": [], "usage": plan.usage}) + b"\n\n"
-        )
+        last = {**base, "choices": [], "usage": plan.usage}
+        if not plan.usage_choices:
+            del last["choices"]
+        events.append(b"data: " + orjson.dumps(last) + b"\n\n")
 
     response = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
     response.content_type = "text/event-stream"
@@ -383,7 +447,7 @@ async def _stream(
         await response.write(data)
     if plan.after >= len(events) and await _interrupt(request, response, plan):
         return response
-    if plan.fault != "no_done":
+    if plan.fault not in ("no_done", "truncated"):
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
@@ -442,6 +506,9 @@ def _compose(
         if calls:
             choices.append(_Choice(None, calls, "tool_calls"))
             continue
+        if "refusal" in opts:
+            choices.append(_Choice(None, [], "stop", refusal=str(opts["refusal"])))
+            continue
         if "content" in opts:
             content = str(opts["content"])
         else:
@@ -476,6 +543,22 @@ def _compose(
         },
     }
     return choices, reasoning, usage
+
+
+def _logprob(text: str) -> dict[str, Any]:
+    return {"token": text, "logprob": -0.25, "bytes": list(text.encode()), "top_logprobs": []}
+
+
+def _audio(index: int, transcript: str) -> dict[str, Any]:
+    """An audio part: the transcript, and "audio" bytes standing for it (base64); its id
+    depends on the text only, so that the same request gets the same answer."""
+    digest = hashlib.blake2b(transcript.encode(), digest_size=6).hexdigest()
+    return {
+        "id": f"audio_{digest}_{index}",
+        "data": base64.b64encode(transcript.encode()).decode(),
+        "expires_at": 1_900_000_000,
+        "transcript": transcript,
+    }
 
 
 def _words(digest: bytes, start: int, chunks: int) -> str:

@@ -47,6 +47,7 @@ from worker.topology import (
     RESULT_OK,
     TYPE_DELTA,
     TYPE_RESULT,
+    dead_letter_queue_for,
     delay_queue_name,
     delay_tier,
 )
@@ -257,7 +258,7 @@ class Publisher:
             routing_key=routing_key,
         )
         headers[H_UNROUTABLE_RESULT] = f"{exchange}/{routing_key}"[:MAX_HEADER_TEXT]
-        queue = self._settings.dead_letter_queue
+        queue = dead_letter_queue_for(self._settings, self._lane(envelope))
         try:
             await self._send("", queue, document, properties, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
@@ -316,9 +317,8 @@ class Publisher:
                 H_JOB_ID: envelope.job_id,
             }
         )
-        await self._send_copy(
-            "the dead letter", message, envelope, headers, self._settings.dead_letter_queue
-        )
+        queue = dead_letter_queue_for(self._settings, self._lane(envelope))
+        await self._send_copy("the dead letter", message, envelope, headers, queue)
 
     async def defer(
         self, message: AbstractIncomingMessage, envelope: Envelope, deferral: Deferral
@@ -327,7 +327,7 @@ class Publisher:
         tier = delay_tier(deferral.wait)
         headers = _carried_headers(message)
         headers[H_ATTEMPTS] = deferral.attempts
-        queue = delay_queue_name(self._settings.request_queue, tier, self._settings.queue_type)
+        queue = delay_queue_name(self._lane(envelope), tier, self._settings.queue_type)
         await self._send_copy("the delayed retry", message, envelope, headers, queue)
         return tier
 
@@ -339,8 +339,12 @@ class Publisher:
         headers = _carried_headers(message)
         headers[H_REDELIVERIES] = redeliveries
         await self._send_copy(
-            "the counted requeue", message, envelope, headers, self._settings.request_queue
+            "the counted requeue", message, envelope, headers, self._lane(envelope)
         )
+
+    def _lane(self, envelope: Envelope) -> str:
+        """The request queue the job came from: its copies go back to the same lane."""
+        return envelope.lane or self._settings.lanes[0].queue
 
     async def _send_copy(
         self,

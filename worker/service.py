@@ -34,7 +34,12 @@ from typing import Any
 
 import aiormq
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 from worker.blocking import BlockedState, follow_blocking
 from worker.broker import Nodes, NoNodeAnswers, connect_any, redact
@@ -49,9 +54,11 @@ from worker.jobs import (
     decode_job,
     read_envelope,
 )
+from worker.lanes import LaneConsumer
 from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
+from worker.tenants import tenant_of
 from worker.topology import H_DELIVERY_COUNT, H_REDELIVERIES, TopologyUnavailable, declare
 from worker.upstream import Upstream
 
@@ -105,6 +112,7 @@ class Worker:
         self._publisher: Publisher | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag = ""
+        self._lane_consumer: LaneConsumer | None = None  # with several lanes (§12)
         self._interrupted = asyncio.Event()
         self._not_consuming_since = time.monotonic()
         self._nodes = Nodes(settings.amqp_urls)
@@ -146,6 +154,12 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def in_flight_by_lane(self) -> dict[str, int]:
+        """Jobs in flight by lane (request queue), every lane named."""
+        if self._lane_consumer is not None:
+            return self._lane_consumer.in_flight()
+        return {self.settings.lanes[0].queue: len(self._tasks)}
 
     def stop(self) -> None:
         """Stop taking jobs and drain (first call); end at once (second call)."""
@@ -214,10 +228,8 @@ class Worker:
             # A broker-side basic.cancel (queue deleted, node down) leaves the connection
             # up and the consumer silently gone: treat it as a loss and start again.
             underlay.on_consumer_cancel_callbacks.add(lambda *_: interrupted.set())
-            await channel.set_qos(prefetch_count=self.settings.concurrency)
             self._publisher = await Publisher.open(channel, self.settings)
-            self._queue = await channel.get_queue(self.settings.request_queue, ensure=False)
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            await self._consume(connection, channel, interrupted)
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError, TopologyUnavailable) as exc:
             log.warning("could not start consuming", error=repr(exc))
             await _close_quietly(connection)
@@ -241,12 +253,32 @@ class Worker:
         if not self._missing:
             log.info("every queue declared again")
 
+    async def _consume(
+        self, connection: AbstractConnection, channel: AbstractChannel, interrupted: asyncio.Event
+    ) -> None:
+        """One lane: one consumer with prefetch ``WORKER_CONCURRENCY`` on the publishing
+        channel, as always. Several: :class:`~worker.lanes.LaneConsumer` shares the slots."""
+        lanes = self.settings.lanes
+        self._lane_consumer = None
+        if len(lanes) == 1:
+            await channel.set_qos(prefetch_count=self.settings.concurrency)
+            self._queue = await channel.get_queue(lanes[0].queue, ensure=False)
+            self._consumer_tag = await self._queue.consume(
+                partial(self._on_message, lane=lanes[0].queue)
+            )
+            return
+        self._queue = None
+        self._lane_consumer = LaneConsumer(
+            connection, lanes, self.settings.concurrency, self._on_message, on_lost=interrupted.set
+        )
+        await self._lane_consumer.start()
+
     async def _serve(self, connection: AbstractConnection) -> None:
         """Consume until a stop (drain, then close) or a loss (drop in-flight jobs, return)."""
         self._consuming.set()
         log.info(
             "consuming",
-            queue=self.settings.request_queue,
+            lanes={lane.queue: lane.weight for lane in self.settings.lanes},
             prefetch=self.settings.concurrency,
             worker=self.identity,
         )
@@ -267,6 +299,8 @@ class Worker:
             # already put them back, so stop paying for their upstream calls.
             for task in list(self._tasks):
                 task.cancel()
+            if self._lane_consumer is not None:
+                await self._lane_consumer.stop(cancel_consumers=False)
         await _close_quietly(connection)
 
     async def _drain(self, queue: AbstractQueue | None, tag: str) -> None:
@@ -275,6 +309,8 @@ class Worker:
         if queue is not None:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
+        if self._lane_consumer is not None:
+            await self._lane_consumer.stop()
         grace = self.settings.shutdown_grace
         pending = set(self._tasks)
         log.info("draining", in_flight=len(pending), grace_seconds=grace)
@@ -296,7 +332,7 @@ class Worker:
 
     # --- one delivery ----------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: AbstractIncomingMessage, lane: str) -> None:
         if self._draining:
             return  # not acknowledged: it goes back to the queue when the channel closes
         task = asyncio.current_task()
@@ -305,7 +341,7 @@ class Worker:
         try:
             if self.blocking.blocked and not await self._wait_unblocked():
                 return  # draining: not acknowledged, it goes back to the queue
-            await self._handle(message)
+            await self._handle(message, lane)
         except asyncio.CancelledError:
             raise
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -343,7 +379,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await message.nack(requeue=True)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, lane: str) -> None:
         assert self._publisher is not None
         publisher = self._publisher
         started = time.perf_counter()
@@ -356,6 +392,10 @@ class Worker:
             redelivered=bool(message.redelivered),
             settings=self.settings,
         )
+        envelope.lane = lane
+        envelope.tenant = tenant_of(
+            message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
+        )
         if (
             message.redelivered
             and H_DELIVERY_COUNT not in envelope.headers
@@ -366,10 +406,13 @@ class Worker:
             await message.ack()
             return
         structlog.contextvars.bind_contextvars(
-            job_id=envelope.job_id, correlation_id=envelope.correlation_id
+            job_id=envelope.job_id,
+            correlation_id=envelope.correlation_id,
+            lane=lane,
+            tenant=envelope.tenant,
         )
         with self.telemetry.job_span(
-            self.settings.request_queue,
+            lane,
             envelope.headers,
             job_id=envelope.job_id,
             correlation_id=envelope.correlation_id,
@@ -398,6 +441,9 @@ class Worker:
                     model=model,
                     error_code=outcome.error.code.value if outcome.error else None,
                     seconds=time.perf_counter() - started,
+                    lane=lane,
+                    tenant=envelope.tenant,
+                    usage=outcome.usage,
                 )
 
     def _delta_sender(self, publisher: Publisher, job: Job, trace: dict[str, str]) -> SendDelta:
@@ -465,14 +511,13 @@ class _DeltaSender:
             await self.flush()
         sent = asyncio.ensure_future(self._send(attempt, seq, choices))
         if not self._blocking.blocked:
-            blocked = asyncio.ensure_future(self._blocking.wait_blocked())
             try:
-                await asyncio.wait({sent, blocked}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {sent, self._blocking.next_block()}, return_when=asyncio.FIRST_COMPLETED
+                )
             except BaseException:
                 sent.cancel()
                 raise
-            finally:
-                blocked.cancel()
             if sent.done():
                 sent.result()
                 return

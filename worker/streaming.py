@@ -1,53 +1,111 @@
-"""Stream chunks → coalesced deltas, and the complete ``chat.completion`` they add up to."""
+"""Stream chunks → the ``chat.completion`` they add up to, and the coalesced deltas on the way.
+
+One :class:`CompletionAssembler` per attempt does both: it keeps each choice's pieces once,
+and a delta is the pieces added since the last one (a cursor per list), so nothing is
+copied or normalised per chunk. The common chunk (one choice whose delta is only
+``content``) takes a short path; anything else goes through :meth:`_Choice.add`.
+
+The result equals what the ``openai`` SDK's ``ChatCompletionStreamState`` builds from the
+same chunks, field for field (``tests/integration/test_streams.py`` checks it): strings
+concatenate (``content``/``refusal`` stay null until a chunk carries one), ``tool_calls``
+merge by ``index``, ``logprobs.content``/``refusal`` lists extend, and other delta fields
+(``audio`` with its ``transcript``, ``function_call``, …) merge as the SDK's
+``accumulate_delta`` does: strings concatenate, numbers add, objects merge, lists extend.
+Two departures, both the contract's: ``role`` is taken once (the SDK would concatenate a
+repeated one), and ``reasoning`` is renamed ``reasoning_content``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = [
-    "ChoiceDelta",
-    "ChoicePart",
-    "CompletionAssembler",
-    "DeltaBuffer",
-    "DeltaStream",
-    "choice_parts",
-    "normalise_delta",
-]
+__all__ = ["CompletionAssembler", "DeltaStream", "MalformedChunk"]
+
+_HEAD = ("id", "created", "model", "system_fingerprint", "service_tier")
+_COLLAPSE = 32  # content pieces kept apart before the sent ones are joined into one
+_KNOWN = frozenset(("role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls"))
 
 
-def normalise_delta(delta: dict[str, Any]) -> dict[str, Any]:
-    """The parts of an upstream ``delta`` a consumer needs, under the contract's names.
-
-    Some servers (vLLM, OpenRouter) call the thinking ``reasoning``; the contract says
-    ``reasoning_content``.
-    """
-    out: dict[str, Any] = {}
-    if content := delta.get("content"):
-        out["content"] = content
-    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-    if reasoning and isinstance(reasoning, str):
-        out["reasoning_content"] = reasoning
-    if tool_calls := delta.get("tool_calls"):
-        out["tool_calls"] = tool_calls
-    return out
+class MalformedChunk(ValueError):
+    """A chunk whose shape the API reference does not allow (the attempt fails as
+    ``upstream_error``, it does not crash the job)."""
 
 
-@dataclass(slots=True)
+def _text(value: Any, what: str) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise MalformedChunk(f"{what} is not a string")
+
+
+class _Text(list[str]):
+    """A string being concatenated, kept as its pieces until it is rendered."""
+
+
+def _merge(acc: dict[str, Any], delta: dict[str, Any]) -> None:
+    """The SDK's ``accumulate_delta`` for fields without an ``index``: strings concatenate,
+    numbers add, objects merge, lists extend; ``index`` and ``type`` replace; a null adds
+    nothing to a value already there."""
+    for key, value in delta.items():
+        current = acc.get(key)
+        if current is None:
+            acc[key] = value if key in ("index", "type") else _start(value)
+        elif value is None:
+            continue
+        elif key in ("index", "type"):
+            acc[key] = value
+        elif type(current) is _Text and type(value) is str:
+            current.append(value)
+        elif type(current) is dict and type(value) is dict:
+            _merge(current, value)
+        elif type(current) is list and type(value) is list:
+            current.extend(value)
+        elif type(current) in (int, float) and type(value) in (int, float):
+            acc[key] = current + value
+        else:
+            acc[key] = _start(value)
+
+
+def _start(value: Any) -> Any:
+    if type(value) is str:
+        return _Text((value,))
+    if type(value) is dict:
+        merged: dict[str, Any] = {}
+        _merge(merged, value)
+        return merged
+    if type(value) is list:
+        return list(value)
+    return value
+
+
+def _render(value: Any) -> Any:
+    if type(value) is _Text:
+        return "".join(value)
+    if type(value) is dict:
+        return {key: _render(item) for key, item in value.items()}
+    return value
+
+
 class _ToolCall:
-    id: str | None = None
-    type: str | None = None
-    name: str | None = None
-    arguments: list[str] = field(default_factory=list)
+    __slots__ = ("arguments", "id", "name", "type")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type: str | None = None
+        self.name: str | None = None
+        self.arguments: list[str] = []
 
     def add(self, fragment: dict[str, Any]) -> None:
-        self.id = fragment.get("id") or self.id
-        self.type = fragment.get("type") or self.type
-        function = fragment.get("function") or {}
-        self.name = function.get("name") or self.name
-        if arguments := function.get("arguments"):
+        self.id = _text(fragment.get("id"), "a tool call id") or self.id
+        self.type = _text(fragment.get("type"), "a tool call type") or self.type
+        function = fragment.get("function")
+        if function is None:
+            return
+        if type(function) is not dict:
+            raise MalformedChunk("a tool call fragment has no function object")
+        self.name = _text(function.get("name"), "a function name") or self.name
+        if arguments := _text(function.get("arguments"), "function arguments"):
             self.arguments.append(arguments)
 
     def as_fragment(self, index: int) -> dict[str, Any]:
@@ -62,194 +120,329 @@ class _ToolCall:
         out["function"] = function
         return out
 
-
-@dataclass(slots=True)
-class ChoiceDelta:
-    """What one choice said over a span of chunks, fragments merged."""
-
-    content: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    tool_calls: dict[int, _ToolCall] = field(default_factory=dict)
-    role: str | None = None
-    finish_reason: str | None = None
-
-    def add(self, delta: dict[str, Any], finish_reason: str | None) -> None:
-        if content := delta.get("content"):
-            self.content.append(content)
-        if reasoning := delta.get("reasoning_content"):
-            self.reasoning.append(reasoning)
-        for fragment in delta.get("tool_calls") or ():
-            index = fragment.get("index", len(self.tool_calls))
-            self.tool_calls.setdefault(index, _ToolCall()).add(fragment)
-        if finish_reason:
-            self.finish_reason = finish_reason
-
-    def delta(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.content:
-            out["content"] = "".join(self.content)
-        if self.reasoning:
-            out["reasoning_content"] = "".join(self.reasoning)
-        if self.tool_calls:
-            out["tool_calls"] = [call.as_fragment(i) for i, call in sorted(self.tool_calls.items())]
-        return out
+    def as_call(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type or "function",
+            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+        }
 
 
-ChoicePart = tuple[int, dict[str, Any], str | None]
-"""``(index, normalised delta, finish_reason)`` of one choice in one chunk."""
+class _Choice:
+    """One choice: its pieces so far, and where the last delta ended in each."""
 
-
-def choice_parts(chunk: dict[str, Any]) -> list[ChoicePart]:
-    return [
-        (
-            choice.get("index", 0),
-            normalise_delta(choice.get("delta") or {}),
-            choice.get("finish_reason"),
-        )
-        for choice in chunk.get("choices") or ()
-    ]
-
-
-class DeltaBuffer:
-    """Chunks waiting to be published as one delta message."""
+    __slots__ = (
+        "content",
+        "extra",
+        "finish_reason",
+        "logprobs",
+        "pending_calls",
+        "pending_extra",
+        "pending_finish",
+        "reasoning",
+        "refusal",
+        "role",
+        "sent",
+        "tool_calls",
+    )
 
     def __init__(self) -> None:
-        self._choices: dict[int, ChoiceDelta] = {}
+        self.role: str | None = None
+        self.content: list[str] | None = None
+        self.refusal: list[str] | None = None
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, _ToolCall] = {}
+        self.extra: dict[str, Any] = {}  # audio, function_call, …: merged as the SDK does
+        self.logprobs: list[list[Any] | None] | None = None  # [content, refusal]
+        self.finish_reason: str | None = None
+        # For the next delta: cursors into content, refusal, reasoning, logprobs content
+        # and refusal; fragments merged since the last delta.
+        self.sent = [0, 0, 0, 0, 0]
+        self.pending_calls: dict[int, _ToolCall] = {}
+        self.pending_extra: dict[str, Any] = {}
+        self.pending_finish = False
 
-    def add(self, chunk: dict[str, Any]) -> bool:
-        """Buffer a chunk; True when it carried anything a consumer would see."""
-        return self.add_parts(choice_parts(chunk))
-
-    def add_parts(self, parts: Iterable[ChoicePart]) -> bool:
+    def add(self, delta: dict[str, Any]) -> bool:
+        """Any delta but the plain-content one; True when a consumer would see something."""
         seen = False
-        for index, delta, finish_reason in parts:
-            if delta or finish_reason:
-                self._choices.setdefault(index, ChoiceDelta()).add(delta, finish_reason)
+        if (role := delta.get("role")) is not None:
+            self.role = self.role or _text(role, "role")
+        if (content := _text(delta.get("content"), "content")) is not None:
+            if self.content is None:
+                self.content = []
+            self.content.append(content)
+            seen = seen or bool(content)
+        if (refusal := _text(delta.get("refusal"), "refusal")) is not None:
+            if self.refusal is None:
+                self.refusal = []
+            self.refusal.append(refusal)
+            seen = seen or bool(refusal)
+        reasoning = _text(delta.get("reasoning_content"), "reasoning_content") or _text(
+            delta.get("reasoning"), "reasoning"
+        )
+        if reasoning:
+            self.reasoning.append(reasoning)
+            seen = True
+        if (calls := delta.get("tool_calls")) is not None:
+            if type(calls) is not list:
+                raise MalformedChunk("tool_calls is not an array")
+            for fragment in calls:
+                if type(fragment) is not dict:
+                    raise MalformedChunk("a tool call fragment is not an object")
+                index = fragment.get("index", len(self.tool_calls))
+                if type(index) is not int:
+                    raise MalformedChunk("a tool call fragment has no integer index")
+                self.tool_calls.setdefault(index, _ToolCall()).add(fragment)
+                self.pending_calls.setdefault(index, _ToolCall()).add(fragment)
                 seen = True
+        if len(delta) > len(_KNOWN.intersection(delta)):
+            other = {k: v for k, v in delta.items() if k not in _KNOWN}
+            _merge(self.extra, other)
+            _merge(self.pending_extra, other)
+            seen = seen or any(value is not None for value in other.values())
         return seen
 
-    def __bool__(self) -> bool:
-        return bool(self._choices)
+    def add_logprobs(self, logprobs: Any) -> bool:
+        if type(logprobs) is not dict:
+            raise MalformedChunk("logprobs is not an object")
+        content, refusal = logprobs.get("content"), logprobs.get("refusal")
+        if not isinstance(content, list | None) or not isinstance(refusal, list | None):
+            raise MalformedChunk("logprobs content or refusal is not an array")
+        if self.logprobs is None:
+            self.logprobs = [
+                None if content is None else list(content),
+                None if refusal is None else list(refusal),
+            ]
+        else:
+            for slot, entries in ((0, content), (1, refusal)):
+                if entries:
+                    current = self.logprobs[slot]
+                    if current is None:
+                        self.logprobs[slot] = list(entries)
+                    else:
+                        current.extend(entries)
+        return bool(content or refusal)
 
-    def take(self) -> list[dict[str, Any]]:
-        """The buffered choices as the delta message's ``choices``; empties the buffer."""
-        choices = [
-            {"index": i, "delta": c.delta(), "finish_reason": c.finish_reason}
-            for i, c in sorted(self._choices.items())
-        ]
-        self._choices = {}
-        return choices
+    def take(self, index: int) -> dict[str, Any] | None:
+        """The delta message's entry for this choice since the last one, or None."""
+        sent = self.sent
+        delta: dict[str, Any] = {}
+        if self.content is not None and len(self.content) > sent[0]:
+            if text := "".join(self.content[sent[0] :]):
+                delta["content"] = text
+            if len(self.content) > _COLLAPSE:
+                # Sent pieces are one string from now on: a long stream holds its text,
+                # not hundreds of small objects (about 60 bytes each besides the text).
+                self.content[:] = ["".join(self.content)]
+            sent[0] = len(self.content)
+        if self.refusal is not None and len(self.refusal) > sent[1]:
+            if text := "".join(self.refusal[sent[1] :]):
+                delta["refusal"] = text
+            sent[1] = len(self.refusal)
+        if len(self.reasoning) > sent[2]:
+            delta["reasoning_content"] = "".join(self.reasoning[sent[2] :])
+            sent[2] = len(self.reasoning)
+        if self.pending_calls:
+            delta["tool_calls"] = [
+                call.as_fragment(i) for i, call in sorted(self.pending_calls.items())
+            ]
+            self.pending_calls = {}
+        if self.pending_extra:
+            delta.update(_render(self.pending_extra))
+            self.pending_extra = {}
+        entry: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": None}
+        if self.logprobs is not None:
+            content, refusal = self.logprobs
+            new_content = content[sent[3] :] if content else []
+            new_refusal = refusal[sent[4] :] if refusal else []
+            if new_content or new_refusal:
+                entry["logprobs"] = {"content": new_content or None, "refusal": new_refusal or None}
+                sent[3], sent[4] = len(content or ()), len(refusal or ())
+        if self.pending_finish:
+            entry["finish_reason"] = self.finish_reason
+            self.pending_finish = False
+        elif not delta and "logprobs" not in entry:
+            return None
+        return entry
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": self.role or "assistant",
+            "content": None if self.content is None else "".join(self.content),
+        }
+        if self.refusal is not None:
+            message["refusal"] = "".join(self.refusal)
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_call() for _, call in sorted(self.tool_calls.items())]
+        for key, value in self.extra.items():
+            message.setdefault(key, _render(value))
+        return message
 
 
 class CompletionAssembler:
-    """Builds the ``chat.completion`` a streamed call amounts to."""
+    """Builds the ``chat.completion`` a streamed call amounts to, and its deltas."""
+
+    __slots__ = ("_choices", "_head", "chunks", "usage")
 
     def __init__(self) -> None:
-        self._choices: dict[int, ChoiceDelta] = {}
-        self._head: dict[str, Any] = {}
+        self._choices: dict[int, _Choice] = {}
+        self._head: dict[str, Any] | None = None
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
 
-    def add(self, chunk: dict[str, Any]) -> list[ChoicePart]:
-        """Take a chunk; returns its normalised choices (for the deltas, parsed once)."""
+    def add(self, chunk: dict[str, Any]) -> bool:
+        """Take a parsed chunk; True when it carried anything a consumer would see.
+        Raises :class:`MalformedChunk` for a shape the API does not allow."""
         self.chunks += 1
-        if not self._head:
-            self._head = {
-                k: chunk[k] for k in ("id", "created", "model", "system_fingerprint") if k in chunk
-            }
-        if usage := chunk.get("usage"):
+        if self._head is None:
+            self._head = {key: chunk[key] for key in _HEAD if key in chunk}
+        if (usage := chunk.get("usage")) is not None:
+            if type(usage) is not dict:
+                raise MalformedChunk("usage is not an object")
             self.usage = usage
-        parts = choice_parts(chunk)
-        for (index, delta, finish_reason), choice in zip(
-            parts, chunk["choices"] or (), strict=True
-        ):
-            state = self._choices.setdefault(index, ChoiceDelta())
-            if role := (choice.get("delta") or {}).get("role"):
-                state.role = role
-            state.add(delta, finish_reason)
-        return parts
+        choices = chunk.get("choices")
+        if not choices:  # absent, null or [] (the usage chunk): nothing for the choices
+            return False
+        if type(choices) is not list:
+            raise MalformedChunk("choices is not an array")
+        seen = False
+        for choice in choices:
+            if type(choice) is not dict:
+                raise MalformedChunk("a choice is not an object")
+            index = choice.get("index", 0)
+            if type(index) is not int:
+                raise MalformedChunk("a choice has no integer index")
+            state = self._choices.get(index)
+            if state is None:
+                state = self._choices[index] = _Choice()
+            delta = choice.get("delta")
+            if delta:
+                if type(delta) is not dict:
+                    raise MalformedChunk("a delta is not an object")
+                content = delta.get("content")
+                if len(delta) == 1 and type(content) is str and state.content is not None:
+                    state.content.append(content)  # the common chunk
+                    seen = seen or bool(content)
+                else:
+                    seen = state.add(delta) or seen
+            elif delta is not None and type(delta) is not dict:
+                raise MalformedChunk("a delta is not an object")
+            if (finish := choice.get("finish_reason")) is not None:
+                state.finish_reason = _text(finish, "finish_reason") or state.finish_reason
+                state.pending_finish = seen = True
+            if (logprobs := choice.get("logprobs")) is not None:
+                seen = state.add_logprobs(logprobs) or seen
+        return seen
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has a finish_reason (and there is one): the answer is whole."""
+        return bool(self._choices) and all(c.finish_reason for c in self._choices.values())
+
+    def take_delta(self) -> list[dict[str, Any]]:
+        """The delta message's ``choices``: what each choice said since the last call."""
+        out = []
+        for index, state in sorted(self._choices.items()):
+            if (entry := state.take(index)) is not None:
+                out.append(entry)
+        return out
 
     def completion(self) -> dict[str, Any]:
         choices = []
         for index, state in sorted(self._choices.items()):
-            message: dict[str, Any] = {
-                "role": state.role or "assistant",
-                "content": "".join(state.content) if state.content else None,
+            entry: dict[str, Any] = {
+                "index": index,
+                "message": state.message(),
+                "finish_reason": state.finish_reason,
             }
-            if state.reasoning:
-                message["reasoning_content"] = "".join(state.reasoning)
-            if state.tool_calls:
-                message["tool_calls"] = [
-                    {
-                        "id": call.id,
-                        "type": call.type or "function",
-                        "function": {"name": call.name, "arguments": "".join(call.arguments)},
-                    }
-                    for _, call in sorted(state.tool_calls.items())
-                ]
-            choices.append(
-                {"index": index, "message": message, "finish_reason": state.finish_reason}
-            )
-        body: dict[str, Any] = {"object": "chat.completion", **self._head, "choices": choices}
+            if state.logprobs is not None:
+                entry["logprobs"] = {"content": state.logprobs[0], "refusal": state.logprobs[1]}
+            choices.append(entry)
+        body: dict[str, Any] = {"object": "chat.completion", **(self._head or {})}
+        body["choices"] = choices
         body["usage"] = self.usage
         return body
 
 
 class DeltaStream:
-    """Publishes an attempt's deltas: the first at once, later chunks coalesced over
-    ``interval`` seconds, ``seq`` counting 0, 1, 2, … without gaps."""
+    """Publishes an attempt's deltas: the first output at once, later output coalesced over
+    ``interval`` seconds (one timer per delta, not per chunk), ``seq`` counting 0, 1, 2, …
+    without gaps. A failed publish fails the attempt: :meth:`due` and :meth:`close`
+    raise it, whether it was sent inline or from the timer."""
 
     def __init__(
-        self, send: Callable[[int, list[dict[str, Any]]], Awaitable[None]], interval: float
+        self,
+        send: Callable[[int, list[dict[str, Any]]], Awaitable[None]],
+        interval: float,
+        assembler: CompletionAssembler,
     ) -> None:
         self._send = send
         self._interval = interval
-        self._buffer = DeltaBuffer()
+        self._assembler = assembler
         self._seq = 0
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
+        self.failed: BaseException | None = None
+        self._discarded = False
 
-    async def add(self, chunk: dict[str, Any]) -> bool:
-        """Take a chunk; True when it carried output (the caller times the first one)."""
-        return await self.add_parts(choice_parts(chunk))
-
-    async def add_parts(self, parts: Iterable[ChoicePart]) -> bool:
-        if not self._buffer.add_parts(parts):
-            return False
+    def due(self) -> bool:
+        """The assembler took a chunk with output: True when it must be published now (the
+        first output, or no coalescing); otherwise the interval's timer is armed. Plain, not
+        a coroutine: it runs for every chunk."""
+        if self.failed is not None:
+            raise self.failed
         if self._seq == 0 or self._interval <= 0:
-            await self.flush()
-        elif self._timer is None:
+            return True
+        if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
-        return True
+        return False
+
+    async def output(self) -> None:
+        """:meth:`due`, and the publish when it is due."""
+        if self.due():
+            await self.flush()
 
     def _fire(self) -> None:
         self._timer = None
         task = asyncio.create_task(self.flush())
         self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.failed = self.failed or exc
 
     async def flush(self) -> None:
         async with self._lock:
-            if not self._buffer:
+            if self._discarded:
+                return
+            choices = self._assembler.take_delta()
+            if not choices:
                 return
             seq, self._seq = self._seq, self._seq + 1
-            await self._send(seq, self._buffer.take())
+            await self._send(seq, choices)
 
     async def close(self) -> None:
-        """Publish what is still buffered (the stream ended well); raise a failed publish."""
+        """Publish what is still pending (the stream ended well); raise a failed publish."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         # A flush under way has taken a seq number: let it finish, or the seq has a gap.
-        await asyncio.gather(*self._flushing)
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+        if self.failed is not None:
+            raise self.failed
         await self.flush()
 
     def discard(self) -> None:
-        """Drop what is buffered (the attempt failed; a retry starts again at seq 0)."""
+        """Stop publishing (the attempt failed; a retry starts again at seq 0)."""
+        self._discarded = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for task in self._flushing:
             task.cancel()
-        self._buffer = DeltaBuffer()

@@ -437,12 +437,17 @@ async def submit_file(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     reporter: Reporter | None = None,
     stop: asyncio.Event | None = None,
+    lane: str | None = None,
+    tenant_from_connection: bool = False,
 ) -> Tally:
     """Publish every line of ``source``; write one Batch output line per line to ``output``.
 
     Returns when every line has its output line (``Tally.complete``), or when ``stop`` is
     set (results still due stay queued for a run with ``resume``). Raises
     :class:`OutputExists` when ``output`` has lines and ``resume`` is false.
+
+    ``lane`` names the request queue (a lane of §12; the first one by default);
+    ``tenant_from_connection`` sets each job's ``user_id`` to the connection's user.
     """
     reply_queue = reply_queue_name(output)
     pattern = settings.reply_to_pattern
@@ -472,7 +477,12 @@ async def submit_file(
         )
         if start.fresh:
             await queue.purge()  # results of an abandoned run for this output
-        async with ChatClient(connection, settings=settings) as client:
+        async with ChatClient(
+            connection,
+            settings=settings,
+            request_queue=lane,
+            tenant_from_connection=tenant_from_connection,
+        ) as client:
             with output.open("ab") as out, journal.open("ab") as journal_file:
                 run = _Submission(
                     client,
@@ -528,6 +538,8 @@ async def run_submit(
     *,
     resume: bool,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    lane: str | None = None,
+    tenant_from_connection: bool = False,
 ) -> int:
     """``chat-worker submit``: the run with a progress display; returns the exit code."""
     output = output or default_output(source)
@@ -544,6 +556,8 @@ async def run_submit(
                 max_in_flight=max_in_flight,
                 reporter=reporter,
                 stop=stop,
+                lane=lane,
+                tenant_from_connection=tenant_from_connection,
             )
         except (OutputExists, ReplyQueueForbidden) as exc:
             _say(console, f"chat-worker submit: {exc}")

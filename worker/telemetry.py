@@ -36,6 +36,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from worker.tenants import TenantLabels
+
 __all__ = ["Telemetry", "configure_logging"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -216,6 +218,10 @@ class Telemetry:
         self.jobs = meter.create_counter(
             "chat_worker.jobs", unit="{job}", description="Jobs finished, by outcome"
         )
+        self.tokens = meter.create_counter(
+            "chat_worker.tokens", unit="{token}", description="Tokens of finished jobs, by tenant"
+        )
+        self.tenant_labels = TenantLabels()
         self.job_duration = meter.create_histogram(
             "chat_worker.job.duration", unit="s", description="Time from delivery to result"
         )
@@ -376,15 +382,36 @@ class Telemetry:
                 self.token_usage.record(usage[key], {**attributes, "gen_ai.token.type": kind})
 
     def record_job(
-        self, span: Span, *, model: str | None, error_code: str | None, seconds: float
+        self,
+        span: Span,
+        *,
+        model: str | None,
+        error_code: str | None,
+        seconds: float,
+        lane: str = "",
+        tenant: str | None = None,
+        usage: Mapping[str, Any] | None = None,
     ) -> None:
+        # Lane and tenant label jobs and tokens (§12); tenants bounded to 100 per process.
+        owner = {"lane": lane, "tenant": self.tenant_labels.label(tenant)}
         attributes = {
             "outcome": "error" if error_code else "ok",
             "error_code": error_code or "",
             "gen_ai.request.model": self.model_label(model),
+            **owner,
         }
         self.jobs.add(1, attributes)
-        self.job_duration.record(seconds, {"outcome": attributes["outcome"]})
+        for kind, key in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+            if usage and isinstance(usage.get(key), int):
+                self.tokens.add(
+                    usage[key],
+                    {
+                        "gen_ai.token.type": kind,
+                        **owner,
+                        "gen_ai.request.model": attributes["gen_ai.request.model"],
+                    },
+                )
+        self.job_duration.record(seconds, {"outcome": attributes["outcome"], "lane": lane})
         if error_code:
             span.set_attribute("error.type", error_code)
             span.set_status(Status(StatusCode.ERROR))

@@ -18,6 +18,7 @@ from worker.settings import Settings
 
 __all__ = [
     "TopologyUnavailable",
+    "dead_letter_queue_for",
     "declare",
     "delay_queue_name",
     "delay_queues",
@@ -69,7 +70,7 @@ class TopologyUnavailable(RuntimeError):
 
 
 def delay_queue_name(queue: str, seconds: int, queue_type: QueueType) -> str:
-    """The delay queue of ``seconds`` in front of request queue ``queue``.
+    """The delay queue of tier ``seconds`` of request queue (lane) ``queue``.
 
     Quorum delay queues have names of their own: deployments from before §13 hold classic
     queues under the old names, and a declare with other arguments fails (406).
@@ -79,12 +80,18 @@ def delay_queue_name(queue: str, seconds: int, queue_type: QueueType) -> str:
     return f"{queue}.delay.{seconds}s"
 
 
-def delay_queues(settings: Settings) -> list[str]:
-    """Every delay queue of the settings' request queue, shortest wait first."""
-    return [
-        delay_queue_name(settings.request_queue, seconds, settings.queue_type)
-        for seconds in DELAY_TIERS
-    ]
+def delay_queues(settings: Settings, queue: str | None = None) -> list[str]:
+    """Every delay queue of lane ``queue`` (default: the only lane), shortest wait first."""
+    lane = queue if queue is not None else settings.lanes[0].queue
+    return [delay_queue_name(lane, seconds, settings.queue_type) for seconds in DELAY_TIERS]
+
+
+def dead_letter_queue_for(settings: Settings, lane_queue: str) -> str:
+    """A lane's dead-letter queue: ``WORKER_DEAD_LETTER_QUEUE`` with one lane,
+    ``<lane>.dlq`` with several (§12)."""
+    if len(settings.lanes) == 1:
+        return settings.dead_letter_queue
+    return f"{lane_queue}.dlq"
 
 
 def delay_tier(wait: float) -> int:
@@ -96,12 +103,12 @@ def _durable_type(settings: Settings) -> dict[str, Any]:
     return {"x-queue-type": settings.queue_type}
 
 
-def _delay_arguments(settings: Settings, seconds: int) -> dict[str, Any]:
+def _delay_arguments(settings: Settings, lane: str, seconds: int) -> dict[str, Any]:
     arguments: dict[str, Any] = {
         "x-queue-type": settings.queue_type,
         "x-message-ttl": seconds * 1000,
         "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": settings.request_queue,
+        "x-dead-letter-routing-key": lane,
     }
     if settings.queue_type == "quorum":
         # A quorum queue dead-letters at most once by default: a message expiring while the
@@ -114,18 +121,22 @@ def _delay_arguments(settings: Settings, seconds: int) -> dict[str, Any]:
 
 
 def queue_arguments(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every queue the worker declares, request queue first, with its arguments."""
-    request: dict[str, Any] = {
-        **_durable_type(settings),
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": settings.dead_letter_queue,
-    }
-    if settings.queue_type == "quorum":
-        request["x-delivery-limit"] = settings.delivery_limit
-    queues = {settings.request_queue: request, settings.dead_letter_queue: _durable_type(settings)}
-    for seconds in DELAY_TIERS:
-        name = delay_queue_name(settings.request_queue, seconds, settings.queue_type)
-        queues[name] = _delay_arguments(settings, seconds)
+    """Every queue the worker declares, request queues (lanes) first, with its arguments."""
+    queues: dict[str, dict[str, Any]] = {}
+    for lane in settings.lanes:
+        request: dict[str, Any] = {
+            **_durable_type(settings),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead_letter_queue_for(settings, lane.queue),
+        }
+        if settings.queue_type == "quorum":
+            request["x-delivery-limit"] = settings.delivery_limit
+        queues[lane.queue] = request
+    for lane in settings.lanes:
+        queues[dead_letter_queue_for(settings, lane.queue)] = _durable_type(settings)
+        for seconds in DELAY_TIERS:
+            name = delay_queue_name(lane.queue, seconds, settings.queue_type)
+            queues[name] = _delay_arguments(settings, lane.queue, seconds)
     if settings.result_queue:
         queues[settings.result_queue] = _durable_type(settings)
     return queues
@@ -137,19 +148,20 @@ async def declare(connection: AbstractConnection, settings: Settings) -> dict[st
     Returns what could not be declared, by name, with why (empty when all is well): a queue
     whose node is down (a classic queue's home node, a quorum queue without a majority)
     does not stop the worker, which consumes and declares it again later (§13). Raises
-    :class:`TopologyUnavailable` only when the request queue itself is out of reach.
+    :class:`TopologyUnavailable` only when a request queue (lane) itself is out of reach.
 
     A queue that already exists with other arguments (declared by an operator, or by an
     older version) is used as it is, with a warning, instead of stopping the worker.
     """
     missing: dict[str, str] = {}
+    lanes = {lane.queue for lane in settings.lanes}
     declarer = _Declarer(connection)
     try:
         for name, arguments in queue_arguments(settings).items():
             problem = await declarer.queue(name, arguments)
             if problem is None:
                 continue
-            if name == settings.request_queue:
+            if name in lanes:
                 raise TopologyUnavailable(f"request queue {name!r}: {problem}")
             missing[name] = problem
         channel = await declarer.channel()

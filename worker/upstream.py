@@ -3,6 +3,12 @@
 Timeouts are not left to the transport: callers bound a plain call with
 ``WORKER_REQUEST_TIMEOUT`` and a stream with ``WORKER_STREAM_IDLE_TIMEOUT`` between chunks
 (see :mod:`worker.jobs`), so ``timeout`` means the same thing whichever transport runs.
+
+With the default transport (httpx-aiohttp) requests go to its ``aiohttp.ClientSession``
+directly, and a stream is read off aiohttp's body buffer into :mod:`worker.sse`: httpx's
+request and response objects and its byte iterators cost more CPU per streamed chunk than
+everything else the worker does for it. Any other httpx transport (``httpx.MockTransport``
+in the unit tests) goes through httpx, into the same parser and the same checks.
 """
 
 from __future__ import annotations
@@ -11,20 +17,20 @@ import contextlib
 import email.utils
 import math
 import time
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
-from httpx_sse import EventSource, SSEError
 
 from worker import __version__
 from worker.errors import JobError, UpstreamError, error_for_status
+from worker.sse import EventStreamParser
 
-__all__ = ["Completion", "Upstream", "default_transport", "retry_after_seconds"]
+__all__ = ["ChunkStream", "Completion", "Upstream", "default_transport", "retry_after_seconds"]
 
 # Connecting is the one phase the transport times itself: a host that does not answer a
 # SYN should fail fast and be retried, not eat the whole request timeout.
@@ -35,14 +41,17 @@ CONNECT_TIMEOUT = 10.0
 # aiohttp's ClientResponseError): every one is an upstream_error, to retry.
 TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
 
+_DONE = b"[DONE]"
+
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A successful non-streamed answer."""
+    """A successful non-streamed answer; ``headers`` are the answer's (rate-limit budget)."""
 
     status_code: int
     request_id: str | None
     body: dict[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
@@ -52,6 +61,107 @@ def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
     return AiohttpTransport(limits=limits)
+
+
+class ChunkStream:
+    """An open streamed answer: its status and headers, then its chunks read by read.
+
+    :meth:`read` returns the chunks that one network read completed (often one, sometimes
+    none or several) and ``None`` once the stream is over: at ``data: [DONE]`` (``done``
+    is then True) or at the end of the body. One await per read, no generator per chunk.
+    """
+
+    __slots__ = (
+        "_error",
+        "_over",
+        "_parser",
+        "_read",
+        "done",
+        "headers",
+        "request_id",
+        "status_code",
+    )
+
+    def __init__(
+        self, read: Callable[[], Awaitable[bytes]], status_code: int, headers: Mapping[str, str]
+    ) -> None:
+        self._read = read
+        self._parser = EventStreamParser()
+        self._over = False
+        self._error: UpstreamError | None = None
+        self.done = False
+        self.status_code = status_code
+        self.headers = headers
+        self.request_id = headers.get("x-request-id")
+
+    async def read(self) -> list[dict[str, Any]] | None:
+        if self._error is not None:
+            raise self._error
+        if self._over:
+            return None
+        try:
+            data = await self._read()
+        except TRANSPORT_ERRORS as exc:
+            raise UpstreamError(
+                f"upstream stream broke: {type(exc).__name__}",
+                status_code=self.status_code,
+                request_id=self.request_id,
+            ) from exc
+        if data:
+            events = self._parser.feed(data)
+        else:
+            self._over = True
+            events = self._parser.close()
+        chunks: list[dict[str, Any]] = []
+        for event in events:
+            payload = event.data
+            if payload == _DONE:
+                self._over = self.done = True
+                break
+            if payload:
+                try:
+                    chunks.append(self._chunk(event.type, payload))
+                except UpstreamError as exc:
+                    if not chunks:
+                        raise
+                    # The chunks before it are still the stream's: the error comes next read.
+                    self._error = exc
+                    break
+        return chunks if chunks or not self._over else None
+
+    def _chunk(self, event: str, data: bytes) -> dict[str, Any]:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                "upstream sent a stream chunk that is not JSON",
+                status_code=self.status_code,
+                request_id=self.request_id,
+            ) from None
+        if type(chunk) is not dict:
+            raise UpstreamError(
+                "upstream sent a stream chunk that is not a JSON object",
+                status_code=self.status_code,
+                request_id=self.request_id,
+            )
+        if event != "message" or "error" in chunk:
+            _check_error_event(event, chunk, self.status_code, self.request_id)
+        return chunk
+
+
+def _check_error_event(
+    event: str, chunk: dict[str, Any], status_code: int, request_id: str | None
+) -> None:
+    if chunk.get("error") is None and event != "error":
+        return
+    error = chunk.get("error") if isinstance(chunk.get("error"), dict) else chunk
+    message = error.get("message") if isinstance(error, dict) else None
+    raise UpstreamError(
+        f"upstream error event mid-stream: {message or 'no message'}",
+        status_code=status_code,
+        response=chunk,
+        request_id=request_id,
+    )
 
 
 class Upstream:
@@ -78,6 +188,7 @@ class Upstream:
         self._extensions = {
             "timeout": {"connect": CONNECT_TIMEOUT, "read": None, "write": None, "pool": None}
         }
+        self._timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT)
         # Requests go straight to the transport: an AsyncClient's cookie jar, redirects,
         # auth flow and URL merging cost about a tenth of a job's CPU and do nothing here.
         self._transport = transport or default_transport(max_connections)
@@ -85,141 +196,211 @@ class Upstream:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
+    def _session(self) -> aiohttp.ClientSession | None:
+        """The aiohttp session under the default transport (its pool), else None."""
+        transport = self._transport
+        if not isinstance(transport, AiohttpTransport):
+            return None
+        if not isinstance(transport.client, aiohttp.ClientSession):
+            transport.client = transport.get_client()
+        return transport.client
+
+    def _target(self) -> str:
+        """The URL both paths post to: ``_url`` is the one source (query included)."""
+        return str(self._url)
+
+    def _merged(self, headers: Mapping[str, str]) -> dict[str, str]:
+        return {**self._headers, **headers} if headers else self._headers
+
     def _request(self, body: bytes, headers: Mapping[str, str]) -> httpx.Request:
         return httpx.Request(
             "POST",
             self._url,
-            headers={**self._headers, **headers} if headers else self._headers,
+            headers=self._merged(headers),
             content=body,
             extensions=self._extensions,
         )
 
-    async def complete(self, body: bytes, headers: Mapping[str, str]) -> Completion:
-        """One non-streamed call; raises a :class:`JobError` for anything but a 2xx JSON."""
+    async def complete(
+        self, body: bytes, headers: Mapping[str, str], meta: dict[str, Any] | None = None
+    ) -> Completion:
+        """One non-streamed call; raises a :class:`JobError` for anything but a 2xx JSON
+        chat completion. ``meta`` (when given) receives ``status_code`` and ``headers`` of
+        the answer, an error answer's included (a 429's rate-limit headers)."""
+        session = self._session()
+        answer_headers: Mapping[str, str]
         try:
-            response = await self._transport.handle_async_request(self._request(body, headers))
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
+            if session is not None:
+                async with session.post(
+                    self._target(),
+                    data=body,
+                    headers=self._merged(headers),
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                ) as answer:
+                    content = await answer.read()
+                    status, answer_headers = answer.status, answer.headers
+            else:
+                response = await self._transport.handle_async_request(self._request(body, headers))
+                try:
+                    content = await response.aread()
+                finally:
+                    await response.aclose()
+                status, answer_headers = response.status_code, response.headers
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
-        request_id = response.headers.get("x-request-id")
-        if response.status_code >= 300:
-            raise _status_error(response)
+        if meta is not None:
+            meta["status_code"] = status
+            meta["headers"] = answer_headers
+        if status >= 300:
+            raise _status_error(status, answer_headers, content)
+        return Completion(
+            status,
+            answer_headers.get("x-request-id"),
+            _completion_body(status, answer_headers, content),
+            answer_headers,
+        )
+
+    @contextlib.asynccontextmanager
+    async def open_stream(
+        self, body: bytes, headers: Mapping[str, str], meta: dict[str, Any] | None = None
+    ) -> AsyncIterator[ChunkStream]:
+        """POST a streamed call; yields the open :class:`ChunkStream` once a 2xx event
+        stream has begun, raises a :class:`JobError` otherwise. ``meta`` (when given)
+        receives ``status_code``, ``request_id`` and ``headers`` as soon as they arrive."""
+        session = self._session()
+        answer_headers: Mapping[str, str]
         try:
-            parsed = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("usage") or {}, dict):
-            raise UpstreamError(
-                "upstream sent a body that is not a chat completion object",
-                status_code=response.status_code,
-                request_id=request_id,
-            )
-        return Completion(response.status_code, request_id, parsed)
+            if session is not None:
+                answer = await session.post(
+                    self._target(),
+                    data=body,
+                    headers=self._merged(headers),
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                )
+                close: Callable[[], Awaitable[None]] = _releaser(answer)
+                status, answer_headers = answer.status, answer.headers
+                read: Callable[[], Awaitable[bytes]] = answer.content.readany
+                read_all: Callable[[], Awaitable[bytes]] = answer.read
+            else:
+                response = await self._transport.handle_async_request(self._request(body, headers))
+                close = response.aclose
+                status, answer_headers = response.status_code, response.headers
+                read = _reader(response.aiter_bytes())
+                read_all = response.aread
+        except TRANSPORT_ERRORS as exc:
+            raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+        try:
+            if meta is not None:
+                meta["status_code"] = status
+                meta["request_id"] = answer_headers.get("x-request-id")
+                meta["headers"] = answer_headers
+            if status >= 300:
+                try:
+                    content = await read_all()
+                except TRANSPORT_ERRORS:
+                    content = b""
+                raise _status_error(status, answer_headers, content)
+            kind = answer_headers.get("content-type", "")
+            if not kind.startswith("text/event-stream"):
+                raise UpstreamError(
+                    f"upstream answered a stream request with {kind or 'no content type'}, "
+                    "not server-sent events",
+                    status_code=status,
+                    request_id=answer_headers.get("x-request-id"),
+                )
+            yield ChunkStream(read, status, answer_headers)
+        finally:
+            with contextlib.suppress(*TRANSPORT_ERRORS):
+                await close()
 
     async def stream(
         self, body: bytes, headers: Mapping[str, str], meta: dict[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield the JSON chunks of a streamed call until ``[DONE]`` or the end of the body.
 
-        ``meta`` receives ``status_code`` and ``request_id`` as soon as the headers arrive.
+        ``meta`` receives ``status_code``, ``request_id`` and ``headers`` as soon as the
+        headers arrive, and ``done`` (``[DONE]`` seen) at the end. The worker's own path
+        reads :meth:`open_stream` directly; this generator is the convenient form.
         """
+        async with self.open_stream(body, headers, meta) as chunks:
+            while (batch := await chunks.read()) is not None:
+                for chunk in batch:
+                    yield chunk
+            meta["done"] = chunks.done
+
+
+def _releaser(answer: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
+    async def release() -> None:
+        # A body read to its end returns the connection to the pool; one left early is closed.
+        answer.release()
+
+    return release
+
+
+def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
+    iterator = chunks.__aiter__()
+
+    async def read() -> bytes:
         try:
-            response = await self._transport.handle_async_request(self._request(body, headers))
-            async with contextlib.aclosing(response):
-                meta["status_code"] = response.status_code
-                meta["request_id"] = response.headers.get("x-request-id")
-                if response.status_code >= 300:
-                    await response.aread()
-                    raise _status_error(response)
-                async for event in EventSource(response).aiter_sse():
-                    if event.data == "[DONE]":
-                        return
-                    if not event.data:
-                        continue
-                    yield _parse_chunk(event.event, event.data, meta)
-        except TRANSPORT_ERRORS as exc:
-            raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from exc
-        except SSEError as exc:
-            raise UpstreamError(f"upstream stream is not server-sent events: {exc}") from exc
+            while not (data := await anext(iterator)):
+                pass
+        except StopAsyncIteration:
+            return b""
+        return data
+
+    return read
 
 
-def _parse_chunk(event: str, data: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+def _completion_body(status: int, headers: Mapping[str, str], content: bytes) -> dict[str, Any]:
+    """The chat completion of a 2xx answer; an UpstreamError for anything else (an answer
+    whose body is ``{"error": ...}`` without ``choices``, as some proxies send, included)."""
+    request_id = headers.get("x-request-id")
     try:
-        chunk = orjson.loads(data)
+        parsed = orjson.loads(content)
     except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and not isinstance(parsed.get("choices"), list):
+        error = parsed.get("error")
+        if error is not None:
+            detail = error.get("message") if isinstance(error, dict) else error
+            raise UpstreamError(
+                f"upstream answered {status} with an error body: "
+                f"{str(detail)[:300] if detail else 'no message'}",
+                status_code=status,
+                response=parsed,
+                request_id=request_id,
+            )
+    if (
+        not isinstance(parsed, dict)
+        or not isinstance(parsed.get("choices"), list)
+        or not isinstance(parsed.get("usage") or {}, dict)
+    ):
         raise UpstreamError(
-            "upstream sent a stream chunk that is not JSON", status_code=meta["status_code"]
-        ) from None
-    if not isinstance(chunk, dict):
-        raise UpstreamError(
-            "upstream sent a stream chunk that is not a JSON object",
-            status_code=meta["status_code"],
+            "upstream sent a body that is not a chat completion object",
+            status_code=status,
+            request_id=request_id,
         )
-    if chunk.get("error") is not None or event == "error":
-        error = chunk.get("error") if isinstance(chunk.get("error"), dict) else chunk
-        message = error.get("message") if isinstance(error, dict) else None
-        raise UpstreamError(
-            f"upstream error event mid-stream: {message or 'no message'}",
-            status_code=meta["status_code"],
-            response=chunk,
-            request_id=meta.get("request_id"),
-        )
-    if problem := _chunk_problem(chunk):
-        raise UpstreamError(
-            f"upstream sent a malformed stream chunk: {problem}",
-            status_code=meta["status_code"],
-            request_id=meta.get("request_id"),
-        )
-    return chunk
+    return parsed
 
 
-def _chunk_problem(chunk: dict[str, Any]) -> str | None:
-    """What in a chunk :mod:`worker.streaming` could not use, or None: a malformed stream
-    must fail as ``upstream_error``, not crash the job."""
-    if not isinstance(chunk.get("usage") or {}, dict):
-        return "usage is not an object"
-    choices = chunk.get("choices") or []
-    if not isinstance(choices, list):
-        return "choices is not an array"
-    for choice in choices:
-        if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
-            return "a choice is not an object with an integer index"
-        delta = choice.get("delta") or {}
-        if not isinstance(delta, dict) or not isinstance(delta.get("content") or "", str):
-            return "a delta is not an object with string content"
-        calls = delta.get("tool_calls") or []
-        if not isinstance(calls, list):
-            return "tool_calls is not an array"
-        for call in calls:
-            if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
-                return "a tool call fragment is not an object with an integer index"
-            function = call.get("function") or {}
-            if not isinstance(function, dict) or not all(
-                isinstance(function.get(key) or "", str) for key in ("name", "arguments")
-            ):
-                return "a tool call fragment has no function object with string fields"
-    return None
-
-
-def _status_error(response: httpx.Response) -> JobError:
+def _status_error(status: int, headers: Mapping[str, str], content: bytes) -> JobError:
     try:
-        body = orjson.loads(response.content)
+        body = orjson.loads(content)
     except orjson.JSONDecodeError:
         body = None
     error = body.get("error") if isinstance(body, dict) else None
     detail = error.get("message") if isinstance(error, dict) else None
-    message = f"upstream answered {response.status_code}"
+    message = f"upstream answered {status}"
     if isinstance(detail, str) and detail:
         message += f": {detail[:300]}"
-    return error_for_status(response.status_code)(
+    return error_for_status(status)(
         message,
-        status_code=response.status_code,
+        status_code=status,
         response=body if isinstance(body, dict) else None,
-        request_id=response.headers.get("x-request-id"),
-        retry_after=retry_after_seconds(response.headers),
+        request_id=headers.get("x-request-id"),
+        retry_after=retry_after_seconds(headers),
     )
 
 

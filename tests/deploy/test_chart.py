@@ -60,6 +60,7 @@ CONFIG_SETTINGS = {
     "WORKER_HTTP_PORT",
     "WORKER_LOG_FORMAT",
     "WORKER_LOG_LEVEL",
+    "WORKER_TRUST_TENANT_HEADER",
 }
 
 # Metric names the dashboard queries; keep in step with the worker's telemetry.
@@ -73,6 +74,7 @@ DASHBOARD_METRICS = {
     "gen_ai_client_operation_duration_seconds_count",
     "gen_ai_client_operation_time_to_first_chunk_seconds_bucket",
     "gen_ai_client_token_usage_sum",
+    "chat_worker_tokens_total",
 }
 
 
@@ -480,6 +482,30 @@ def test_keda_scales_on_the_request_queue_when_its_api_exists() -> None:
     ]
 
 
+def test_keda_scales_on_the_sum_of_the_lanes_backlogs() -> None:
+    values = merge(
+        SECRETS,
+        {
+            "config": {"requestQueue": "chat.interactive:4, chat.batch:1,chat.bulk"},
+            "autoscaling": {"behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}}},
+        },
+    )
+    spec = render(values, apis=(KEDA_API,)).one("ScaledObject")["spec"]
+    triggers = spec["triggers"]
+    assert [t["metadata"]["queueName"] for t in triggers] == [
+        "chat.interactive",
+        "chat.batch",
+        "chat.bulk",
+    ]
+    assert [t["name"] for t in triggers] == ["lane0", "lane1", "lane2"]
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert modifiers["formula"] == "lane0 + lane1 + lane2"
+    assert modifiers["target"] == "64"  # one prefetch per pod, for all lanes together
+    assert modifiers["metricType"] == "AverageValue"
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior == {"scaleDown": {"stabilizationWindowSeconds": 60}}
+
+
 def test_keda_queue_length_and_scale_to_zero_are_configurable() -> None:
     values = merge(
         SECRETS,
@@ -682,6 +708,10 @@ def test_dashboard_covers_the_issue_panels() -> None:
     assert has("chat_worker_jobs_in_flight")
     assert has("chat_worker_retries_total")
     assert has("chat_worker_dead_lettered_total")
+    # Lanes and tenants (§12): a per-lane panel, tokens by tenant.
+    assert has("chat_worker_jobs_total", "by (lane)")
+    assert has("chat_worker_job_duration_seconds_bucket", "le, lane")
+    assert has("chat_worker_tokens_total", "by (tenant)")
 
 
 def test_dashboard_queries_only_known_metrics() -> None:

@@ -310,4 +310,3 @@ async def test_readyz_turns_503_without_the_broker_and_200_when_back(
     assert 503 in seen
     assert seen[-1] == 200
     assert running.ready
-

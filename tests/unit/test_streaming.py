@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from worker.streaming import CompletionAssembler, DeltaBuffer, DeltaStream, normalise_delta
+from worker.streaming import CompletionAssembler, DeltaStream, MalformedChunk
 
 
 def chunk(
@@ -47,20 +47,6 @@ def assemble(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     for c in chunks:
         assembler.add(c)
     return assembler.completion()
-
-
-# --- normalise_delta ---------------------------------------------------------------------------
-
-
-def test_normalise_delta_keeps_what_consumers_need() -> None:
-    assert normalise_delta({"role": "assistant", "content": ""}) == {}
-    assert normalise_delta({"content": "Hi", "refusal": None}) == {"content": "Hi"}
-    assert normalise_delta({"reasoning": "hmm"}) == {"reasoning_content": "hmm"}
-    assert normalise_delta({"reasoning_content": "a", "reasoning": "b"}) == {
-        "reasoning_content": "a"
-    }
-    calls = [{"index": 0, "function": {"arguments": "{"}}]
-    assert normalise_delta({"tool_calls": calls}) == {"tool_calls": calls}
 
 
 # --- CompletionAssembler -----------------------------------------------------------------------
@@ -208,21 +194,20 @@ def test_empty_stream() -> None:
     assert completion == {"object": "chat.completion", "choices": [], "usage": None}
 
 
-# --- DeltaBuffer --------------------------------------------------------------------------------
+# --- deltas taken from the assembler ------------------------------------------------------------
 
 
-def test_buffer_coalesces_chunks() -> None:
-    buffer = DeltaBuffer()
-    assert not buffer
+def test_take_delta_coalesces_chunks() -> None:
+    buffer = CompletionAssembler()
+    assert buffer.take_delta() == []
     assert buffer.add(chunk(role="assistant", content="")) is False
-    assert not buffer
+    assert buffer.take_delta() == []
     assert buffer.add(chunk("Hel")) is True
     assert buffer.add(chunk("lo", reasoning="r")) is True
     assert buffer.add(chunk(index=1, content="x")) is True
     assert buffer.add(chunk(finish_reason="stop")) is True
     assert buffer.add(USAGE_CHUNK) is False
-    assert buffer
-    assert buffer.take() == [
+    assert buffer.take_delta() == [
         {
             "index": 0,
             "delta": {"content": "Hello", "reasoning_content": "r"},
@@ -230,12 +215,11 @@ def test_buffer_coalesces_chunks() -> None:
         },
         {"index": 1, "delta": {"content": "x"}, "finish_reason": None},
     ]
-    assert not buffer
-    assert buffer.take() == []
+    assert buffer.take_delta() == []
 
 
-def test_buffer_merges_tool_call_fragments_within_a_delta() -> None:
-    buffer = DeltaBuffer()
+def test_take_delta_merges_tool_call_fragments_within_a_delta() -> None:
+    buffer = CompletionAssembler()
     buffer.add(
         chunk(
             tool_calls=[{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}]
@@ -243,7 +227,7 @@ def test_buffer_merges_tool_call_fragments_within_a_delta() -> None:
     )
     buffer.add(chunk(tool_calls=[{"index": 0, "function": {"arguments": '{"a"'}}]))
     buffer.add(chunk(tool_calls=[{"index": 0, "function": {"arguments": ": 1}"}}]))
-    assert buffer.take()[0]["delta"] == {
+    assert buffer.take_delta()[0]["delta"] == {
         "tool_calls": [
             {
                 "index": 0,
@@ -255,12 +239,138 @@ def test_buffer_merges_tool_call_fragments_within_a_delta() -> None:
     }
     # A later delta carries only the new fragments: id and name came once already.
     buffer.add(chunk(tool_calls=[{"index": 0, "function": {"arguments": "}"}}]))
-    assert buffer.take()[0]["delta"] == {
+    assert buffer.take_delta()[0]["delta"] == {
         "tool_calls": [{"index": 0, "function": {"arguments": "}"}}]
     }
 
 
+def test_deltas_carry_refusal_logprobs_and_audio() -> None:
+    buffer = CompletionAssembler()
+    entry = {"token": "I", "logprob": -0.1, "bytes": [73], "top_logprobs": []}
+    first = chunk(role="assistant", content=None, refusal="")
+    buffer.add(first)
+    buffer.add(
+        {
+            **chunk(refusal="I can"),
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"refusal": "I can"},
+                    "finish_reason": None,
+                    "logprobs": {"content": None, "refusal": [entry]},
+                }
+            ],
+        }
+    )
+    buffer.add(chunk(audio={"id": "au_1", "transcript": "Hi", "data": "AA", "expires_at": 9}))
+    buffer.add(chunk(audio={"transcript": " you", "data": "BB"}))
+    assert buffer.take_delta() == [
+        {
+            "index": 0,
+            "delta": {
+                "refusal": "I can",
+                "audio": {"id": "au_1", "transcript": "Hi you", "data": "AABB", "expires_at": 9},
+            },
+            "finish_reason": None,
+            "logprobs": {"content": None, "refusal": [entry]},
+        }
+    ]
+    buffer.add(chunk(refusal="not", finish_reason="stop"))
+    assert buffer.take_delta() == [
+        {"index": 0, "delta": {"refusal": "not"}, "finish_reason": "stop"}
+    ]
+    message = buffer.completion()["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["refusal"] == "I cannot"
+    assert message["audio"] == {
+        "id": "au_1",
+        "transcript": "Hi you",
+        "data": "AABB",
+        "expires_at": 9,
+    }
+
+
+def _choice(**fields: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "finish_reason": None, **fields}]}
+
+
+def _fragment(**fields: Any) -> dict[str, Any]:
+    return _choice(delta={"tool_calls": [{"index": 0, **fields}]})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"choices": {"0": {"delta": {"content": "a"}}}},
+        {"choices": ["a"]},
+        {"choices": [{"index": "0", "delta": {"content": "a"}}]},
+        _choice(delta="a"),
+        _choice(delta={"content": ["a"]}),
+        _choice(delta={"content": 5}),
+        _choice(delta={"tool_calls": {"index": 0}}),
+        _choice(delta={"tool_calls": ["f"]}),
+        _choice(delta={"content": "a"}, finish_reason=3),
+        _choice(delta={"content": "a"}, logprobs=[1]),
+        _fragment(index="first"),
+        _fragment(function="f"),
+        _fragment(function={"name": "f", "arguments": {"a": 1}}),
+        _fragment(function={"name": 5}),
+        {"choices": [], "usage": "lots"},
+    ],
+)
+def test_malformed_chunk_shape(bad: dict[str, Any]) -> None:
+    """What the API reference does not allow fails the attempt, it does not crash it."""
+    assembler = CompletionAssembler()
+    assembler.add(chunk("a"))
+    with pytest.raises(MalformedChunk):
+        assembler.add(bad)
+
+
+def test_item9_chunks_the_reference_allows_are_read() -> None:
+    odd = [
+        {"choices": None, "usage": None},
+        {"object": "chat.completion.chunk"},
+        {"object": "chat.completion.chunk", "usage": {"prompt_tokens": 1}},  # no "choices"
+        _choice(),
+        _choice(delta=None),
+        _choice(delta={"content": None, "role": "assistant", "refusal": None}),
+        _fragment(id="call_1", type="function", function={"name": "f", "arguments": None}),
+        _fragment(function=None),
+        {**chunk("a"), "error": None},
+    ]
+    assembler = CompletionAssembler()
+    for c in odd:
+        assembler.add(c)
+    assert assembler.usage == {"prompt_tokens": 1}
+    message = assembler.completion()["choices"][0]["message"]
+    assert message["content"] == "a"
+    assert message["tool_calls"][0]["id"] == "call_1"
+
+
 # --- DeltaStream --------------------------------------------------------------------------------
+
+
+class Feed:
+    """An assembler and its DeltaStream, fed as ``JobRunner._stream_once`` feeds them."""
+
+    def __init__(self, send: Any, interval: float) -> None:
+        self.assembler = CompletionAssembler()
+        self.stream = DeltaStream(send, interval, self.assembler)
+
+    async def add(self, c: dict[str, Any]) -> bool:
+        if self.assembler.add(c):
+            await self.stream.output()
+            return True
+        return False
+
+    async def close(self) -> None:
+        await self.stream.close()
+
+    def discard(self) -> None:
+        self.stream.discard()
+
+    async def flush(self) -> None:
+        await self.stream.flush()
 
 
 class Recorder:
@@ -288,7 +398,7 @@ class Recorder:
 async def test_first_output_is_sent_at_once_then_coalesced() -> None:
     send = Recorder()
     interval = 0.05
-    stream = DeltaStream(send, interval)
+    stream = Feed(send, interval)
     loop = asyncio.get_running_loop()
     assert await stream.add(chunk(role="assistant", content="")) is False
     assert send.sent == []
@@ -314,7 +424,7 @@ async def test_first_output_is_sent_at_once_then_coalesced() -> None:
 
 async def test_close_flushes_at_once() -> None:
     send = Recorder()
-    stream = DeltaStream(send, 60)
+    stream = Feed(send, 60)
     loop = asyncio.get_running_loop()
     await stream.add(chunk("A"))
     await stream.add(chunk("B"))
@@ -329,7 +439,7 @@ async def test_close_flushes_at_once() -> None:
 async def test_discard_drops_the_buffer() -> None:
     send = Recorder()
     interval = 0.02
-    stream = DeltaStream(send, interval)
+    stream = Feed(send, interval)
     await stream.add(chunk("A"))
     await stream.add(chunk("B"))
     stream.discard()
@@ -341,7 +451,7 @@ async def test_discard_drops_the_buffer() -> None:
 
 async def test_zero_interval_sends_every_chunk() -> None:
     send = Recorder()
-    stream = DeltaStream(send, 0)
+    stream = Feed(send, 0)
     for part in "abcde":
         await stream.add(chunk(part))
         assert send.contents()[-1] == part
@@ -356,7 +466,7 @@ async def test_close_waits_for_a_flush_under_way() -> None:
     send = Recorder()
     interval = 0.01
     send.gate[1] = asyncio.Event()
-    stream = DeltaStream(send, interval)
+    stream = Feed(send, interval)
     await stream.add(chunk("A"))
     await stream.add(chunk("B"))
     await asyncio.sleep(interval * 5)  # the timer fired; seq 1 is stuck in send
@@ -376,7 +486,7 @@ async def test_failed_send_raises_from_close() -> None:
         if seq > 0:
             raise ConnectionError("channel closed")
 
-    stream = DeltaStream(broken, 60)
+    stream = Feed(broken, 60)
     await stream.add(chunk("A"))
     await stream.add(chunk("B"))
     with pytest.raises(ConnectionError):
@@ -395,7 +505,7 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
         chunk(role="assistant", content="", index=i) for i in range(choices)
     ]
-    for _ in range(draw(st.integers(0, 25))):
+    for _ in range(draw(st.integers(0, 80))):  # past the point where sent pieces are joined
         index = draw(st.integers(0, choices - 1))
         kind = draw(st.sampled_from(["content", "reasoning", "reasoning_content", "empty"]))
         if kind == "content":
@@ -413,17 +523,16 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 
 @hypothesis_settings(database=None, max_examples=150, deadline=None)
-@given(chunks=streams(), interval=st.sampled_from([0, 3600]), flushes=st.sets(st.integers(0, 30)))
+@given(chunks=streams(), interval=st.sampled_from([0, 3600]), flushes=st.sets(st.integers(0, 90)))
 def test_deltas_add_up_to_the_completion(
     chunks: list[dict[str, Any]], interval: float, flushes: set[int]
 ) -> None:
     send = Recorder()
 
     async def run() -> dict[str, Any]:
-        stream = DeltaStream(send, interval)
-        assembler = CompletionAssembler()
+        stream = Feed(send, interval)
+        assembler = stream.assembler
         for position, c in enumerate(chunks):
-            assembler.add(c)
             await stream.add(c)
             if position in flushes:
                 await stream.flush()  # stands in for the timer at a random moment

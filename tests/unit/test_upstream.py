@@ -298,7 +298,10 @@ async def test_stream_parses_events(closing: list[Upstream]) -> None:
     meta: dict[str, Any] = {}
     chunks = await collect(upstream, meta)
     assert chunks == [chunk("Hel"), chunk("lo"), chunk(finish_reason="stop"), USAGE_CHUNK]
-    assert meta == {"status_code": 200, "request_id": "r-1"}
+    assert meta["status_code"] == 200
+    assert meta["request_id"] == "r-1"
+    assert meta["headers"]["x-request-id"] == "r-1"
+    assert meta["done"] is True
     assert seen.requests[0].content == BODY
     assert seen.requests[0].headers["authorization"] == f"Bearer {KEY}"
 
@@ -460,6 +463,7 @@ async def test_default_transport_plain_and_streamed(
     try:
         completion = await upstream.complete(BODY, {"traceparent": "00-aa-bb-01"})
         assert completion == Completion(200, "srv-1", COMPLETION)
+        assert completion.headers["x-request-id"] == "srv-1"
         assert server_requests[0]["raw"] == BODY
         assert server_requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
         assert server_requests[0]["headers"]["traceparent"] == "00-aa-bb-01"
@@ -468,7 +472,8 @@ async def test_default_transport_plain_and_streamed(
         streamed = orjson.dumps({**orjson.loads(BODY), "stream": True})
         chunks = [c async for c in upstream.stream(streamed, {}, meta)]
         assert chunks == [chunk("Hel"), chunk("lo", "stop"), USAGE_CHUNK]
-        assert meta == {"status_code": 200, "request_id": "srv-2"}
+        assert (meta["status_code"], meta["request_id"], meta["done"]) == (200, "srv-2", True)
+        assert meta["headers"]["X-Request-Id"] == "srv-2"  # case-insensitive, as httpx's
 
         missing = orjson.dumps({"model": "missing", "messages": []})
         with pytest.raises(NotFound) as caught:
@@ -527,62 +532,54 @@ async def test_default_transport_malformed_http_is_upstream_error(answer: bytes)
         await server.wait_closed()
 
 
-def _choice(**fields: Any) -> dict[str, Any]:
-    return {"choices": [{"index": 0, "finish_reason": None, **fields}]}
-
-
-def _fragment(**fields: Any) -> dict[str, Any]:
-    return _choice(delta={"tool_calls": [{"index": 0, **fields}]})
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"choices": {"0": {"delta": {"content": "a"}}}},
-        {"choices": ["a"]},
-        {"choices": [{"index": "0", "delta": {"content": "a"}}]},
-        _choice(delta="a"),
-        _choice(delta={"content": ["a"]}),
-        _choice(delta={"content": 5}),
-        _choice(delta={"tool_calls": {"index": 0}}),
-        _choice(delta={"tool_calls": ["f"]}),
-        _fragment(index="first"),
-        _fragment(function="f"),
-        _fragment(function={"name": "f", "arguments": {"a": 1}}),
-        _fragment(function={"name": 5}),
-        {"choices": [], "usage": "lots"},
-    ],
-)
-async def test_malformed_chunk_shape(closing: list[Upstream], bad: dict[str, Any]) -> None:
-    """What the assembler could not use fails the attempt as upstream_error, not as a crash."""
-    upstream = upstream_with(lambda request: sse_response(sse(chunk("a"), bad)))
-    closing.append(upstream)
-    got, exc = await collect_until_error(upstream)
-    assert got == [chunk("a")]
-    assert type(exc) is UpstreamError
-    assert exc.status_code == 200
-    assert "malformed" in exc.message
-
-
-async def test_well_formed_odd_chunks_pass(closing: list[Upstream]) -> None:
-    odd = [
-        {"choices": None, "usage": None},
-        {"object": "chat.completion.chunk"},
-        _choice(),
-        _choice(delta=None),
-        _choice(delta={"content": None, "role": "assistant", "refusal": None}),
-        _fragment(id="call_1", type="function", function={"name": "f", "arguments": None}),
-        _fragment(function=None),
-        {**chunk("a"), "error": None},
-        {**chunk("b"), "usage": {"prompt_tokens": 1}},
-    ]
-    upstream = upstream_with(lambda request: sse_response(sse(*odd)))
-    closing.append(upstream)
-    assert await collect(upstream) == odd
-
-
 async def test_usage_not_an_object_in_plain_answer(closing: list[Upstream]) -> None:
     upstream = upstream_with(lambda request: httpx.Response(200, json={**COMPLETION, "usage": 5}))
     closing.append(upstream)
     with pytest.raises(UpstreamError):
         await upstream.complete(BODY, {})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [ERROR_BODY, {"error": "quota", "choices": None}, {"object": "chat.completion"}],
+    ids=["error-object", "error-string", "no-choices"],
+)
+async def test_item11_ok_status_without_choices_is_upstream_error(
+    closing: list[Upstream], body: dict[str, Any]
+) -> None:
+    upstream = upstream_with(
+        lambda request: httpx.Response(200, json=body, headers={"x-request-id": "r-9"})
+    )
+    closing.append(upstream)
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.complete(BODY, {})
+    assert type(caught.value) is UpstreamError  # retryable
+    assert caught.value.status_code == 200
+    assert caught.value.request_id == "r-9"
+    if "error" in body:
+        assert caught.value.response == body
+
+
+async def test_answer_headers_are_exposed(closing: list[Upstream]) -> None:
+    """The rate-limit budget is read from them: the plain answer's and the stream's."""
+    limits = {"x-ratelimit-remaining-requests": "41", "x-ratelimit-remaining-tokens": "9000"}
+    upstream = upstream_with(lambda request: httpx.Response(200, json=COMPLETION, headers=limits))
+    closing.append(upstream)
+    completion = await upstream.complete(BODY, {})
+    assert completion.headers["X-RateLimit-Remaining-Requests"] == "41"
+    streamed = upstream_with(lambda request: sse_response(sse(chunk("a", "stop")), **limits))
+    closing.append(streamed)
+    meta: dict[str, Any] = {}
+    await collect(streamed, meta)
+    assert meta["headers"]["x-ratelimit-remaining-tokens"] == "9000"
+    limited = upstream_with(lambda request: httpx.Response(429, json=ERROR_BODY, headers=limits))
+    closing.append(limited)
+    meta = {}
+    with pytest.raises(RateLimited):
+        await limited.complete(BODY, {}, meta)
+    assert (meta["status_code"], meta["headers"]["x-ratelimit-remaining-tokens"]) == (429, "9000")
+    async with streamed.open_stream(BODY, {}) as chunks:
+        assert chunks.headers["x-ratelimit-remaining-requests"] == "41"
+        assert await chunks.read() == [chunk("a", "stop")]
+        assert await chunks.read() is None
+        assert chunks.done

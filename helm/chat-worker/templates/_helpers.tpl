@@ -92,3 +92,16 @@ A number as the worker reads it: whole numbers without a decimal point or expone
 {{- define "chat-worker.terminationGracePeriodSeconds" -}}
 {{- add (int64 (ceil .Values.config.shutdownGrace)) .Values.terminationGraceExtraSeconds }}
 {{- end }}
+
+{{/*
+The lanes' queue names of config.requestQueue ("chat.interactive:4,chat.batch:1"), as a
+JSON array: the weights are the worker's business, the backlogs KEDA's.
+*/}}
+{{- define "chat-worker.laneQueues" -}}
+{{- $queues := list }}
+{{- range splitList "," .Values.config.requestQueue }}
+{{- $queue := regexReplaceAll ":[0-9]+$" (trim .) "" }}
+{{- if $queue }}{{ $queues = append $queues $queue }}{{ end }}
+{{- end }}
+{{- toJson $queues }}
+{{- end }}
