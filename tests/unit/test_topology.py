@@ -50,3 +50,12 @@ def test_classic_delay_queues_keep_their_arguments() -> None:
     arguments = queue_arguments(settings(request_queue="q", queue_type="classic"))
     assert "x-dead-letter-strategy" not in arguments["q.delay.5s"]
     assert arguments["q.delay.5s"]["x-message-ttl"] == 5000
+
+
+def test_each_lane_has_its_own_quorum_delay_and_dead_letter_queues() -> None:
+    arguments = queue_arguments(settings(request_queue="fast:4,slow"))
+    assert list(arguments)[:2] == ["fast", "slow"], "the lanes, which consuming needs, first"
+    assert arguments["slow.delay.quorum.30s"]["x-dead-letter-routing-key"] == "slow"
+    assert arguments["fast.delay.quorum.30s"]["x-dead-letter-routing-key"] == "fast"
+    assert arguments["slow"]["x-dead-letter-routing-key"] == "slow.dlq"
+    assert delay_queues(settings(request_queue="fast:4,slow"), "slow")[0] == "slow.delay.quorum.1s"
