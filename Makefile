@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-cluster lint typecheck schemas bench soak clean
+.PHONY: demo test test-cluster test-browser lint typecheck schemas bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check worker tests bench
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=tests/browser
+
+# The operator page in a real headless Chromium (Debian's `chromium`; CHROMIUM=path to pick
+# another); rewrites docs/console.png.
+test-browser: $(VENV)/.installed
+	$(PY) -m pytest tests/browser
 
 # Three extra RabbitMQ nodes on this machine (as the rabbitmq user; needs root), killed
 # under load: see README "Broker clusters". About 6-8 minutes.

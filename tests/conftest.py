@@ -64,6 +64,7 @@ def names() -> dict[str, str]:
         "result_exchange": f"{prefix}.results",
         "result_queue": f"{prefix}.results",
         "dead_letter_queue": f"{prefix}.dlq",
+        "events_exchange": f"{prefix}.events",
     }
 
 
@@ -108,6 +109,7 @@ async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[Abst
                 delay_queue_name(names["request_queue"], seconds, queue_type)
             )
     await channel.exchange_delete(names["result_exchange"])
+    await channel.exchange_delete(names["events_exchange"])
     await conn.close()
 
 

@@ -1,4 +1,4 @@
-"""The ``chat-worker`` command: run, demo, submit, mock-upstream, dlq."""
+"""The ``chat-worker`` command: run, demo, submit, mock-upstream, dlq, console."""
 
 from __future__ import annotations
 
@@ -235,3 +235,20 @@ def dlq_replay(
         click.echo(f"chat-worker dlq replay: {exc}", err=True)
         sys.exit(1)
     click.echo(f"replayed {count} dead letters to {lane}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8090, show_default=True, type=click.IntRange(0, 65535))
+def console(host: str, port: int) -> None:
+    """The operator page: workers, throughput, queues, dead letters and replay.
+
+    Replay needs WORKER_CONSOLE_TOKEN (sent as a bearer token); without it the page is
+    read-only.
+    """
+    from worker.console import serve_console
+    from worker.telemetry import configure_logging
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_format, settings.log_level)
+    run_async(serve_console(settings, host, port))

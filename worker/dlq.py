@@ -12,16 +12,21 @@ a copy it returns (no request queue of that name) or nacks stops the replay with
 A result kept there because nothing took it (AMQP type ``chat.result``, header
 ``x-unroutable-result``) is listed with reason ``result_unroutable``; it is not a request,
 so a replay leaves it (read its body: it is the result document).
+
+The walk (:func:`browse`), :func:`describe` and :func:`replay_from` are shared with the
+operator console (``worker.console``), which replays from every lane on its own connection.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aio_pika
 import aiormq
+import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from worker.broker import connect_any
@@ -29,6 +34,7 @@ from worker.publisher import copy_request
 from worker.settings import Settings
 from worker.topology import (
     H_ATTEMPTS,
+    H_CUSTOM_ID,
     H_DELIVERY_COUNT,
     H_ERROR_CODE,
     H_ERROR_MESSAGE,
@@ -39,7 +45,16 @@ from worker.topology import (
     dead_letter_queue_for,
 )
 
-__all__ = ["DeadLetter", "ReplayFailed", "lane_queue", "list_dead_letters", "replay_dead_letters"]
+__all__ = [
+    "DeadLetter",
+    "ReplayFailed",
+    "browse",
+    "describe",
+    "lane_queue",
+    "list_dead_letters",
+    "replay_dead_letters",
+    "replay_from",
+]
 
 UNROUTABLE_RESULT = "result_unroutable"
 
@@ -70,15 +85,21 @@ class DeadLetter:
     attempts: int | None
     size: int
     reason: str  # "worker" (failed job) or the broker's x-death reason (e.g. delivery_limit)
+    custom_id: str | None = None
+    # When the request was published (its AMQP timestamp) or else dead-lettered by the
+    # broker (x-death), in seconds since the epoch; None when the message says neither.
+    timestamp: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
+            "custom_id": self.custom_id,
             "error_code": self.error_code,
             "error_message": self.error_message,
             "attempts": self.attempts,
             "size": self.size,
             "reason": self.reason,
+            "timestamp": self.timestamp,
         }
 
 
@@ -86,10 +107,13 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     headers = message.headers or {}
     deaths = headers.get("x-death")
     reason = "worker"
+    when = message.timestamp
     if _is_result(message):
         reason = UNROUTABLE_RESULT
     elif isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         reason = str(deaths[0].get("reason", "broker"))
+        died = deaths[0].get("time")
+        when = when or (died if isinstance(died, datetime) else None)
     attempts = headers.get(H_ATTEMPTS)
     return DeadLetter(
         job_id=str(headers.get(H_JOB_ID) or message.message_id or "") or None,
@@ -98,7 +122,19 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         attempts=int(attempts) if isinstance(attempts, int) else None,
         size=len(message.body),
         reason=reason,
+        custom_id=_text(headers.get(H_CUSTOM_ID)) or _custom_id(message.body),
+        timestamp=when.timestamp() if when is not None else None,
     )
+
+
+def _custom_id(body: bytes) -> str | None:
+    """The request's ``custom_id``, the one field read from its body (never shown)."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = document.get("custom_id") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _is_result(message: AbstractIncomingMessage) -> bool:
@@ -111,7 +147,7 @@ def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _browse(
+async def browse(
     channel: AbstractChannel, queue_name: str
 ) -> AsyncIterator[AbstractIncomingMessage]:
     """Every message in the queue, each fetched once: unacknowledged ones are not handed
@@ -142,7 +178,7 @@ async def list_dead_letters(
     async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel()
         found: list[DeadLetter] = []
-        async for message in _browse(channel, dead_letter_queue):
+        async for message in browse(channel, dead_letter_queue):
             letter = describe(message)
             if _selected(letter, codes):
                 found.append(letter)
@@ -163,26 +199,51 @@ async def replay_dead_letters(
 
     Raises :class:`ReplayFailed` at the first copy the broker returns or nacks.
     """
-    replayed = 0
     queue = lane_queue(settings, lane)
     async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        async for message in _browse(channel, dead_letter_queue_for(settings, queue)):
-            letter = describe(message)
-            if _is_result(message) or not _selected(letter, codes):
-                continue
-            try:
-                await channel.default_exchange.publish(_replay_copy(message), queue, mandatory=True)
-            except aiormq.exceptions.PublishError:
-                raise ReplayFailed(replayed, f"no queue {queue!r} took the request") from None
-            except aiormq.exceptions.DeliveryError:
-                raise ReplayFailed(replayed, f"the broker refused the copy to {queue!r}") from None
-            await message.ack()
-            replayed += 1
-            if on_replay is not None:
-                on_replay(letter)
-            if limit is not None and replayed >= limit:
-                break
+        return await replay_from(
+            channel,
+            dead_letter_queue_for(settings, queue),
+            queue,
+            lambda letter: _selected(letter, codes),
+            limit=limit,
+            on_replay=on_replay,
+        )
+
+
+async def replay_from(
+    channel: AbstractChannel,
+    dead_letter_queue: str,
+    queue: str,
+    select: Callable[[DeadLetter], bool],
+    *,
+    limit: int | None = None,
+    on_replay: Callable[[DeadLetter], None] | None = None,
+) -> int:
+    """Republish the dead letters ``select`` picks to request queue ``queue``.
+
+    ``channel`` must confirm publishes and raise on a returned one: a dead letter is
+    acknowledged (removed) only once its copy is routed and confirmed. Raises
+    :class:`ReplayFailed` at the first copy the broker returns or nacks.
+    """
+    replayed = 0
+    async for message in browse(channel, dead_letter_queue):
+        letter = describe(message)
+        if _is_result(message) or not select(letter):
+            continue
+        try:
+            await channel.default_exchange.publish(_replay_copy(message), queue, mandatory=True)
+        except aiormq.exceptions.PublishError:
+            raise ReplayFailed(replayed, f"no queue {queue!r} took the request") from None
+        except aiormq.exceptions.DeliveryError:
+            raise ReplayFailed(replayed, f"the broker refused the copy to {queue!r}") from None
+        await message.ack()
+        replayed += 1
+        if on_replay is not None:
+            on_replay(letter)
+        if limit is not None and replayed >= limit:
+            break
     return replayed
 
 

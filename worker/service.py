@@ -43,6 +43,7 @@ from aio_pika.abc import (
 
 from worker.blocking import BlockedState, follow_blocking
 from worker.broker import Nodes, NoNodeAnswers, connect_any, redact
+from worker.events import Heartbeat, JobStats
 from worker.jobs import (
     Deferral,
     Envelope,
@@ -121,6 +122,15 @@ class Worker:
         self._missing: dict[str, str] = {}
         self._redeclare: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
+        self.stats = JobStats()
+        self.heartbeat = Heartbeat(
+            settings,
+            self.identity,
+            self.stats,
+            ready=lambda: self.ready,
+            in_flight=lambda: self.in_flight,
+            lanes=self.in_flight_by_lane,
+        )
 
     @property
     def ready(self) -> bool:
@@ -276,6 +286,7 @@ class Worker:
     async def _serve(self, connection: AbstractConnection) -> None:
         """Consume until a stop (drain, then close) or a loss (drop in-flight jobs, return)."""
         self._consuming.set()
+        self.heartbeat.start(connection)
         log.info(
             "consuming",
             lanes={lane.queue: lane.weight for lane in self.settings.lanes},
@@ -291,6 +302,7 @@ class Worker:
         if self._redeclare is not None:
             self._redeclare.cancel()
             self._redeclare = None
+        await self.heartbeat.stop()
         if self._stopping.is_set():
             await self._drain(self._queue, self._consumer_tag)
         else:
@@ -444,6 +456,12 @@ class Worker:
                     lane=lane,
                     tenant=envelope.tenant,
                     usage=outcome.usage,
+                )
+                self.stats.record(
+                    error_code=outcome.error.code.value if outcome.error else None,
+                    model=model,
+                    usage=outcome.usage,
+                    tenant=envelope.tenant,
                 )
 
     def _delta_sender(self, publisher: Publisher, job: Job, trace: dict[str, str]) -> SendDelta:

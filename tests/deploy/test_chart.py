@@ -60,6 +60,8 @@ CONFIG_SETTINGS = {
     "WORKER_HTTP_PORT",
     "WORKER_LOG_FORMAT",
     "WORKER_LOG_LEVEL",
+    "WORKER_EVENTS",
+    "WORKER_EVENTS_EXCHANGE",
     "WORKER_TRUST_TENANT_HEADER",
 }
 
@@ -170,6 +172,14 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         (MONITORING_API,),
     ),
     "dashboard": ({"dashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}}}, ()),
+    "console": (merge(SECRETS, {"console": {"enabled": True, "token": "t0ken"}}), (KEDA_API,)),
+    "console-existing-secret": (
+        {
+            "secrets": {"existingSecret": "llm-credentials"},
+            "console": {"enabled": True, "existingSecret": "console-token"},
+        },
+        (),
+    ),
     "autoscaling-off": (
         merge(SECRETS, {"autoscaling": {"enabled": False}, "replicaCount": 3}),
         (KEDA_API,),
@@ -733,3 +743,64 @@ def test_dashboard_panels_tile_the_grid_without_overlap() -> None:
             for y in range(grid["y"], grid["y"] + grid["h"]):
                 assert (x, y) not in taken, f"{panel['title']} overlaps {taken[(x, y)]}"
                 taken[(x, y)] = panel["title"]
+
+
+# --- the console (contract §14) -------------------------------------------------------------
+
+CONSOLE = f"{FULLNAME}-console"
+FAKE_CONSOLE_TOKEN = "console-DO-NOT-LEAK-3e9a"
+
+
+def named(rendered: Rendered, kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in rendered.of_kind(kind) if d["metadata"]["name"] == name]
+    return doc
+
+
+def test_console_is_off_by_default() -> None:
+    rendered = render(SECRETS)
+    names = {doc["metadata"]["name"] for doc in rendered.docs}
+    assert CONSOLE not in names
+    assert rendered.config_map()["data"]["WORKER_EVENTS"] == "true"
+    assert rendered.config_map()["data"]["WORKER_EVENTS_EXCHANGE"] == "chat.events"
+
+
+def test_console_runs_apart_from_the_workers_with_its_token_from_a_secret() -> None:
+    rendered = render(merge(SECRETS, {"console": {"enabled": True, "token": FAKE_CONSOLE_TOKEN}}))
+    deployment = named(rendered, "Deployment", CONSOLE)
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["console", "--host", "0.0.0.0", "--port", "8090"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {"configMapRef": {"name": FULLNAME}} in container["envFrom"]
+    env = env_of(container)
+    assert env["WORKER_CONSOLE_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": CONSOLE,
+        "key": "WORKER_CONSOLE_TOKEN",
+    }
+    assert env["WORKER_AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"] == FULLNAME
+    secret = named(rendered, "Secret", CONSOLE)
+    assert base64.b64decode(secret["data"]["WORKER_CONSOLE_TOKEN"]).decode() == FAKE_CONSOLE_TOKEN
+    assert FAKE_CONSOLE_TOKEN not in rendered.text
+
+    service = named(rendered, "Service", CONSOLE)
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == 8090
+    # No worker selector picks the console's pods (nor the other way round).
+    console_labels = pod["metadata"]["labels"]
+    for doc in (named(rendered, "Deployment", FULLNAME), named(rendered, "Service", FULLNAME)):
+        selector = doc["spec"].get("selector", {})
+        selector = selector.get("matchLabels", selector)
+        assert not all(console_labels.get(k) == v for k, v in selector.items()), doc["kind"]
+
+
+def test_console_without_a_token_is_read_only_and_reads_an_existing_secret() -> None:
+    rendered = render({"console": {"enabled": True}})
+    (container,) = named(rendered, "Deployment", CONSOLE)["spec"]["template"]["spec"]["containers"]
+    assert "WORKER_CONSOLE_TOKEN" not in env_of(container)
+    assert "Secret" not in rendered.kinds()
+
+    rendered = render({"console": {"enabled": True, "existingSecret": "ops", "secretKey": "t"}})
+    (container,) = named(rendered, "Deployment", CONSOLE)["spec"]["template"]["spec"]["containers"]
+    ref = env_of(container)["WORKER_CONSOLE_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "ops", "key": "t"}
+    assert "Secret" not in rendered.kinds()

@@ -93,6 +93,32 @@ A number as the worker reads it: whole numbers without a decimal point or expone
 {{- add (int64 (ceil .Values.config.shutdownGrace)) .Values.terminationGraceExtraSeconds }}
 {{- end }}
 
+{{/* The console's pods carry their own name label, so no worker selector (Deployment,
+Service, PodDisruptionBudget, spread) ever matches them. */}}
+{{- define "chat-worker.consoleName" -}}
+{{- printf "%s-console" (include "chat-worker.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "chat-worker.consoleSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-console" (include "chat-worker.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "chat-worker.consoleLabels" -}}
+helm.sh/chart: {{ include "chat-worker.chart" . }}
+{{ include "chat-worker.consoleSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: console
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The Secret holding the console token, if any: the existing one, or the chart's own. */}}
+{{- define "chat-worker.consoleTokenSecret" -}}
+{{- if .Values.console.existingSecret }}{{ .Values.console.existingSecret }}
+{{- else if .Values.console.token }}{{ include "chat-worker.consoleName" . }}
+{{- end }}
+{{- end }}
+
 {{/*
 The lanes' queue names of config.requestQueue ("chat.interactive:4,chat.batch:1"), as a
 JSON array: the weights are the worker's business, the backlogs KEDA's.

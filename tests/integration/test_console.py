@@ -1,0 +1,202 @@
+"""Heartbeats on the real broker, and the console's API over them (contract §14)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import httpx
+import orjson
+import pytest
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aiohttp import web
+from conftest import Replies, publish
+from pydantic import SecretStr
+
+from worker.console import ConsoleApp
+from worker.events import TYPE_HEARTBEAT
+from worker.service import Worker
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "console-test-token-5f2c"
+
+
+async def listen(
+    connection: AbstractConnection, exchange_name: str
+) -> asyncio.Queue[AbstractIncomingMessage]:
+    """Heartbeats of the test's events exchange, as the console receives them."""
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange)
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    await queue.consume(inbox.put, no_ack=True)
+    return inbox
+
+
+def job(key: str, secret: str, fault: str | None = None) -> dict[str, Any]:
+    mock: dict[str, Any] = {"key": key}
+    if fault:
+        mock.update(fault=fault, times=1)  # fails once: a replay then succeeds
+    return {
+        "custom_id": f"custom-{key}",
+        "body": {"model": "m", "mock": mock, "messages": [{"role": "user", "content": secret}]},
+    }
+
+
+async def test_a_worker_publishes_heartbeats_with_its_counters(
+    worker: Worker, connection: AbstractConnection, replies: Replies
+) -> None:
+    inbox = await listen(connection, worker.settings.events_exchange)
+    secret = f"PROMPT-{uuid.uuid4().hex}"
+    await publish(
+        connection,
+        worker.settings.request_queue,
+        job("a", secret),
+        message_id="a",
+        reply_to=replies.name,
+    )
+    await replies.until_results(1)
+    async with asyncio.timeout(10):
+        while True:
+            message = await inbox.get()
+            body = orjson.loads(message.body)
+            if body["jobs"]["ok"] == 1:
+                break
+    assert message.type == TYPE_HEARTBEAT
+    assert body["type"] == "heartbeat"
+    assert body["worker"] == worker.identity
+    assert body["ready"] is True
+    assert body["lanes"] == {worker.settings.request_queue: {"weight": 1, "in_flight": 0}}
+    assert body["errors"] == {}
+    assert set(body["tokens"]) == {"m"}
+    assert body["tokens"]["m"]["input"] > 0
+    assert body["tokens"]["m"]["output"] > 0
+    assert secret.encode() not in message.body
+
+
+async def test_no_heartbeats_with_events_off(
+    start_worker: Callable[..., Awaitable[Worker]],
+    connection: AbstractConnection,
+    names: dict[str, str],
+) -> None:
+    inbox = await listen(connection, names["events_exchange"])
+    quiet = await start_worker(events=False)
+    await asyncio.sleep(2.5)  # more than one heartbeat interval
+    assert inbox.empty()
+    assert quiet.heartbeat.sent == 0
+
+
+@pytest.fixture
+async def console(worker: Worker) -> AsyncIterator[tuple[ConsoleApp, httpx.AsyncClient]]:
+    """The console over the worker's settings with a token, served on a free port."""
+    app = ConsoleApp(worker.settings.model_copy(update={"console_token": SecretStr(TOKEN)}))
+    runner = web.AppRunner(app.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        yield app, client
+    await runner.cleanup()
+
+
+async def state_until(
+    client: httpx.AsyncClient, done: Callable[[dict[str, Any]], bool], timeout: float = 15
+) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while not done(state := (await client.get("/api/state")).json()):
+            await asyncio.sleep(0.2)
+    return state
+
+
+async def test_console_lists_and_replays_dead_letters_with_the_token(
+    worker: Worker,
+    console: tuple[ConsoleApp, httpx.AsyncClient],
+    connection: AbstractConnection,
+    replies: Replies,
+) -> None:
+    _app, client = console
+    settings: Settings = worker.settings
+    secret = f"PROMPT-{uuid.uuid4().hex}"
+    for key in ("x", "y"):
+        await publish(
+            connection,
+            settings.request_queue,
+            job(key, secret, fault="400"),
+            message_id=key,
+            reply_to=replies.name,
+        )
+    first = await replies.until_results(2)
+    assert [orjson.loads(m.body)["error"]["code"] for m in first] == ["invalid_request"] * 2
+    state = await state_until(
+        client,
+        lambda s: s["dead_letters"] == 2 and any(w["jobs"].get("error") == 2 for w in s["workers"]),
+    )
+    assert state["workers"][0]["worker"] == worker.identity
+    assert state["workers"][0]["alive"] is True
+    assert state["queues"][settings.dead_letter_queue] == 2
+    assert state["queues"][settings.request_queue] == 0
+    assert state["errors"] == {"invalid_request": 2}
+
+    listed = (await client.get("/api/dead-letters", params={"code": "invalid_request"})).json()
+    rows = sorted(listed["items"], key=lambda r: r["job_id"])
+    assert [(r["job_id"], r["custom_id"], r["error_code"], r["attempts"]) for r in rows] == [
+        ("x", "custom-x", "invalid_request", 1),
+        ("y", "custom-y", "invalid_request", 1),
+    ]
+    assert (await client.get("/api/dead-letters", params={"code": "timeout"})).json()["total"] == 0
+    assert (await client.get("/api/dead-letters", params={"custom_id": "-y"})).json()["total"] == 1
+    for path in ("/", "/api/state", "/api/dead-letters"):
+        assert secret not in (await client.get(path)).text
+
+    refused = await client.post("/api/replay", json={"job_ids": ["x"]})
+    assert refused.status_code == 401
+    wrong = await client.post(
+        "/api/replay", json={"job_ids": ["x"]}, headers={"Authorization": "Bearer nope"}
+    )
+    assert wrong.status_code == 401
+    bad = await client.post("/api/replay", json={"both": 1}, headers=auth())
+    assert bad.status_code == 400
+    assert (await client.get("/api/dead-letters")).json()["total"] == 2, "nothing replayed"
+
+    one = await client.post("/api/replay", json={"job_ids": ["x"]}, headers=auth())
+    assert one.json() == {"replayed": 1, "by_lane": {settings.request_queue: 1}}
+    rest = await client.post("/api/replay", json={"code": "invalid_request"}, headers=auth())
+    assert rest.json()["replayed"] == 1
+    again = await replies.until_results(2)
+    assert sorted((orjson.loads(m.body)["id"], orjson.loads(m.body)["error"]) for m in again) == [
+        ("x", None),
+        ("y", None),
+    ]
+    await state_until(client, lambda s: s["dead_letters"] == 0)
+
+
+async def test_a_console_without_a_token_is_read_only(worker: Worker) -> None:
+    app = ConsoleApp(worker.settings)
+    runner = web.AppRunner(app.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/api/state")).json()["actions"] is False
+            response = await client.post(
+                "/api/replay", json={"code": "timeout"}, headers={"Authorization": "Bearer x"}
+            )
+            assert response.status_code == 403
+    finally:
+        await runner.cleanup()
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}

@@ -1,0 +1,140 @@
+"""Folding heartbeats into the fleet: silent workers, restarts, rates that never go negative."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker.console.state import BUCKET_SECONDS, SILENT_AFTER, Fleet
+
+T0 = 1_800_000_000.0  # a bucket boundary (a multiple of BUCKET_SECONDS)
+
+
+def beat(
+    worker: str,
+    *,
+    ok: int = 0,
+    error: int = 0,
+    errors: dict[str, int] | None = None,
+    tokens: dict[str, dict[str, int]] | None = None,
+    started: str = "2026-01-01T00:00:00+00:00",
+    in_flight: int = 0,
+    upstreams: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "type": "heartbeat",
+        "worker": worker,
+        "started_at": started,
+        "ready": True,
+        "in_flight": in_flight,
+        "lanes": {"chat.requests": {"weight": 1, "in_flight": in_flight}},
+        "jobs": {"ok": ok, "error": error},
+        "errors": errors or {},
+        "tokens": tokens or {},
+        "upstreams": upstreams or {},
+    }
+
+
+def recent_jobs(fleet: Fleet, now: float) -> list[float]:
+    series = fleet.series(now)
+    return [a + b for a, b in zip(series["jobs_ok"], series["jobs_error"], strict=True)]
+
+
+def test_rates_come_from_counter_differences() -> None:
+    fleet = Fleet()
+    fleet.observe(beat("h/1", ok=100), T0)  # history before the console saw it: no rate
+    fleet.observe(beat("h/1", ok=120, tokens={"m": {"input": 50, "output": 30}}), T0 + 2)
+    fleet.observe(beat("h/1", ok=150, tokens={"m": {"input": 80, "output": 50}}), T0 + 4)
+    now = T0 + BUCKET_SECONDS  # the bucket of T0 is complete
+    series = fleet.series(now)
+    assert series["jobs_ok"][-1] == pytest.approx((150 - 100) / BUCKET_SECONDS, abs=1e-3)
+    assert series["tokens"]["m"][-1] == pytest.approx(130 / BUCKET_SECONDS, abs=1e-3)
+    assert fleet.totals(now)["jobs_per_s"] == round(50 / 60, 3)
+    assert fleet.totals(T0 + 1)["jobs_per_s"] == 0, "a bucket in progress is not counted yet"
+
+
+def test_a_worker_that_stops_is_greyed_then_forgotten() -> None:
+    fleet = Fleet()
+    fleet.observe(beat("h/1", in_flight=3), T0)
+    fleet.observe(beat("h/2", in_flight=2), T0)
+    fleet.observe(beat("h/2", in_flight=4), T0 + SILENT_AFTER)
+    snapshot = fleet.snapshot(T0 + SILENT_AFTER + 0.5)
+    alive = {w["worker"]: w["alive"] for w in snapshot["workers"]}
+    assert alive == {"h/1": False, "h/2": True}
+    assert snapshot["alive"] == 1
+    assert snapshot["in_flight"] == 4, "a silent worker's last in-flight count is not live"
+    later = fleet.snapshot(T0 + SILENT_AFTER + 601)
+    assert [w["worker"] for w in later["workers"]] == []
+
+
+def test_a_restarted_worker_counts_from_zero_without_negative_rates() -> None:
+    fleet = Fleet()
+    fleet.observe(beat("h/1", ok=500, error=20, errors={"timeout": 20}), T0)
+    fleet.observe(beat("h/1", ok=510, error=20, errors={"timeout": 20}), T0 + 2)
+    # Same identity (a container restarted with pid 1), new process: counters from zero.
+    fleet.observe(beat("h/1", ok=3, started="2026-01-01T01:00:00+00:00"), T0 + 4)
+    fleet.observe(beat("h/1", ok=7, started="2026-01-01T01:00:00+00:00"), T0 + 5)
+    series = fleet.series(T0 + BUCKET_SECONDS)
+    assert all(v >= 0 for values in (series["jobs_ok"], series["jobs_error"]) for v in values)
+    assert series["jobs_ok"][-1] == pytest.approx((10 + 3 + 4) / BUCKET_SECONDS, abs=1e-3)
+    snapshot = fleet.snapshot(T0 + 7)
+    assert snapshot["workers"][0]["restarts"] == 1
+    assert snapshot["jobs"] == {"ok": 7, "error": 0}, "totals are the live processes' counters"
+
+
+def test_counters_going_back_count_as_a_restart_even_with_the_same_start_time() -> None:
+    fleet = Fleet()
+    fleet.observe(beat("h/1", ok=40, tokens={"m": {"input": 400, "output": 100}}), T0)
+    fleet.observe(beat("h/1", ok=2, tokens={"m": {"input": 20, "output": 5}}), T0 + 2)
+    series = fleet.series(T0 + BUCKET_SECONDS)
+    assert series["jobs_ok"][-1] == pytest.approx(2 / BUCKET_SECONDS, abs=1e-3)
+    assert series["tokens"]["m"][-1] == pytest.approx(25 / BUCKET_SECONDS, abs=1e-3)
+    assert min(series["tokens"]["m"]) >= 0
+
+
+def test_error_rates_by_code_and_ratio() -> None:
+    fleet = Fleet()
+    fleet.observe(beat("h/1"), T0)
+    fleet.observe(beat("h/1", ok=6, error=4, errors={"timeout": 3, "invalid_request": 1}), T0 + 5)
+    totals = fleet.totals(T0 + BUCKET_SECONDS)
+    assert totals["error_ratio"] == 0.4
+    assert totals["errors_per_min"] == {"invalid_request": 1.0, "timeout": 3.0}
+
+
+def test_upstream_gates_show_the_most_cautious_view_of_live_workers() -> None:
+    fleet = Fleet()
+    fleet.observe(
+        beat("h/1", upstreams={"openai": {"state": "open", "remaining_requests": 900}}), T0
+    )
+    fleet.observe(
+        beat(
+            "h/2",
+            upstreams={"openai": {"state": "cooling", "remaining_requests": 10, "cooldown_s": 4}},
+        ),
+        T0,
+    )
+    gate = fleet.snapshot(T0 + 1)["upstreams"]["openai"]
+    assert gate == {"workers": 2, "state": "cooling", "remaining_requests": 10, "cooldown_s": 4}
+
+
+def test_malformed_heartbeats_are_ignored() -> None:
+    fleet = Fleet()
+    fleet.observe({"type": "heartbeat"}, T0)
+    fleet.observe({"worker": "h/1", "jobs": "many", "tokens": [1], "in_flight": -3}, T0)
+    snapshot = fleet.snapshot(T0)
+    assert [w["worker"] for w in snapshot["workers"]] == ["h/1"]
+    assert snapshot["workers"][0]["in_flight"] == 0
+
+
+def test_a_worker_seen_from_its_start_counts_its_first_jobs() -> None:
+    fleet = Fleet()
+    fresh = beat("h/1", ok=5, started="2026-01-01T00:00:00+00:00")
+    fresh["sent_at"] = "2026-01-01T00:00:02+00:00"
+    fleet.observe(fresh, T0)
+    midlife = beat("h/2", ok=500, started="2026-01-01T00:00:00+00:00")
+    midlife["sent_at"] = "2026-01-01T05:00:00+00:00"
+    fleet.observe(midlife, T0)
+    assert fleet.series(T0 + BUCKET_SECONDS)["jobs_ok"][-1] == pytest.approx(
+        5 / BUCKET_SECONDS, abs=1e-3
+    )

@@ -1,0 +1,66 @@
+"""The worker's job counters and the heartbeat document (§14)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from worker.events import MAX_TENANTS, OTHER_TENANT, Heartbeat, JobStats
+from worker.settings import Settings
+
+
+def test_stats_count_jobs_errors_tokens_and_tenants() -> None:
+    stats = JobStats()
+    usage = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+    stats.record(error_code=None, model="m", usage=usage, tenant="team-a")
+    stats.record(error_code=None, model="m", usage=usage, tenant=None)
+    stats.record(error_code="timeout", model="m", usage=None, tenant="team-a")
+    stats.record(error_code="invalid_message", model=None, usage=None, tenant=None)
+    assert stats.jobs == {"ok": 2, "error": 2}
+    assert stats.errors == {"timeout": 1, "invalid_message": 1}
+    assert stats.tokens == {"m": {"input": 20, "output": 8}}
+    assert stats.tenants == {"team-a": {"jobs": 2, "input": 10, "output": 4}}
+
+
+def test_tenants_are_bounded() -> None:
+    stats = JobStats()
+    for i in range(MAX_TENANTS + 5):
+        stats.record(error_code=None, model="m", usage=None, tenant=f"t{i}")
+    assert len(stats.tenants) == MAX_TENANTS + 1
+    assert stats.tenants[OTHER_TENANT]["jobs"] == 5
+
+
+def test_heartbeat_body_has_what_the_contract_lists() -> None:
+    settings = Settings(_env_file=None, request_queue="chat.interactive:4,chat.batch")  # type: ignore[call-arg]
+    stats = JobStats()
+    stats.record(error_code=None, model="m", usage={"prompt_tokens": 3}, tenant=None)
+    beat = Heartbeat(
+        settings,
+        "host/42",
+        stats,
+        ready=lambda: True,
+        in_flight=lambda: 5,
+        lanes=lambda: {"chat.interactive": 4, "chat.batch": 1},
+        upstreams=lambda: {"openai": {"state": "open", "remaining_requests": 7}},
+    ).body()
+    assert beat["type"] == "heartbeat"
+    assert beat["worker"] == "host/42"
+    assert datetime.fromisoformat(beat["sent_at"]).tzinfo is not None
+    assert beat["ready"] is True
+    assert beat["in_flight"] == 5
+    assert beat["lanes"] == {
+        "chat.interactive": {"weight": 4, "in_flight": 4},
+        "chat.batch": {"weight": 1, "in_flight": 1},
+    }
+    assert beat["jobs"] == {"ok": 1, "error": 0}
+    assert beat["errors"] == {}
+    assert beat["tokens"] == {"m": {"input": 3, "output": 0}}
+    assert beat["tenants"] == {}
+    assert beat["upstreams"] == {"openai": {"state": "open", "remaining_requests": 7}}
+
+
+def test_one_lane_holds_every_job_in_flight_by_default() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    beat = Heartbeat(settings, "h/1", JobStats(), ready=lambda: False, in_flight=lambda: 3)
+    body = beat.body()
+    assert body["lanes"] == {"chat.requests": {"weight": 1, "in_flight": 3}}
+    assert body["upstreams"] == {}

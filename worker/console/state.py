@@ -1,0 +1,263 @@
+"""The fleet as the console sees it: heartbeats folded into workers, rates and totals.
+
+Pure bookkeeping, no I/O: :meth:`Fleet.observe` takes one heartbeat body and the time it
+arrived; :meth:`Fleet.snapshot` renders what the page and ``/api/state`` show. Rates come
+from the difference between a worker's successive counters, put in fixed time buckets. A
+worker's counters run from its process start (§14), so a restarted worker (new
+``started_at``, or any counter lower than before) starts again from zero: its first
+counters after the restart count as new work, never as a negative rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["BUCKET_SECONDS", "SILENT_AFTER", "WINDOW_SECONDS", "Fleet", "WorkerView"]
+
+SILENT_AFTER = 10.0  # a worker not heard from for this long is shown as silent
+FORGET_AFTER = 600.0  # and dropped from the list after this long
+JUST_STARTED = 3.0  # a first heartbeat sent this soon after its process started
+WINDOW_SECONDS = 600  # the charts' span
+# One chart point; three heartbeat periods, so that each live worker adds three
+# heartbeats' worth of counts to every bucket and the rate does not saw up and down.
+BUCKET_SECONDS = 6
+_BUCKETS = WINDOW_SECONDS // BUCKET_SECONDS
+
+
+@dataclass
+class _Counters:
+    """The monotonic parts of one heartbeat, flattened: ("jobs", "ok") → 120."""
+
+    values: dict[tuple[str, str], int]
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> _Counters:
+        values: dict[tuple[str, str], int] = {}
+        for kind in ("ok", "error"):
+            values[("jobs", kind)] = _int(_map(body.get("jobs")).get(kind))
+        for code, count in _map(body.get("errors")).items():
+            values[("errors", str(code))] = _int(count)
+        for model, tokens in _map(body.get("tokens")).items():
+            tokens = _map(tokens)
+            values[("tokens", str(model))] = _int(tokens.get("input")) + _int(tokens.get("output"))
+        return cls(values)
+
+    def went_back(self, before: _Counters) -> bool:
+        """True when a counter is lower than before: the process restarted."""
+        return any(v < before.values.get(k, 0) for k, v in self.values.items())
+
+    def since(self, before: _Counters | None) -> dict[tuple[str, str], int]:
+        """What happened after ``before``; everything counted, with no ``before``."""
+        base = before.values if before is not None else {}
+        return {k: v - base.get(k, 0) for k, v in self.values.items() if v > base.get(k, 0)}
+
+
+@dataclass
+class WorkerView:
+    """The latest heartbeat of one worker and when it came."""
+
+    worker: str
+    body: dict[str, Any]
+    last_seen: float  # wall clock, seconds since the epoch
+    counters: _Counters
+    restarts: int = 0
+
+    def alive(self, now: float) -> bool:
+        return now - self.last_seen < SILENT_AFTER
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        body = self.body
+        return {
+            "worker": self.worker,
+            "alive": self.alive(now),
+            "ready": bool(body.get("ready")),
+            "in_flight": _int(body.get("in_flight")),
+            "concurrency": _int(body.get("concurrency")) or None,
+            "lanes": _map(body.get("lanes")),
+            "jobs": _map(body.get("jobs")),
+            "errors": _map(body.get("errors")),
+            "tokens": _map(body.get("tokens")),
+            "tenants": _map(body.get("tenants")),
+            "upstreams": _map(body.get("upstreams")),
+            "started_at": body.get("started_at"),
+            "last_seen": _iso(self.last_seen),
+            "seconds_since_seen": round(max(now - self.last_seen, 0.0), 1),
+            "restarts": self.restarts,
+        }
+
+
+@dataclass
+class _Bucket:
+    start: int
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class Fleet:
+    """Every worker heard from, and the fleet's recent activity in short time buckets."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerView] = {}
+        self._buckets: dict[int, _Bucket] = {}
+
+    def observe(self, body: Mapping[str, Any], now: float) -> None:
+        """Fold one heartbeat in; malformed ones (no ``worker``) are ignored."""
+        name = body.get("worker")
+        if not isinstance(name, str) or not name:
+            return
+        counters = _Counters.of(body)
+        known = self.workers.get(name)
+        if known is None:
+            # A worker first seen mid-life: its counters so far are history, not a rate;
+            # one that has just started did all of it in the last heartbeat period.
+            self.workers[name] = WorkerView(name, dict(body), now, counters)
+            if _just_started(body):
+                self._add(counters.since(None), now)
+            return
+        restarted = body.get("started_at") != known.body.get("started_at") or counters.went_back(
+            known.counters
+        )
+        delta = counters.since(None if restarted else known.counters)
+        self._add(delta, now)
+        known.restarts += restarted
+        known.body = dict(body)
+        known.counters = counters
+        known.last_seen = max(known.last_seen, now)
+
+    def _add(self, delta: Mapping[tuple[str, str], int], now: float) -> None:
+        if not delta:
+            return
+        start = int(now // BUCKET_SECONDS) * BUCKET_SECONDS
+        bucket = self._buckets.get(start)
+        if bucket is None:
+            bucket = self._buckets[start] = _Bucket(start)
+            for old in [s for s in self._buckets if s <= start - WINDOW_SECONDS]:
+                del self._buckets[old]
+        for key, value in delta.items():
+            bucket.counts[key] = bucket.counts.get(key, 0) + value
+
+    def forget_silent(self, now: float) -> None:
+        for name in [n for n, w in self.workers.items() if now - w.last_seen > FORGET_AFTER]:
+            del self.workers[name]
+
+    def series(self, now: float) -> dict[str, Any]:
+        """Per-second rates over the last ten minutes, oldest first, one point a complete bucket."""
+        # The bucket in progress is left out: half-filled, it would read as a drop.
+        last = int(now // BUCKET_SECONDS) * BUCKET_SECONDS - BUCKET_SECONDS
+        starts = [last - BUCKET_SECONDS * i for i in range(_BUCKETS - 1, -1, -1)]
+        models = sorted(
+            {k[1] for b in self._buckets.values() for k in b.counts if k[0] == "tokens"}
+        )
+        codes = sorted({k[1] for b in self._buckets.values() for k in b.counts if k[0] == "errors"})
+
+        def rate(key: tuple[str, str]) -> list[float]:
+            out = []
+            for start in starts:
+                bucket = self._buckets.get(start)
+                value = bucket.counts.get(key, 0) if bucket else 0
+                out.append(round(value / BUCKET_SECONDS, 3))
+            return out
+
+        return {
+            "bucket_seconds": BUCKET_SECONDS,
+            "start": _iso(starts[0]),
+            "jobs_ok": rate(("jobs", "ok")),
+            "jobs_error": rate(("jobs", "error")),
+            "tokens": {model: rate(("tokens", model)) for model in models},
+            "errors": {code: rate(("errors", code)) for code in codes},
+        }
+
+    def totals(self, now: float, seconds: float = 60.0) -> dict[str, Any]:
+        """Counts over the last ``seconds`` of complete buckets, and their rates."""
+        # Complete buckets only, as many as fill ``seconds``: the rate is then exact.
+        last = int(now // BUCKET_SECONDS) * BUCKET_SECONDS - BUCKET_SECONDS
+        counts: dict[tuple[str, str], int] = {}
+        for bucket in self._buckets.values():
+            if last - seconds < bucket.start <= last:
+                for key, value in bucket.counts.items():
+                    counts[key] = counts.get(key, 0) + value
+        jobs = counts.get(("jobs", "ok"), 0) + counts.get(("jobs", "error"), 0)
+        tokens = sum(v for k, v in counts.items() if k[0] == "tokens")
+        return {
+            "window_seconds": seconds,
+            "jobs_per_s": round(jobs / seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 3),
+            "error_ratio": round(counts.get(("jobs", "error"), 0) / jobs, 4) if jobs else 0.0,
+            "errors_per_min": {
+                k[1]: round(v * 60 / seconds, 2)
+                for k, v in sorted(counts.items())
+                if k[0] == "errors"
+            },
+        }
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        self.forget_silent(now)
+        workers = sorted(self.workers.values(), key=lambda w: w.worker)
+        alive = [w for w in workers if w.alive(now)]
+        jobs = {"ok": 0, "error": 0}
+        errors: dict[str, int] = {}
+        for view in workers:
+            for kind in jobs:
+                jobs[kind] += _int(_map(view.body.get("jobs")).get(kind))
+            for code, count in _map(view.body.get("errors")).items():
+                errors[str(code)] = errors.get(str(code), 0) + _int(count)
+        return {
+            "workers": [w.as_dict(now) for w in workers],
+            "alive": len(alive),
+            "in_flight": sum(_int(w.body.get("in_flight")) for w in alive),
+            "jobs": jobs,
+            "errors": dict(sorted(errors.items())),
+            "upstreams": upstream_gates(workers, now),
+            "recent": self.totals(now),
+            "series": self.series(now),
+        }
+
+
+def upstream_gates(workers: Iterable[WorkerView], now: float) -> dict[str, Any]:
+    """Each upstream as the live workers last saw it: the most cautious view wins (a gate
+    any worker reports cooling is shown cooling; the lowest remaining budget is shown)."""
+    rank = {"closed": 2, "cooling": 1, "open": 0}
+    gates: dict[str, dict[str, Any]] = {}
+    for view in workers:
+        if not view.alive(now):
+            continue
+        for name, raw in _map(view.body.get("upstreams")).items():
+            report = _map(raw)
+            gate = gates.setdefault(str(name), {"workers": 0})
+            gate["workers"] += 1
+            state = report.get("state")
+            if isinstance(state, str) and rank.get(state, 3) >= rank.get(gate.get("state", ""), -1):
+                gate["state"] = state
+            for key, value in report.items():
+                if key == "state" or not isinstance(value, int | float) or isinstance(value, bool):
+                    continue
+                current = gate.get(key)
+                better = max if key.startswith("cooldown") else min
+                gate[key] = value if current is None else better(current, value)
+    return dict(sorted(gates.items()))
+
+
+def _just_started(body: Mapping[str, Any]) -> bool:
+    try:
+        started = datetime.fromisoformat(str(body.get("started_at")))
+        sent = datetime.fromisoformat(str(body.get("sent_at")))
+    except ValueError:
+        return False
+    return (sent - started).total_seconds() < JUST_STARTED
+
+
+def _map(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return max(int(value), 0)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
