@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-browser lint typecheck schemas bench soak clean interop
+.PHONY: demo test test-cluster test-browser lint typecheck schemas bench soak clean interop
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(VENV)/.installed
 # another); rewrites docs/console.png.
 test-browser: $(VENV)/.installed
 	$(PY) -m pytest tests/browser
+
+# Three extra RabbitMQ nodes on this machine (as the rabbitmq user; needs root), killed
+# under load: see README "Broker clusters". About 6-8 minutes.
+test-cluster: $(VENV)/.installed
+	$(PY) -m pytest tests/cluster -m cluster -s -p no:cacheprovider
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check worker tests bench

@@ -24,7 +24,7 @@ import psutil
 from aio_pika.abc import AbstractChannel
 
 from worker.settings import Settings
-from worker.topology import DELAY_TIERS, declare, delay_queue_name
+from worker.topology import declare, delay_queues
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -76,7 +76,7 @@ class Names:
         )
 
     def queues(self) -> list[str]:
-        delays = [delay_queue_name(self.request_queue, tier) for tier in DELAY_TIERS]
+        delays = delay_queues(self.settings(), self.request_queue)
         return [self.request_queue, self.result_queue, self.dead_letter_queue, *delays]
 
 

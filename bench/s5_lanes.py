@@ -119,7 +119,8 @@ async def _setup(
 async def _cleanup(connection: aio_pika.abc.AbstractConnection, names: Names) -> None:
     await delete_topology(connection, names)
     for lane in lane_names(names):
-        for queue in (lane, f"{lane}.dlq", *(delay_queue_name(lane, s) for s in DELAY_TIERS)):
+        delays = [delay_queue_name(lane, s, t) for s in DELAY_TIERS for t in ("quorum", "classic")]
+        for queue in (lane, f"{lane}.dlq", *delays):
             with contextlib.suppress(Exception):
                 channel = await connection.channel()
                 await channel.queue_delete(queue)

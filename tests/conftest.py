@@ -24,7 +24,7 @@ from worker.mock_upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
 from worker.telemetry import Telemetry
-from worker.topology import DELAY_TIERS
+from worker.topology import DELAY_TIERS, delay_queue_name
 
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -169,7 +169,10 @@ async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[Abst
     for name in (names["request_queue"], names["result_queue"], names["dead_letter_queue"]):
         await channel.queue_delete(name)
     for seconds in DELAY_TIERS:
-        await channel.queue_delete(f"{names['request_queue']}.delay.{seconds}s")
+        for queue_type in ("quorum", "classic"):
+            await channel.queue_delete(
+                delay_queue_name(names["request_queue"], seconds, queue_type)
+            )
     await channel.exchange_delete(names["result_exchange"])
     await channel.exchange_delete(names["events_exchange"])
     await conn.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from aio_pika.abc import (
 from opentelemetry import propagate, trace
 from pydantic import Field, TypeAdapter, ValidationError
 
+from worker.broker import connect_any
 from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
 from worker.settings import Settings, load_settings
 from worker.topology import H_DEADLINE, H_JOB_ID, TYPE_DELTA
@@ -144,11 +146,12 @@ class ChatClient:
         request_queue: str | None = None,
         tenant_from_connection: bool = False,
     ) -> AsyncIterator[Self]:
-        """A client on a connection of its own to ``url`` (default ``WORKER_AMQP_URL``)."""
+        """A client on a connection of its own to ``url`` (default ``WORKER_AMQP_URL``; a
+        comma-separated list names nodes of one cluster, tried in a random order)."""
         if url is None:
             settings = settings or load_settings()
             url = settings.amqp_url.get_secret_value()
-        connection = await aio_pika.connect(url)
+        connection = await connect_any(url, name=f"chat-worker client {os.getpid()}")
         try:
             async with cls(
                 connection,

@@ -14,13 +14,13 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from worker.broker import docker_available, reachable, throwaway_broker
+from worker.broker import connect_any, docker_available, reachable, throwaway_broker
 from worker.messages import JobResult
 from worker.mock_upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
 from worker.telemetry import configure_logging
-from worker.topology import DELAY_TIERS, delay_queue_name
+from worker.topology import delay_queues
 
 __all__ = ["run_demo"]
 
@@ -33,7 +33,7 @@ async def run_demo(settings: Settings, lines: list[bytes]) -> int:
     # Rich assumes 80 columns off a terminal (CI logs, pipes): too narrow for the table.
     console = Console() if sys.stdout.isatty() else Console(width=120)
     configure_logging("console", "warning")
-    url = settings.amqp_url.get_secret_value()
+    url = settings.amqp_url.get_secret_value()  # one URL or a list of a cluster's nodes
     problem = await reachable(url)
     if problem is None:
         return await _demo(console, settings, url, lines)
@@ -78,7 +78,7 @@ async def _drive(
 ) -> tuple[list[JobResult], dict[str, int]]:
     worker = Worker(settings)
     running = asyncio.create_task(worker.run())
-    connection = await aio_pika.connect(amqp_url)
+    connection = await connect_any(amqp_url, name="chat-worker demo")
     results: list[JobResult] = []
     deltas: dict[str, int] = {}
     try:
@@ -108,7 +108,7 @@ async def _drive(
             for name in (
                 settings.request_queue,
                 settings.dead_letter_queue,
-                *(delay_queue_name(settings.request_queue, s) for s in DELAY_TIERS),
+                *delay_queues(settings),
             ):
                 await cleanup.queue_delete(name)
             await cleanup.exchange_delete(settings.result_exchange)

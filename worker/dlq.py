@@ -29,6 +29,7 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from worker.broker import connect_any
 from worker.publisher import copy_request
 from worker.settings import Settings
 from worker.topology import (
@@ -174,7 +175,7 @@ async def list_dead_letters(
     lane: str | None = None,
 ) -> list[DeadLetter]:
     dead_letter_queue = dead_letter_queue_for(settings, lane_queue(settings, lane))
-    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+    async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel()
         found: list[DeadLetter] = []
         async for message in browse(channel, dead_letter_queue):
@@ -199,7 +200,7 @@ async def replay_dead_letters(
     Raises :class:`ReplayFailed` at the first copy the broker returns or nacks.
     """
     queue = lane_queue(settings, lane)
-    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+    async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return await replay_from(
             channel,

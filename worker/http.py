@@ -6,7 +6,8 @@ answers no probe, and the orchestrator restarts the process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import prometheus_client
 from aiohttp import web
@@ -25,9 +26,11 @@ class HealthServer:
         registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
         host: str = "0.0.0.0",
         readiness: Callable[[], str] | None = None,
+        details: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._is_ready = is_ready
         self._readiness = readiness
+        self._details = details
         self._registry = registry
         self._host = host
         self._port = port
@@ -57,10 +60,12 @@ class HealthServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        if self._is_ready():
-            return web.json_response({"status": "ready"})
-        reason = self._readiness() if self._readiness is not None else "not consuming"
-        return web.json_response({"status": reason}, status=503)
+        ready = self._is_ready()
+        body: dict[str, Any] = dict(self._details()) if self._details else {}
+        if self._readiness is not None:
+            body["status"] = self._readiness()
+        body.setdefault("status", "ready" if ready else "not consuming")
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(

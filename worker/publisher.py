@@ -330,7 +330,7 @@ class Publisher:
         headers[H_ATTEMPTS] = deferral.attempts
         if deferral.rate_limit_wait_ms:
             headers[H_RATE_LIMIT_WAIT] = round(deferral.rate_limit_wait_ms)
-        queue = delay_queue_name(self._lane(envelope), tier)
+        queue = delay_queue_name(self._lane(envelope), tier, self._settings.queue_type)
         await self._send_copy("the delayed retry", message, envelope, headers, queue)
         return tier
 

@@ -32,7 +32,6 @@ import time
 from functools import partial
 from typing import Any
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
@@ -43,6 +42,7 @@ from aio_pika.abc import (
 )
 
 from worker.blocking import BlockedState, follow_blocking
+from worker.broker import Nodes, NoNodeAnswers, connect_any, redact
 from worker.events import Heartbeat, JobStats
 from worker.jobs import (
     Deferral,
@@ -61,7 +61,7 @@ from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
 from worker.tenants import tenant_of
-from worker.topology import H_DELIVERY_COUNT, H_REDELIVERIES, declare
+from worker.topology import H_DELIVERY_COUNT, H_REDELIVERIES, TopologyUnavailable, declare
 from worker.upstream import Upstream
 
 __all__ = ["BrokerUnavailable", "Worker"]
@@ -73,6 +73,8 @@ log = structlog.get_logger(__name__)
 RESUME_DEADLINE = 60.0
 RECONNECT_MAX_DELAY = 5.0
 CONNECT_TIMEOUT = 10.0
+# How often queues that were out of reach at start are declared again.
+REDECLARE_INTERVAL = 5.0
 # A request that could not be settled waits this long (doubling with each redelivery, up
 # to the cap) before it goes back to the queue: a copy the broker keeps refusing must not
 # turn into a hot redelivery loop.
@@ -117,6 +119,11 @@ class Worker:
         self._lane_consumer: LaneConsumer | None = None  # with several lanes (§12)
         self._interrupted = asyncio.Event()
         self._not_consuming_since = time.monotonic()
+        self._nodes = Nodes(settings.amqp_urls)
+        self._node = ""  # the node consumed from, without credentials
+        # Queues out of reach (a node down): consuming goes on; they are declared again.
+        self._missing: dict[str, str] = {}
+        self._redeclare: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
         self.stats = JobStats()
         self.heartbeat = Heartbeat(
@@ -140,7 +147,19 @@ class Worker:
             return "not consuming"
         if self.blocking.blocked:
             return f"broker connection blocked: {self.blocking.reason}"
+        if self._missing:  # consuming all the same: still ready (§13)
+            return "degraded"
         return "ready"
+
+    def readiness_details(self) -> dict[str, Any]:
+        """The rest of ``/readyz``'s body: the node in use and, while degraded, the queues
+        out of reach (a node down) with why."""
+        if not self._consuming.is_set():
+            return {}
+        details: dict[str, Any] = {"node": self._node}
+        if self._missing:
+            details["unavailable"] = dict(self._missing)
+        return details
 
     async def wait_ready(self) -> None:
         await self._consuming.wait()
@@ -187,19 +206,20 @@ class Worker:
             raise BrokerUnavailable(f"not consuming for {RESUME_DEADLINE:g}s: {problem!r}")
 
     async def _connect(self) -> AbstractConnection | None:
+        """Connect to a node that answers (§13: the next one after a loss) and consume."""
         delay = 0.2
-        url = self.settings.amqp_url.get_secret_value()
         while not self._stopping.is_set():
             try:
-                connection = await aio_pika.connect(
-                    url,
-                    timeout=CONNECT_TIMEOUT,
-                    client_properties={"connection_name": f"chat-worker {self.identity}"},
+                connection = await connect_any(
+                    self._nodes,
+                    name=f"chat-worker {self.identity}",
+                    wait=CONNECT_TIMEOUT,
+                    log_failures=True,
                 )
                 if await self._start_consuming(connection):
                     return connection
                 problem: object = "could not declare the topology or start the consumer"
-            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+            except NoNodeAnswers as exc:
                 problem = exc
             self._check_deadline(problem)
             log.warning("broker unavailable; retrying", error=repr(problem), retry_in=delay)
@@ -215,7 +235,7 @@ class Worker:
         try:
             connection.close_callbacks.add(lambda *_: interrupted.set())
             follow_blocking(connection, self.blocking)
-            await declare(connection, self.settings)
+            self._missing = await declare(connection, self.settings)
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channel.close_callbacks.add(lambda *_: interrupted.set())
             underlay = await channel.get_underlay_channel()
@@ -224,11 +244,28 @@ class Worker:
             underlay.on_consumer_cancel_callbacks.add(lambda *_: interrupted.set())
             self._publisher = await Publisher.open(channel, self.settings)
             await self._consume(connection, channel, interrupted)
-        except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+        except (OSError, aiormq.exceptions.AMQPError, TimeoutError, TopologyUnavailable) as exc:
             log.warning("could not start consuming", error=repr(exc))
             await _close_quietly(connection)
             return False
+        self._node = redact(self._nodes.current or "")
+        log.info("connected", node=self._node, queues_out_of_reach=len(self._missing))
+        if self._missing:
+            self._redeclare = asyncio.create_task(self._declare_missing(connection))
         return True
+
+    async def _declare_missing(self, connection: AbstractConnection) -> None:
+        """Declare again, until all is there, what was out of reach at start (§13)."""
+        while self._missing and not connection.is_closed:
+            await asyncio.sleep(REDECLARE_INTERVAL)
+            try:
+                self._missing = await declare(connection, self.settings)
+            except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                log.info("could not declare the missing queues yet", error=repr(exc))
+            except TopologyUnavailable as exc:  # the consumer notices on its own
+                log.warning("request queue out of reach", error=str(exc))
+        if not self._missing:
+            log.info("every queue declared again")
 
     async def _consume(
         self, connection: AbstractConnection, channel: AbstractChannel, interrupted: asyncio.Event
@@ -266,6 +303,9 @@ class Worker:
         stop.cancel()
         lost.cancel()
         self._consuming.clear()
+        if self._redeclare is not None:
+            self._redeclare.cancel()
+            self._redeclare = None
         await self.heartbeat.stop()
         if self._stopping.is_set():
             await self._drain(self._queue, self._consumer_tag)
@@ -542,6 +582,7 @@ async def serve(settings: Settings, *, upstream: Upstream | UpstreamPool | None 
             settings.http_port,
             registry=worker.telemetry.registry,
             readiness=lambda: worker.readiness,
+            details=worker.readiness_details,
         )
         await health.start()
     try:

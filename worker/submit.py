@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import signal
 import sys
 from collections import Counter
@@ -21,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 from rich.console import Console
 
+from worker.broker import connect_any
 from worker.client import ChatClient, ChatClientError
 from worker.messages import BatchRequest, ErrorCode, JobResult
 from worker.progress import PlainReporter, Reporter, RichReporter, Tally
@@ -466,7 +467,7 @@ async def submit_file(
             f"(listed in {journal.name}; remove it to publish them again)"
         )
 
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await connect_any(settings.amqp_urls, name=f"chat-worker submit {os.getpid()}")
     try:
         await declare(connection, settings)
         channel = await connection.channel(publisher_confirms=False)

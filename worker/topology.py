@@ -6,7 +6,8 @@ wire live here too, so no literal is written twice.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Literal
 
 import aio_pika
 import aiormq
@@ -15,7 +16,15 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from worker.settings import Settings
 
-__all__ = ["dead_letter_queue_for", "declare", "delay_queue_name", "delay_tier"]
+__all__ = [
+    "TopologyUnavailable",
+    "dead_letter_queue_for",
+    "declare",
+    "delay_queue_name",
+    "delay_queues",
+    "delay_tier",
+    "queue_arguments",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -50,10 +59,32 @@ H_UNROUTABLE_RESULT = "x-unroutable-result"
 # would let a long wait at the head hold back every shorter one behind it.
 DELAY_TIERS = (1, 5, 30, 120, 600)
 
+# A declare that gets no answer (a queue whose replicas are out of reach) must not hold up
+# the start of consuming for long.
+DECLARE_TIMEOUT = 15.0
 
-def delay_queue_name(queue: str, seconds: int) -> str:
-    """The delay queue of tier ``seconds`` of request queue (lane) ``queue``."""
+QueueType = Literal["quorum", "classic"]
+
+
+class TopologyUnavailable(RuntimeError):
+    """The request queue could be neither declared nor found: nothing to consume."""
+
+
+def delay_queue_name(queue: str, seconds: int, queue_type: QueueType) -> str:
+    """The delay queue of tier ``seconds`` of request queue (lane) ``queue``.
+
+    Quorum delay queues have names of their own: deployments from before §13 hold classic
+    queues under the old names, and a declare with other arguments fails (406).
+    """
+    if queue_type == "quorum":
+        return f"{queue}.delay.quorum.{seconds}s"
     return f"{queue}.delay.{seconds}s"
+
+
+def delay_queues(settings: Settings, queue: str | None = None) -> list[str]:
+    """Every delay queue of lane ``queue`` (default: the only lane), shortest wait first."""
+    lane = queue if queue is not None else settings.lanes[0].queue
+    return [delay_queue_name(lane, seconds, settings.queue_type) for seconds in DELAY_TIERS]
 
 
 def dead_letter_queue_for(settings: Settings, lane_queue: str) -> str:
@@ -73,71 +104,138 @@ def _durable_type(settings: Settings) -> dict[str, Any]:
     return {"x-queue-type": settings.queue_type}
 
 
-async def declare(connection: AbstractConnection, settings: Settings) -> None:
+def _delay_arguments(settings: Settings, lane: str, seconds: int) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "x-queue-type": settings.queue_type,
+        "x-message-ttl": seconds * 1000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": lane,
+    }
+    if settings.queue_type == "quorum":
+        # A quorum queue dead-letters at most once by default: a message expiring while the
+        # request queue is electing a leader would be dropped. At least once needs
+        # reject-publish (RabbitMQ 3.10+), so a full delay queue refuses a publish rather
+        # than dropping its oldest message.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def queue_arguments(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every queue the worker declares, request queues (lanes) first, with its arguments."""
+    queues: dict[str, dict[str, Any]] = {}
+    for lane in settings.lanes:
+        request: dict[str, Any] = {
+            **_durable_type(settings),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead_letter_queue_for(settings, lane.queue),
+        }
+        if settings.queue_type == "quorum":
+            request["x-delivery-limit"] = settings.delivery_limit
+        queues[lane.queue] = request
+    for lane in settings.lanes:
+        queues[dead_letter_queue_for(settings, lane.queue)] = _durable_type(settings)
+        for seconds in DELAY_TIERS:
+            name = delay_queue_name(lane.queue, seconds, settings.queue_type)
+            queues[name] = _delay_arguments(settings, lane.queue, seconds)
+    if settings.result_queue:
+        queues[settings.result_queue] = _durable_type(settings)
+    return queues
+
+
+async def declare(connection: AbstractConnection, settings: Settings) -> dict[str, str]:
     """Declare every queue and exchange; idempotent, safe from many workers at once.
+
+    Returns what could not be declared, by name, with why (empty when all is well): a queue
+    whose node is down (a classic queue's home node, a quorum queue without a majority)
+    does not stop the worker, which consumes and declares it again later (§13). Raises
+    :class:`TopologyUnavailable` only when a request queue (lane) itself is out of reach.
 
     A queue that already exists with other arguments (declared by an operator, or by an
     older version) is used as it is, with a warning, instead of stopping the worker.
     """
-    channel = await connection.channel(publisher_confirms=False)
+    missing: dict[str, str] = {}
+    lanes = {lane.queue for lane in settings.lanes}
+    declarer = _Declarer(connection)
     try:
-        for lane in settings.lanes:
-            channel = await _declare_lane(connection, channel, settings, lane.queue)
+        for name, arguments in queue_arguments(settings).items():
+            problem = await declarer.queue(name, arguments)
+            if problem is None:
+                continue
+            if name in lanes:
+                raise TopologyUnavailable(f"request queue {name!r}: {problem}")
+            missing[name] = problem
+        channel = await declarer.channel()
         exchange = await channel.declare_exchange(
-            settings.result_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            settings.result_exchange,
+            aio_pika.ExchangeType.TOPIC,
+            durable=True,
+            timeout=DECLARE_TIMEOUT,
         )
-        if settings.result_queue:
-            channel = await _declare_queue(
-                connection, channel, settings.result_queue, _durable_type(settings)
-            )
+        if settings.result_queue and settings.result_queue not in missing:
             queue = await channel.get_queue(settings.result_queue, ensure=False)
-            await queue.bind(exchange, RESULT_BINDING)
+            await queue.bind(exchange, RESULT_BINDING, timeout=DECLARE_TIMEOUT)
     finally:
-        await channel.close()
-
-
-async def _declare_lane(
-    connection: AbstractConnection, channel: AbstractChannel, settings: Settings, queue: str
-) -> AbstractChannel:
-    """A request queue (lane), its dead-letter queue and its delay queues."""
-    dead_letter_queue = dead_letter_queue_for(settings, queue)
-    dead_letter = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_queue}
-    request_args: dict[str, Any] = {**_durable_type(settings), **dead_letter}
-    if settings.queue_type == "quorum":
-        request_args["x-delivery-limit"] = settings.delivery_limit
-    channel = await _declare_queue(connection, channel, queue, request_args)
-    channel = await _declare_queue(connection, channel, dead_letter_queue, _durable_type(settings))
-    for seconds in DELAY_TIERS:
-        channel = await _declare_queue(
-            connection,
-            channel,
-            delay_queue_name(queue, seconds),
-            {
-                # Classic: quorum queues only gained message TTL in 3.10 and gain nothing
-                # here, since a delayed message is also on the request queue's record.
-                "x-queue-type": "classic",
-                "x-message-ttl": seconds * 1000,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue,
-            },
-        )
-    return channel
-
-
-async def _declare_queue(
-    connection: AbstractConnection,
-    channel: AbstractChannel,
-    name: str,
-    arguments: dict[str, Any],
-) -> AbstractChannel:
-    """Declare ``name``; return a usable channel (a failed declare closes the old one)."""
-    try:
-        await channel.declare_queue(name, durable=True, arguments=arguments)
-        return channel
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        await declarer.close()
+    for name, problem in missing.items():
         log.warning(
-            "queue exists with other arguments; using it as it is", queue=name, reason=str(exc)
+            "queue out of reach; consuming anyway, declaring it later", queue=name, reason=problem
         )
-    channel = await connection.channel(publisher_confirms=False)
-    await channel.declare_queue(name, passive=True)
-    return channel
+    return missing
+
+
+# A channel-level refusal (the channel closes, the connection stays): worth a passive check.
+_CHANNEL_ERRORS = (
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ChannelClosed,
+    TimeoutError,
+)
+
+
+class _Declarer:
+    """Declares queues one by one, opening a fresh channel after a refusal closed one."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self._connection = connection
+        self._channel: AbstractChannel | None = None
+
+    async def channel(self) -> AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel(publisher_confirms=False)
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+
+    async def queue(self, name: str, arguments: dict[str, Any]) -> str | None:
+        """Declare ``name``, else check it exists; None when usable, else why not."""
+        try:
+            channel = await self.channel()
+            await channel.declare_queue(
+                name, durable=True, arguments=arguments, timeout=DECLARE_TIMEOUT
+            )
+            return None
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            log.warning(
+                "queue exists with other arguments; using it as it is", queue=name, reason=str(exc)
+            )
+        except _CHANNEL_ERRORS as exc:
+            log.info("could not declare a queue; checking it exists", queue=name, reason=repr(exc))
+        await self.close()  # after a timeout the channel may still answer late
+        self._channel = None
+        try:
+            channel = await self.channel()
+            await channel.declare_queue(name, passive=True, timeout=DECLARE_TIMEOUT)
+            return None
+        except _CHANNEL_ERRORS as exc:
+            self._channel = None
+            return _reason(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer in {DECLARE_TIMEOUT:g}s"
+    return str(exc) or type(exc).__name__

@@ -34,7 +34,14 @@ from worker.publisher import render_result
 from worker.service import Worker
 from worker.settings import Settings
 from worker.submit import UNREADABLE_RESULT, journal_path, reply_queue_name, submit_file
-from worker.topology import H_CUSTOM_ID, H_ERROR_CODE, H_UNROUTABLE_RESULT, TYPE_RESULT, declare
+from worker.topology import (
+    H_CUSTOM_ID,
+    H_ERROR_CODE,
+    H_UNROUTABLE_RESULT,
+    TYPE_RESULT,
+    declare,
+    delay_queue_name,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +97,9 @@ async def test_item1_a_missing_delay_queue_does_not_lose_the_job(
 ) -> None:
     worker = await start_worker()
     channel = await connection.channel()
-    await channel.queue_delete(f"{worker.settings.request_queue}.delay.30s")  # an operator did
+    settings = worker.settings
+    # an operator did:
+    await channel.queue_delete(delay_queue_name(settings.request_queue, 30, settings.queue_type))
     request = job(mock={"fault": "429", "retry_after": 10, "times": 1})
     await publish(connection, worker.settings.request_queue, request, reply_to=replies.name)
     result = JobResult.model_validate_json((await replies.until_results(1, timeout=20))[-1].body)

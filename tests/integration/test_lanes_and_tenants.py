@@ -29,6 +29,8 @@ from worker.service import Worker
 from worker.submit import submit_file
 from worker.topology import DELAY_TIERS, delay_queue_name
 
+QUEUE_TYPES = ("quorum", "classic")
+
 pytestmark = pytest.mark.integration
 
 # Each job takes this long upstream, so that jobs overlap and shares can be seen.
@@ -60,7 +62,8 @@ async def lane_cleanup(
     yield
     channel = await connection.channel()
     for lane in lanes:
-        for name in (lane, f"{lane}.dlq", *(delay_queue_name(lane, s) for s in DELAY_TIERS)):
+        delays = [delay_queue_name(lane, s, t) for s in DELAY_TIERS for t in QUEUE_TYPES]
+        for name in (lane, f"{lane}.dlq", *delays):
             await channel.queue_delete(name)
 
 
@@ -269,7 +272,7 @@ async def test_a_lane_keeps_its_jobs_delay_queues_and_dead_letters(
     # (a 503: a 429 now waits for budget inline up to 30 s, contract §11)
     later["body"]["mock"] = {"fault": "503", "retry_after": 20, "times": 1, "key": "lane-later"}
     await publish(connection, slow, later, message_id="later-1", reply_to=replies.name)
-    delayed = await get_one(connection, delay_queue_name(slow, 30))
+    delayed = await get_one(connection, delay_queue_name(slow, 30, running.settings.queue_type))
     assert delayed.message_id == "later-1"
     # A failed job leaves its request in its lane's dead-letter queue, and a replay of that
     # lane sends it back to the same lane.

@@ -31,7 +31,7 @@ from worker.settings import Settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from brokerctl import close_connections_of
 
-from worker.topology import DELAY_TIERS, declare, delay_queue_name
+from worker.topology import declare, delay_queues
 
 MOCK_PORT = 18765
 
@@ -157,7 +157,7 @@ async def main(args: argparse.Namespace) -> int:
             settings.request_queue,
             settings.result_queue,
             settings.dead_letter_queue,
-            *(delay_queue_name(settings.request_queue, s) for s in DELAY_TIERS),
+            *delay_queues(settings),
         ):
             await channel.queue_delete(name)
         await channel.exchange_delete(settings.result_exchange)

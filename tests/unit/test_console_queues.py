@@ -12,7 +12,7 @@ def test_one_lane_uses_the_configured_dead_letter_queue() -> None:
     queues = lane_queues(settings)
     assert [(q.kind, q.name) for q in queues] == [
         ("requests", "jobs"),
-        *[("delay", f"jobs.delay.{s}s") for s in DELAY_TIERS],
+        *[("delay", f"jobs.delay.quorum.{s}s") for s in DELAY_TIERS],  # quorum by default (§13)
         ("dead letters", "jobs.dead"),
     ]
     assert {q.lane for q in queues} == {"jobs"}

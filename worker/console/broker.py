@@ -58,7 +58,12 @@ def lane_queues(settings: Settings) -> list[LaneQueue]:
     for lane in settings.lanes:
         found.append(LaneQueue(lane.queue, "requests", lane.queue))
         found.extend(
-            LaneQueue(lane.queue, "delay", delay_queue_name(lane.queue, seconds), seconds)
+            LaneQueue(
+                lane.queue,
+                "delay",
+                delay_queue_name(lane.queue, seconds, settings.queue_type),
+                seconds,
+            )
             for seconds in DELAY_TIERS
         )
         found.append(
