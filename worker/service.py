@@ -133,7 +133,26 @@ class Worker:
             ready=lambda: self.ready,
             in_flight=lambda: self.in_flight,
             lanes=self.in_flight_by_lane,
+            upstreams=self.upstream_states,
         )
+
+    def upstream_states(self) -> dict[str, dict[str, Any]]:
+        """Each upstream's gate and budget as last read, for the heartbeat (§14)."""
+        now = time.monotonic()
+        states: dict[str, dict[str, Any]] = {}
+        for member in self.upstreams.members:
+            health = member.state(now)
+            state = "cooling" if health != "open" else "open"
+            report: dict[str, Any] = {}
+            if member.gate is not None:
+                gate_state = member.gate.state.value
+                state = gate_state if gate_state != "open" else state
+                for kind, value in member.gate.remaining().items():
+                    report[f"remaining_{kind}"] = value
+            if member.cooling_until is not None:
+                report["cooldown_s"] = round(max(member.cooling_until - now, 0.0), 1)
+            states[member.name] = {"state": state, **report}
+        return states
 
     @property
     def ready(self) -> bool:

@@ -79,6 +79,8 @@ async def test_a_worker_publishes_heartbeats_with_its_counters(
     assert set(body["tokens"]) == {"m"}
     assert body["tokens"]["m"]["input"] > 0
     assert body["tokens"]["m"]["output"] > 0
+    # The single upstream's gate, open, with the budget the mock's answer did not report.
+    assert body["upstreams"]["default"]["state"] == "open"
     assert secret.encode() not in message.body
 
 
