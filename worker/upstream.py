@@ -318,8 +318,6 @@ class Upstream:
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         try:
-            if self.on_answer is not None:
-                self.on_answer(status, answer_headers)
             if meta is not None:
                 meta["status_code"] = status
                 meta["request_id"] = answer_headers.get("x-request-id")
