@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -74,6 +75,10 @@ RATE_LIMIT_INLINE_WAIT = 30.0
 
 # The longest a stream is left unread between two reads (see JobRunner._stream_once).
 MAX_REST = 0.05
+# Rests end on a grid shared by every stream of the process: the streams then read, and
+# publish their deltas, in the same loop iterations, and those deltas leave in one write
+# (worker.frames.Outbox).
+REST_GRID = 0.01
 
 SendDelta = DeltaSink
 """Where a job's deltas go: ``send(attempt, seq, choices)``, then ``settle()``."""
@@ -620,8 +625,8 @@ class JobRunner:
                         # meanwhile is read at once and leaves as one delta (one wake-up
                         # per delta, not per chunk). Never longer than MAX_REST: the end of
                         # the stream, and so the result, waits for the next read.
-                        if deltas.next_at is not None:
-                            await chunks.rest_until(min(deltas.next_at, now + MAX_REST))
+                        if deltas.next_at is not None and not unbuffered:
+                            chunks.rest_until(_on_grid(min(deltas.next_at, now + MAX_REST)))
                     done = chunks.done
             if not done and not assembler.finished:
                 raise UpstreamError(
@@ -650,6 +655,11 @@ class JobRunner:
             latency_ms=_ms_since(started),
             ttft_ms=ttft_ms,
         )
+
+
+def _on_grid(moment: float) -> float:
+    """The first point of the REST_GRID at or after ``moment`` (a loop time)."""
+    return math.ceil(moment / REST_GRID) * REST_GRID
 
 
 def _stream_body(body: dict[str, Any]) -> bytes:

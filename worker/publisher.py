@@ -28,7 +28,7 @@ from pamqp.commands import Basic
 
 from worker.blocking import BlockedState
 from worker.errors import JobError
-from worker.frames import PreparedPublish
+from worker.frames import Outbox, PreparedPublish
 from worker.jobs import Deferral, Envelope, JobOutcome
 from worker.messages import MAX_CUSTOM_ID
 from worker.settings import Settings
@@ -149,17 +149,21 @@ class Publisher:
         # with one id in flight at once (copies of duplicate jobs) could swap a return for a
         # confirm. One publish per message_id at a time keeps the match exact.
         self._id_locks: dict[str, asyncio.Lock] = {}
+        self._outbox: Outbox | None = None
 
     @classmethod
     async def open(cls, channel: AbstractChannel, settings: Settings) -> Publisher:
         return cls(await channel.get_underlay_channel(), settings)
 
     @property
-    def channel(self) -> aiormq.Channel:
-        channel = self._channel
-        if not isinstance(channel, aiormq.Channel):
-            raise TypeError(f"an aiormq channel is needed, not {type(channel).__name__}")
-        return channel
+    def outbox(self) -> Outbox:
+        """Deltas' way out: pre-encoded, a loop iteration's publishes in one write."""
+        if self._outbox is None:
+            channel = self._channel
+            if not isinstance(channel, aiormq.Channel):
+                raise TypeError(f"an aiormq channel is needed, not {type(channel).__name__}")
+            self._outbox = Outbox(channel)
+        return self._outbox
 
     @property
     def result_exchange(self) -> str:
@@ -459,11 +463,11 @@ class JobDeltas:
 
     def _prepared(self) -> PreparedPublish:
         if self._route is None:
-            channel = self._publisher.channel
+            outbox = self._publisher.outbox
             reply_to = self._envelope.reply_to
             if reply_to:
                 self._route = PreparedPublish(
-                    channel,
+                    outbox,
                     exchange="",
                     routing_key=reply_to,
                     properties=self._properties,
@@ -472,7 +476,7 @@ class JobDeltas:
             else:
                 # Deltas are for whoever listens; with no binding they are simply not wanted.
                 self._route = PreparedPublish(
-                    channel,
+                    outbox,
                     exchange=self._publisher.result_exchange,
                     routing_key=DELTA,
                     properties=self._properties,
@@ -493,11 +497,11 @@ class JobDeltas:
                 "choices": choices,
             }
         )
-        await self._publish(body)
+        self._publish(body)
 
-    async def _publish(self, body: bytes) -> None:
+    def _publish(self, body: bytes) -> None:
         route = self._prepared()
-        self._unchecked.append((await route.publish(body), body, self._to_reply))
+        self._unchecked.append((route.publish(body), body, self._to_reply))
 
     async def settle(self) -> None:
         await self._check(wait=True, forever=True)
@@ -531,7 +535,7 @@ class JobDeltas:
                 self._envelope.reply_to = None
                 self._route = None
             # Every delta after it was sent to reply_to as well: send them again, in order.
-            await self._publish(body)
+            self._publish(body)
 
     async def _confirmed(self, confirmation: asyncio.Future[Any], forever: bool) -> bool:
         """Wait for one confirm; False when the broker blocked the connection first."""

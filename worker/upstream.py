@@ -88,6 +88,7 @@ class ChunkStream:
         "_over",
         "_parser",
         "_read",
+        "_resume",
         "_transport",
         "done",
         "headers",
@@ -104,6 +105,7 @@ class ChunkStream:
     ) -> None:
         self._read = read
         self._transport = transport
+        self._resume: asyncio.TimerHandle | None = None
         self._parser = EventStreamParser()
         self._over = False
         self._error: UpstreamError | None = None
@@ -117,27 +119,36 @@ class ChunkStream:
         """The last read ended the stream: the next returns None."""
         return self._over
 
-    async def rest_until(self, when: float) -> None:
-        """Read nothing before the loop time ``when``. The socket stops being polled
-        (``pause_reading``), so chunks arriving meanwhile cost no wake-up each."""
-        loop = asyncio.get_running_loop()
-        delay = when - loop.time()
-        if delay <= 0 or self._over:
-            return
+    def rest_until(self, when: float) -> None:
+        """Read nothing before the loop time ``when``: the socket stops being polled until
+        then (``pause_reading``), so chunks that arrive meanwhile cost no wake-up each, and
+        the next :meth:`read` takes all of them at once. A plain call: no task waits."""
         transport = self._transport
-        if transport is None or transport.is_closing():
-            await asyncio.sleep(delay)
+        if self._over or transport is None or transport.is_closing():
             return
+        loop = asyncio.get_running_loop()
+        if when <= loop.time():
+            return
+        if self._resume is not None:
+            self._resume.cancel()
         # The transport itself, not aiohttp's protocol: the protocol's pause also pauses
         # its parser and its resume feeds the parser again, work for nothing here. Were
-        # aiohttp holding the transport for a full buffer, the read that follows the
-        # resume empties that buffer at once.
+        # aiohttp holding the transport for a full buffer, resuming early only means the
+        # next read comes sooner.
         transport.pause_reading()
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            if not transport.is_closing():
-                transport.resume_reading()
+        self._resume = loop.call_at(when, self._wake)
+
+    def _wake(self) -> None:
+        self._resume = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def stop_resting(self) -> None:
+        """Poll the socket again now (the stream is closing)."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._wake()
 
     async def read(self, until: float | None = None) -> list[dict[str, Any]] | None:
         """The chunks of the next network read; with ``until`` (a loop time), an empty list
@@ -388,7 +399,11 @@ class Upstream:
                     status_code=status,
                     request_id=answer_headers.get("x-request-id"),
                 )
-            yield ChunkStream(read, status, answer_headers, transport)
+            stream = ChunkStream(read, status, answer_headers, transport)
+            try:
+                yield stream
+            finally:
+                stream.stop_resting()
         finally:
             with contextlib.suppress(*TRANSPORT_ERRORS):
                 await close()

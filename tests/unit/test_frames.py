@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime
+from types import SimpleNamespace
 from typing import Any, cast
 
-import aiormq
 from aiormq.abc import ChannelFrame
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -14,14 +14,14 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from worker.frames import PreparedPublish
+from worker.frames import Outbox, PreparedPublish
 
 
-class _Channel:
-    """What :class:`PreparedPublish` reads of a channel to encode (no I/O here)."""
+class _Outbox:
+    """What :class:`PreparedPublish` reads of its outbox to encode (no I/O here)."""
 
     def __init__(self, number: int) -> None:
-        self.number = number
+        self.channel = SimpleNamespace(number=number)
 
 
 def reference(
@@ -97,7 +97,7 @@ def test_frames_equal_aiormq_and_pamqp(
     max_content: int,
 ) -> None:
     prepared = PreparedPublish(
-        cast(aiormq.Channel, _Channel(number)),
+        cast(Outbox, _Outbox(number)),
         exchange=exchange,
         routing_key=routing_key,
         properties=Basic.Properties(**props),
@@ -119,7 +119,7 @@ def test_a_delta_sized_publish() -> None:
         "app_id": "chat-worker",
     }
     prepared = PreparedPublish(
-        cast(aiormq.Channel, _Channel(3)),
+        cast(Outbox, _Outbox(3)),
         exchange="",
         routing_key="replies",
         properties=Basic.Properties(**props),
