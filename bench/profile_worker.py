@@ -162,7 +162,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.scenario == "s1":
         setup = Setup("profile-s1", args.jobs, timeout=args.timeout)
     else:
-        mock = MockArgs(chunks=200, chunk_interval=0.01)
+        mock = MockArgs(chunks=int(os.environ.get("PROFILE_CHUNKS", "200")), chunk_interval=0.01)
         setup = Setup("profile-s3", args.jobs, mock, stream=True, reply_to=True)
     spawn = raw_loop(concurrency=args.concurrency) if args.target == "raw" else None
     run, _, _ = await measure(

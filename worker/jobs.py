@@ -75,10 +75,6 @@ RATE_LIMIT_INLINE_WAIT = 30.0
 
 # The longest a stream is left unread between two reads (see JobRunner._stream_once).
 MAX_REST = 0.05
-# Rests end on a grid shared by every stream of the process: the streams then read, and
-# publish their deltas, in the same loop iterations, and those deltas leave in one write
-# (worker.frames.Outbox).
-REST_GRID = 0.01
 
 SendDelta = DeltaSink
 """Where a job's deltas go: ``send(attempt, seq, choices)``, then ``settle()``."""
@@ -588,8 +584,10 @@ class JobRunner:
         idle = self.settings.stream_idle_timeout
         loop = asyncio.get_running_loop()
         assembler = CompletionAssembler()
-        deltas = DeltaStream(send_delta, attempt, self.settings.stream_flush_interval, assembler)
-        unbuffered = self.settings.stream_flush_interval <= 0
+        interval = self.settings.stream_flush_interval
+        unbuffered = interval <= 0
+        grid = 0.0 if unbuffered else min(interval, MAX_REST)
+        deltas = DeltaStream(send_delta, attempt, interval, assembler, grid)
         meta: dict[str, Any] = {}
         started = time.perf_counter()
         ttft_ms: float | None = None
@@ -624,9 +622,13 @@ class JobRunner:
                         # Until the next delta may go, leave the socket unread: what comes
                         # meanwhile is read at once and leaves as one delta (one wake-up
                         # per delta, not per chunk). Never longer than MAX_REST: the end of
-                        # the stream, and so the result, waits for the next read.
+                        # the stream, and so the result, waits for the next read. Rests end
+                        # on a grid every stream of the process shares (the flush interval,
+                        # at most MAX_REST): the streams read, and publish their deltas, in
+                        # the same loop iterations, and the deltas leave in one write
+                        # (worker.frames.Outbox).
                         if deltas.next_at is not None and not unbuffered:
-                            chunks.rest_until(_on_grid(min(deltas.next_at, now + MAX_REST)))
+                            chunks.rest_until(_on_grid(min(deltas.next_at, now + MAX_REST), grid))
                     done = chunks.done
             if not done and not assembler.finished:
                 raise UpstreamError(
@@ -657,9 +659,10 @@ class JobRunner:
         )
 
 
-def _on_grid(moment: float) -> float:
-    """The first point of the REST_GRID at or after ``moment`` (a loop time)."""
-    return math.ceil(moment / REST_GRID) * REST_GRID
+def _on_grid(moment: float, grid: float) -> float:
+    """The first point of ``grid`` at or after ``moment`` (a loop time), give or take half
+    a millisecond (DeltaStream.due allows one)."""
+    return math.ceil((moment - 0.0005) / grid) * grid
 
 
 def _stream_body(body: dict[str, Any]) -> bytes:

@@ -447,15 +447,7 @@ class JobDeltas:
         self._envelope = envelope
         self._custom_id = custom_id
         self._blocking = blocking
-        self._properties = Properties(
-            content_type="application/json",
-            message_type=TYPE_DELTA,
-            correlation_id=envelope.correlation_id,
-            # Deltas are worth nothing once the result is out: no need to hit the disk.
-            delivery_mode=1,
-            headers={H_JOB_ID: envelope.job_id, **trace},
-            app_id=APP_ID,
-        )
+        self._trace = trace
         self._route: PreparedPublish | None = None
         self._to_reply = False
         # Sent, not yet checked: (confirmation, body, sent to reply_to)
@@ -464,13 +456,23 @@ class JobDeltas:
     def _prepared(self) -> PreparedPublish:
         if self._route is None:
             outbox = self._publisher.outbox
-            reply_to = self._envelope.reply_to
+            envelope = self._envelope
+            properties = Properties(
+                content_type="application/json",
+                message_type=TYPE_DELTA,
+                correlation_id=envelope.correlation_id,
+                # Deltas are worth nothing once the result is out: no need to hit the disk.
+                delivery_mode=1,
+                headers={H_JOB_ID: envelope.job_id, **self._trace},
+                app_id=APP_ID,
+            )
+            reply_to = envelope.reply_to
             if reply_to:
                 self._route = PreparedPublish(
                     outbox,
                     exchange="",
                     routing_key=reply_to,
-                    properties=self._properties,
+                    properties=properties,
                     mandatory=True,
                 )
             else:
@@ -479,7 +481,7 @@ class JobDeltas:
                     outbox,
                     exchange=self._publisher.result_exchange,
                     routing_key=DELTA,
-                    properties=self._properties,
+                    properties=properties,
                     mandatory=False,
                 )
             self._to_reply = bool(reply_to)

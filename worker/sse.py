@@ -60,6 +60,22 @@ class EventStreamParser:
             and b"\r" not in chunk
         ):
             return [_new_event(Event, ("message", chunk[6:-2], self._id))]
+        if (
+            # Several such events in one read (a reader that rests between reads).
+            self._started
+            and not self._pending
+            and self._data is None
+            and not self._type
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        ):
+            parts = chunk[:-2].split(b"\n\n")
+            if chunk.count(b"\n") == 2 * len(parts) and all(
+                part.startswith(b"data: ") for part in parts
+            ):
+                last_id = self._id
+                return [_new_event(Event, ("message", part[6:], last_id)) for part in parts]
         if self._pending:
             chunk = self._pending + chunk
         if not self._started:

@@ -23,6 +23,8 @@ __all__ = ["CompletionAssembler", "DeltaSink", "DeltaStream", "MalformedChunk"]
 
 _HEAD = ("id", "created", "model", "system_fingerprint", "service_tier")
 _COLLAPSE = 32  # content pieces kept apart before the sent ones are joined into one
+# How much earlier than an interval after a delta the next one may go, to stay on the grid.
+GRID_SLACK = 0.01
 _KNOWN = frozenset(("role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls"))
 
 
@@ -384,18 +386,35 @@ class DeltaStream:
     together and leave as one delta, at one wake-up instead of one per chunk.
     """
 
-    __slots__ = ("_assembler", "_attempt", "_interval", "_seq", "_sink", "next_at")
+    __slots__ = ("_assembler", "_attempt", "_grid", "_interval", "_seq", "_sink", "next_at")
 
     def __init__(
-        self, sink: DeltaSink, attempt: int, interval: float, assembler: CompletionAssembler
+        self,
+        sink: DeltaSink,
+        attempt: int,
+        interval: float,
+        assembler: CompletionAssembler,
+        grid: float = 0.0,
     ) -> None:
         self._sink = sink
         self._attempt = attempt
         self._interval = max(interval, 0.0)
+        self._grid = max(grid, 0.0)
         self._assembler = assembler
         self._seq = 0
         #: loop time before which no further delta goes (None until the first one)
         self.next_at: float | None = None
+
+    def _after(self, now: float) -> float:
+        """An interval after ``now``; with a grid, the grid's point nearest to that, unless
+        it is more than GRID_SLACK early (then the next one). A delta published a few
+        milliseconds after a tick (the time that tick's reads took) keeps to the grid, so
+        every stream of the process reads, and publishes, on the same ticks."""
+        target = now + self._interval
+        if not self._grid:
+            return target
+        point = round(target / self._grid) * self._grid
+        return point if point >= target - GRID_SLACK else point + self._grid
 
     def due(self, now: float) -> bool:
         """Output read at ``now`` goes now: the first output, or an interval on (a
@@ -408,7 +427,7 @@ class DeltaStream:
         if not choices:
             return
         seq, self._seq = self._seq, self._seq + 1
-        self.next_at = now + self._interval
+        self.next_at = self._after(now)
         await self._sink.send(self._attempt, seq, choices)
 
     async def close(self, now: float) -> None:

@@ -433,14 +433,26 @@ def _releaser(answer: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
 
 
 def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
+    """``read()`` over an httpx byte iterator. A read given up (``ChunkStream.read``'s
+    ``until``) must not cancel the iterator, which would end it: the next read takes over
+    the one under way."""
     iterator = chunks.__aiter__()
+    under_way: asyncio.Future[bytes] | None = None
 
-    async def read() -> bytes:
+    async def next_data() -> bytes:
         try:
             while not (data := await anext(iterator)):
                 pass
         except StopAsyncIteration:
             return b""
+        return data
+
+    async def read() -> bytes:
+        nonlocal under_way
+        if under_way is None:
+            under_way = asyncio.ensure_future(next_data())
+        data = await asyncio.shield(under_way)
+        under_way = None
         return data
 
     return read
