@@ -15,6 +15,7 @@ Needs py-spy (``pip install py-spy``) and ptrace rights over the worker.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -123,6 +124,9 @@ def _task_of(chain: list[str]) -> tuple[str, str]:
     return f"{chain[0]} (stack seen without the loop)", chain[1] if len(chain) > 1 else "(own)"
 
 
+NATIVE = os.environ.get("PROFILE_NATIVE") == "1"  # C frames too (uvloop, the kernel calls)
+
+
 def attach_py_spy(output: Path, rate: int) -> Callable[[list[Proc]], Callable[[], None]]:
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
 
@@ -139,6 +143,7 @@ def attach_py_spy(output: Path, rate: int) -> Callable[[list[Proc]], Callable[[]
             "--rate",
             str(rate),
             "--nonblocking",
+            *(["--native"] if NATIVE else []),
         ]
         spy = Proc("py-spy", argv, workers[0].log.parent, env=clean_env())
 

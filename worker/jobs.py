@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +38,7 @@ from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
 from worker.pool import Member, UpstreamPool
 from worker.quota import ConfiguredLimits
 from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
-from worker.streaming import CompletionAssembler, DeltaStream, MalformedChunk
+from worker.streaming import CompletionAssembler, DeltaSink, DeltaStream, MalformedChunk
 from worker.telemetry import Telemetry
 from worker.topology import (
     DELAY_TIERS,
@@ -72,8 +73,15 @@ BACKOFF_CAP = 60.0
 # broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
 RATE_LIMIT_INLINE_WAIT = 30.0
 
-SendDelta = Callable[[int, int, list[dict[str, Any]]], Awaitable[None]]
-"""``send(attempt, seq, choices)``: publish one delta message."""
+# The longest a stream is left unread between two reads (see JobRunner._stream_once).
+MAX_REST = 0.05
+# Rests end on a grid shared by every stream of the process: the streams then read, and
+# publish their deltas, in the same loop iterations, and those deltas leave in one write
+# (worker.frames.Outbox).
+REST_GRID = 0.01
+
+SendDelta = DeltaSink
+"""Where a job's deltas go: ``send(attempt, seq, choices)``, then ``settle()``."""
 
 
 @dataclass(slots=True)
@@ -574,17 +582,14 @@ class JobRunner:
         job: Job,
         body: bytes,
         attempt: int,
-        send_delta: SendDelta,
+        send_delta: DeltaSink,
         headers: Mapping[str, str],
     ) -> JobOutcome:
         idle = self.settings.stream_idle_timeout
         loop = asyncio.get_running_loop()
         assembler = CompletionAssembler()
-        deltas = DeltaStream(
-            lambda seq, choices: send_delta(attempt, seq, choices),
-            self.settings.stream_flush_interval,
-            assembler,
-        )
+        deltas = DeltaStream(send_delta, attempt, self.settings.stream_flush_interval, assembler)
+        unbuffered = self.settings.stream_flush_interval <= 0
         meta: dict[str, Any] = {}
         started = time.perf_counter()
         ttft_ms: float | None = None
@@ -595,22 +600,33 @@ class JobRunner:
             async with asyncio.timeout(idle) as silence:
                 rescheduled = loop.time()
                 async with client.open_stream(body, headers, meta) as chunks:
+                    pending = False  # output read whose delta may not go yet
                     # One await per network read; the chunks it completed are plain calls.
-                    while (batch := await chunks.read()) is not None:
-                        if not batch:
-                            continue  # a comment, a keep-alive or half an event
+                    while (
+                        batch := await chunks.read(until=deltas.next_at if pending else None)
+                    ) is not None:
                         now = loop.time()
-                        if now - rescheduled > slack:
-                            silence.reschedule(now + idle + slack)
-                            rescheduled = now
-                        for chunk in batch:
-                            if assembler.add(chunk):
-                                if ttft_ms is None:
-                                    ttft_ms = _ms_since(started)
-                                if deltas.due():  # at once, or a timer (one per delta)
-                                    await deltas.flush()
-                        if deltas.failed is not None:
-                            raise deltas.failed
+                        if batch:  # else a comment, a keep-alive, half an event or `until`
+                            if now - rescheduled > slack:
+                                silence.reschedule(now + idle + slack)
+                                rescheduled = now
+                            for chunk in batch:
+                                if assembler.add(chunk):
+                                    if ttft_ms is None:
+                                        ttft_ms = _ms_since(started)
+                                    if unbuffered:  # a zero interval: a delta per chunk
+                                        await deltas.flush(now)
+                                    else:
+                                        pending = True
+                        if pending and deltas.due(now):
+                            await deltas.flush(now)
+                            pending = False
+                        # Until the next delta may go, leave the socket unread: what comes
+                        # meanwhile is read at once and leaves as one delta (one wake-up
+                        # per delta, not per chunk). Never longer than MAX_REST: the end of
+                        # the stream, and so the result, waits for the next read.
+                        if deltas.next_at is not None and not unbuffered:
+                            chunks.rest_until(_on_grid(min(deltas.next_at, now + MAX_REST)))
                     done = chunks.done
             if not done and not assembler.finished:
                 raise UpstreamError(
@@ -618,7 +634,7 @@ class JobRunner:
                     status_code=meta.get("status_code"),
                     request_id=meta.get("request_id"),
                 )
-            await deltas.close()
+            await deltas.close(loop.time())
         except TimeoutError:
             raise UpstreamTimeout(
                 f"stream silent for WORKER_STREAM_IDLE_TIMEOUT ({idle:g}s)",
@@ -630,8 +646,6 @@ class JobRunner:
                 status_code=meta.get("status_code"),
                 request_id=meta.get("request_id"),
             ) from None
-        finally:
-            deltas.discard()
         return JobOutcome(
             attempts=attempt,
             status_code=meta.get("status_code", 200),
@@ -641,6 +655,11 @@ class JobRunner:
             latency_ms=_ms_since(started),
             ttft_ms=ttft_ms,
         )
+
+
+def _on_grid(moment: float) -> float:
+    """The first point of the REST_GRID at or after ``moment`` (a loop time)."""
+    return math.ceil(moment / REST_GRID) * REST_GRID
 
 
 def _stream_body(body: dict[str, Any]) -> bytes:

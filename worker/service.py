@@ -47,11 +47,9 @@ from worker.events import Heartbeat, JobStats
 from worker.jobs import (
     Deferral,
     Envelope,
-    Job,
     JobOutcome,
     JobRunner,
     Rejection,
-    SendDelta,
     decode_job,
     read_envelope,
 )
@@ -463,10 +461,10 @@ class Worker:
             else:
                 custom_id, model = decoded.custom_id, decoded.model
                 structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
-                deltas = _DeltaSender(self._delta_sender(publisher, decoded, trace), self.blocking)
+                deltas = publisher.deltas(envelope, custom_id, trace, self.blocking)
                 try:
                     outcome = await self.runner.run(decoded, deltas)
-                    await deltas.flush()  # the result is the job's last message
+                    await deltas.settle()  # the result is the job's last message
                 finally:
                     deltas.discard()
             await self._settle(message, envelope, custom_id, model, outcome, trace)
@@ -486,9 +484,6 @@ class Worker:
                     usage=outcome.usage,
                     tenant=envelope.tenant,
                 )
-
-    def _delta_sender(self, publisher: Publisher, job: Job, trace: dict[str, str]) -> SendDelta:
-        return partial(publisher.delta, job.envelope, job.custom_id, trace=trace)
 
     async def _settle(
         self,
@@ -531,52 +526,6 @@ class Worker:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
         )
-
-
-class _DeltaSender:
-    """Publishes one job's deltas in order. While the broker blocks the connection, a
-    delta does not wait for its confirm (nor does one already waiting when the block
-    comes): the wait would count as upstream silence. :meth:`flush` awaits them all before
-    the result; a failed one fails the next send or the flush (the request is then
-    redelivered)."""
-
-    def __init__(self, send: SendDelta, blocking: BlockedState) -> None:
-        self._send = send
-        self._blocking = blocking
-        self._pending: list[asyncio.Future[None]] = []
-
-    async def __call__(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
-        if any(sent.done() and sent.exception() is not None for sent in self._pending):
-            await self.flush()  # raises that failure
-        if not self._blocking.blocked:
-            await self.flush()
-        sent = asyncio.ensure_future(self._send(attempt, seq, choices))
-        if not self._blocking.blocked:
-            try:
-                await asyncio.wait(
-                    {sent, self._blocking.next_block()}, return_when=asyncio.FIRST_COMPLETED
-                )
-            except BaseException:
-                sent.cancel()
-                raise
-            if sent.done():
-                sent.result()
-                return
-        self._pending.append(sent)
-
-    async def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        try:
-            for sent in pending:
-                await sent
-        finally:
-            for sent in pending:
-                sent.cancel()
-
-    def discard(self) -> None:
-        for sent in self._pending:
-            sent.cancel()
-        self._pending = []
 
 
 def _count(value: Any) -> int:

@@ -17,11 +17,9 @@ repeated one), and ``reasoning`` is renamed ``reasoning_content``.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["CompletionAssembler", "DeltaStream", "MalformedChunk"]
+__all__ = ["CompletionAssembler", "DeltaSink", "DeltaStream", "MalformedChunk"]
 
 _HEAD = ("id", "created", "model", "system_fingerprint", "service_tier")
 _COLLAPSE = 32  # content pieces kept apart before the sent ones are joined into one
@@ -366,83 +364,54 @@ class CompletionAssembler:
         return body
 
 
+class DeltaSink(Protocol):
+    """Where an attempt's deltas go (the worker's is :class:`worker.publisher.JobDeltas`)."""
+
+    async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
+        """Publish one delta; a refusal may surface here or at the next call."""
+
+    async def settle(self) -> None:
+        """Return once every delta sent is confirmed; raise the first refusal."""
+
+
 class DeltaStream:
-    """Publishes an attempt's deltas: the first output at once, later output coalesced over
-    ``interval`` seconds (one timer per delta, not per chunk), ``seq`` counting 0, 1, 2, …
-    without gaps. A failed publish fails the attempt: :meth:`due` and :meth:`close`
-    raise it, whether it was sent inline or from the timer."""
+    """An attempt's deltas (contract §5): ``seq`` 0, 1, 2, … without gaps, the first output
+    at once, later output at most once per ``interval``.
+
+    It keeps no timer: the reader flushes what it read when :meth:`due` says so, reads no
+    later than :attr:`next_at` while output waits, and between two deltas leaves the stream
+    unread (see ``JobRunner._stream_once``), so the chunks of one interval are read
+    together and leave as one delta, at one wake-up instead of one per chunk.
+    """
+
+    __slots__ = ("_assembler", "_attempt", "_interval", "_seq", "_sink", "next_at")
 
     def __init__(
-        self,
-        send: Callable[[int, list[dict[str, Any]]], Awaitable[None]],
-        interval: float,
-        assembler: CompletionAssembler,
+        self, sink: DeltaSink, attempt: int, interval: float, assembler: CompletionAssembler
     ) -> None:
-        self._send = send
-        self._interval = interval
+        self._sink = sink
+        self._attempt = attempt
+        self._interval = max(interval, 0.0)
         self._assembler = assembler
         self._seq = 0
-        self._lock = asyncio.Lock()
-        self._timer: asyncio.TimerHandle | None = None
-        self._flushing: set[asyncio.Task[None]] = set()
-        self.failed: BaseException | None = None
-        self._discarded = False
+        #: loop time before which no further delta goes (None until the first one)
+        self.next_at: float | None = None
 
-    def due(self) -> bool:
-        """The assembler took a chunk with output: True when it must be published now (the
-        first output, or no coalescing); otherwise the interval's timer is armed. Plain, not
-        a coroutine: it runs for every chunk."""
-        if self.failed is not None:
-            raise self.failed
-        if self._seq == 0 or self._interval <= 0:
-            return True
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
-        return False
+    def due(self, now: float) -> bool:
+        """Output read at ``now`` goes now: the first output, or an interval on (a
+        millisecond early is on time: a timer may fire that much before its time)."""
+        return self.next_at is None or now >= self.next_at - 0.001
 
-    async def output(self) -> None:
-        """:meth:`due`, and the publish when it is due."""
-        if self.due():
-            await self.flush()
+    async def flush(self, now: float) -> None:
+        """Publish the output gathered since the last delta, if any."""
+        choices = self._assembler.take_delta()
+        if not choices:
+            return
+        seq, self._seq = self._seq, self._seq + 1
+        self.next_at = now + self._interval
+        await self._sink.send(self._attempt, seq, choices)
 
-    def _fire(self) -> None:
-        self._timer = None
-        task = asyncio.create_task(self.flush())
-        self._flushing.add(task)
-        task.add_done_callback(self._flushed)
-
-    def _flushed(self, task: asyncio.Task[None]) -> None:
-        self._flushing.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self.failed = self.failed or exc
-
-    async def flush(self) -> None:
-        async with self._lock:
-            if self._discarded:
-                return
-            choices = self._assembler.take_delta()
-            if not choices:
-                return
-            seq, self._seq = self._seq, self._seq + 1
-            await self._send(seq, choices)
-
-    async def close(self) -> None:
-        """Publish what is still pending (the stream ended well); raise a failed publish."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        # A flush under way has taken a seq number: let it finish, or the seq has a gap.
-        if self._flushing:
-            await asyncio.gather(*self._flushing, return_exceptions=True)
-        if self.failed is not None:
-            raise self.failed
-        await self.flush()
-
-    def discard(self) -> None:
-        """Stop publishing (the attempt failed; a retry starts again at seq 0)."""
-        self._discarded = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for task in self._flushing:
-            task.cancel()
+    async def close(self, now: float) -> None:
+        """The stream ended well: publish what is left, then wait for every confirm."""
+        await self.flush(now)
+        await self._sink.settle()

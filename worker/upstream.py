@@ -13,6 +13,7 @@ in the unit tests) goes through httpx, into the same parser and the same checks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import math
@@ -77,6 +78,9 @@ class ChunkStream:
     :meth:`read` returns the chunks that one network read completed (often one, sometimes
     none or several) and ``None`` once the stream is over: at ``data: [DONE]`` (``done``
     is then True) or at the end of the body. One await per read, no generator per chunk.
+
+    :meth:`rest_until` leaves the connection unread for a while: what the upstream sends
+    meanwhile waits in the socket and the next read takes all of it at once.
     """
 
     __slots__ = (
@@ -84,6 +88,8 @@ class ChunkStream:
         "_over",
         "_parser",
         "_read",
+        "_resume",
+        "_transport",
         "done",
         "headers",
         "request_id",
@@ -91,9 +97,15 @@ class ChunkStream:
     )
 
     def __init__(
-        self, read: Callable[[], Awaitable[bytes]], status_code: int, headers: Mapping[str, str]
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        status_code: int,
+        headers: Mapping[str, str],
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self._read = read
+        self._transport = transport
+        self._resume: asyncio.TimerHandle | None = None
         self._parser = EventStreamParser()
         self._over = False
         self._error: UpstreamError | None = None
@@ -102,13 +114,59 @@ class ChunkStream:
         self.headers = headers
         self.request_id = headers.get("x-request-id")
 
-    async def read(self) -> list[dict[str, Any]] | None:
+    @property
+    def over(self) -> bool:
+        """The last read ended the stream: the next returns None."""
+        return self._over
+
+    def rest_until(self, when: float) -> None:
+        """Read nothing before the loop time ``when``: the socket stops being polled until
+        then (``pause_reading``), so chunks that arrive meanwhile cost no wake-up each, and
+        the next :meth:`read` takes all of them at once. A plain call: no task waits."""
+        transport = self._transport
+        if self._over or transport is None or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        if when <= loop.time():
+            return
+        if self._resume is not None:
+            self._resume.cancel()
+        # The transport itself, not aiohttp's protocol: the protocol's pause also pauses
+        # its parser and its resume feeds the parser again, work for nothing here. Were
+        # aiohttp holding the transport for a full buffer, resuming early only means the
+        # next read comes sooner.
+        transport.pause_reading()
+        self._resume = loop.call_at(when, self._wake)
+
+    def _wake(self) -> None:
+        self._resume = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def stop_resting(self) -> None:
+        """Poll the socket again now (the stream is closing)."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._wake()
+
+    async def read(self, until: float | None = None) -> list[dict[str, Any]] | None:
+        """The chunks of the next network read; with ``until`` (a loop time), an empty list
+        when nothing came by then."""
         if self._error is not None:
             raise self._error
         if self._over:
             return None
         try:
-            data = await self._read()
+            if until is None:
+                data = await self._read()
+            else:
+                async with asyncio.timeout_at(until) as deadline:
+                    data = await self._read()
+        except TimeoutError:
+            if until is not None and deadline.expired():
+                return []
+            raise
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(
                 f"upstream stream broke: {type(exc).__name__}",
@@ -309,12 +367,15 @@ class Upstream:
                 status, answer_headers = answer.status, answer.headers
                 read: Callable[[], Awaitable[bytes]] = answer.content.readany
                 read_all: Callable[[], Awaitable[bytes]] = answer.read
+                connection = answer.connection
+                transport = connection.transport if connection is not None else None
             else:
                 response = await self._transport.handle_async_request(self._request(body, headers))
                 close = response.aclose
                 status, answer_headers = response.status_code, response.headers
                 read = _reader(response.aiter_bytes())
                 read_all = response.aread
+                transport = None
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         try:
@@ -338,7 +399,11 @@ class Upstream:
                     status_code=status,
                     request_id=answer_headers.get("x-request-id"),
                 )
-            yield ChunkStream(read, status, answer_headers)
+            stream = ChunkStream(read, status, answer_headers, transport)
+            try:
+                yield stream
+            finally:
+                stream.stop_resting()
         finally:
             with contextlib.suppress(*TRANSPORT_ERRORS):
                 await close()

@@ -261,13 +261,17 @@ async def test_item12_delta_failing_on_the_flush_timer_fails_the_attempt(
     failures: list[tuple[int, int]] = []
 
     async def run_with_a_failing_timer_flush(job: Job, send_delta: SendDelta) -> Any:
-        async def send(attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
-            if seq == 1 and not failures:
-                failures.append((attempt, seq))
-                raise aiormq.exceptions.DeliveryError(None, Basic.Nack(delivery_tag=1))
-            await send_delta(attempt, seq, choices)
+        class FailingSecond:
+            async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
+                if seq == 1 and not failures:
+                    failures.append((attempt, seq))
+                    raise aiormq.exceptions.DeliveryError(None, Basic.Nack(delivery_tag=1))
+                await send_delta.send(attempt, seq, choices)
 
-        outcome: JobOutcome | Any = await run(job, send)
+            async def settle(self) -> None:
+                await send_delta.settle()
+
+        outcome: JobOutcome | Any = await run(job, FailingSecond())
         return outcome
 
     worker.runner.run = run_with_a_failing_timer_flush  # type: ignore[method-assign]

@@ -514,13 +514,17 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 class Deltas:
-    """A fake ``send_delta`` recording (attempt, seq, choices)."""
+    """A fake delta sink recording (attempt, seq, choices) and the settles."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[int, int, list[dict[str, Any]]]] = []
+        self.settled = 0
 
-    async def __call__(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
+    async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
         self.sent.append((attempt, seq, choices))
+
+    async def settle(self) -> None:
+        self.settled += 1
 
     def of_attempt(self, attempt: int) -> list[tuple[int, list[dict[str, Any]]]]:
         return [(seq, choices) for a, seq, choices in self.sent if a == attempt]
@@ -810,7 +814,15 @@ async def test_stream_options_kept_and_usage_forced(
 
 
 async def test_streamed_deltas_coalesced(upstreams: Upstreams, sleeps: list[float]) -> None:
-    runner = upstreams.runner(stream_of(HELLO), stream_flush_interval=60)
+    async def reads() -> AsyncIterator[bytes]:
+        yield sse(
+            {**chunk(), "choices": [{"index": 0, "delta": {"role": "assistant"}}]}, done=False
+        )
+        for part in ("Hel", "l", "o"):
+            yield sse(chunk(part), done=False)
+        yield sse(chunk(finish_reason="stop"), USAGE_CHUNK)
+
+    runner = upstreams.runner(stream_of(reads), stream_flush_interval=60)
     deltas = Deltas()
     outcome = await run(runner, make_job(STREAM_BODY), deltas)
     assert isinstance(outcome, JobOutcome) and outcome.ok
@@ -820,6 +832,19 @@ async def test_streamed_deltas_coalesced(upstreams: Upstreams, sleeps: list[floa
         (1, {"content": "lo"}),
     ]
     assert deltas.sent[-1][2][0]["finish_reason"] == "stop"
+    assert deltas.settled == 1
+
+
+async def test_chunks_of_one_read_leave_in_one_delta(
+    upstreams: Upstreams, sleeps: list[float]
+) -> None:
+    runner = upstreams.runner(stream_of(HELLO), stream_flush_interval=0.05)
+    deltas = Deltas()
+    outcome = await run(runner, make_job(STREAM_BODY), deltas)
+    assert isinstance(outcome, JobOutcome) and outcome.ok
+    assert deltas.of_attempt(1) == [
+        (0, [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": "stop"}])
+    ]
 
 
 async def test_stream_error_mid_way_then_success(upstreams: Upstreams, sleeps: list[float]) -> None:

@@ -350,147 +350,75 @@ def test_item9_chunks_the_reference_allows_are_read() -> None:
 # --- DeltaStream --------------------------------------------------------------------------------
 
 
-class Feed:
-    """An assembler and its DeltaStream, fed as ``JobRunner._stream_once`` feeds them."""
-
-    def __init__(self, send: Any, interval: float) -> None:
-        self.assembler = CompletionAssembler()
-        self.stream = DeltaStream(send, interval, self.assembler)
-
-    async def add(self, c: dict[str, Any]) -> bool:
-        if self.assembler.add(c):
-            await self.stream.output()
-            return True
-        return False
-
-    async def close(self) -> None:
-        await self.stream.close()
-
-    def discard(self) -> None:
-        self.stream.discard()
-
-    async def flush(self) -> None:
-        await self.stream.flush()
-
-
 class Recorder:
-    """A fake ``send``: records (seq, choices, loop time)."""
+    """A fake delta sink: records (attempt, seq, choices) and the settles."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[int, list[dict[str, Any]], float]] = []
-        self.gate: dict[int, asyncio.Event] = {}
+        self.sent: list[tuple[int, int, list[dict[str, Any]]]] = []
+        self.settled = 0
 
-    async def __call__(self, seq: int, choices: list[dict[str, Any]]) -> None:
-        if seq in self.gate:
-            await self.gate[seq].wait()
-        self.sent.append((seq, choices, asyncio.get_running_loop().time()))
+    async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
+        self.sent.append((attempt, seq, choices))
+
+    async def settle(self) -> None:
+        self.settled += 1
 
     @property
     def seqs(self) -> list[int]:
-        return [seq for seq, _, _ in self.sent]
+        return [seq for _, seq, _ in self.sent]
 
     def contents(self) -> list[str]:
         return [
-            "".join(c["delta"].get("content", "") for c in choices) for _, choices, _ in self.sent
+            "".join(c["delta"].get("content", "") for c in choices) for _, _, choices in self.sent
         ]
 
 
-async def test_first_output_is_sent_at_once_then_coalesced() -> None:
-    send = Recorder()
-    interval = 0.05
-    stream = Feed(send, interval)
-    loop = asyncio.get_running_loop()
-    assert await stream.add(chunk(role="assistant", content="")) is False
-    assert send.sent == []
-    started = loop.time()
-    assert await stream.add(chunk("A")) is True
-    assert send.contents() == ["A"]  # at once, before add() returned
-    for part in ("B", "C", "D"):
-        assert await stream.add(chunk(part)) is True
-    assert len(send.sent) == 1  # waiting for the interval
-    await asyncio.sleep(interval * 4)
-    assert send.contents() == ["A", "BCD"]
-    assert send.sent[1][2] - started >= interval * 0.9
-    await stream.add(chunk("E"))
-    await stream.add(chunk(finish_reason="stop"))
-    await stream.close()
-    assert send.contents() == ["A", "BCD", "E"]
-    assert send.seqs == [0, 1, 2]
-    assert send.sent[2][1] == [{"index": 0, "delta": {"content": "E"}, "finish_reason": "stop"}]
-    # Nothing is left and no timer fires later.
-    await asyncio.sleep(interval * 2)
-    assert len(send.sent) == 3
+async def test_first_output_is_due_at_once_then_an_interval_later() -> None:
+    sink, assembler = Recorder(), CompletionAssembler()
+    stream = DeltaStream(sink, 2, 0.05, assembler)
+    assert stream.next_at is None
+    assert assembler.add(chunk(role="assistant", content="")) is False
+    await stream.flush(10.0)  # nothing to say: no delta, no seq taken
+    assert sink.sent == [] and stream.next_at is None
+    assert assembler.add(chunk("A")) is True
+    assert stream.due(10.0)
+    await stream.flush(10.0)
+    assert sink.contents() == ["A"]
+    assert stream.next_at == pytest.approx(10.05)
+    for part in "BCD":
+        assembler.add(chunk(part))
+    assert not stream.due(10.02)
+    assert stream.due(10.0495)  # a timer a millisecond early is on time
+    await stream.flush(10.05)
+    assert sink.contents() == ["A", "BCD"]
+    assert [attempt for attempt, _, _ in sink.sent] == [2, 2]
 
 
-async def test_close_flushes_at_once() -> None:
-    send = Recorder()
-    stream = Feed(send, 60)
-    loop = asyncio.get_running_loop()
-    await stream.add(chunk("A"))
-    await stream.add(chunk("B"))
-    await stream.add(chunk("C"))
-    started = loop.time()
-    await stream.close()
-    assert send.contents() == ["A", "BC"]
-    assert send.seqs == [0, 1]
-    assert loop.time() - started < 1
+async def test_close_publishes_the_rest_then_settles() -> None:
+    sink, assembler = Recorder(), CompletionAssembler()
+    stream = DeltaStream(sink, 1, 60, assembler)
+    assembler.add(chunk("A"))
+    await stream.flush(0.0)
+    assembler.add(chunk("B"))
+    assembler.add(chunk(finish_reason="stop"))
+    await stream.close(1.0)  # long before the interval: the stream is over
+    assert sink.contents() == ["A", "B"]
+    assert sink.seqs == [0, 1]
+    assert sink.sent[1][2] == [{"index": 0, "delta": {"content": "B"}, "finish_reason": "stop"}]
+    assert sink.settled == 1
 
 
-async def test_discard_drops_the_buffer() -> None:
-    send = Recorder()
-    interval = 0.02
-    stream = Feed(send, interval)
-    await stream.add(chunk("A"))
-    await stream.add(chunk("B"))
-    stream.discard()
-    await asyncio.sleep(interval * 5)
-    assert send.contents() == ["A"]
-    await stream.close()
-    assert send.contents() == ["A"]
-
-
-async def test_zero_interval_sends_every_chunk() -> None:
-    send = Recorder()
-    stream = Feed(send, 0)
+async def test_zero_interval_makes_every_output_due() -> None:
+    sink, assembler = Recorder(), CompletionAssembler()
+    stream = DeltaStream(sink, 1, 0, assembler)
     for part in "abcde":
-        await stream.add(chunk(part))
-        assert send.contents()[-1] == part
-    await stream.add(USAGE_CHUNK)
-    await stream.close()
-    assert send.seqs == [0, 1, 2, 3, 4]
-    assert send.contents() == list("abcde")
-
-
-async def test_close_waits_for_a_flush_under_way() -> None:
-    """A timer flush still publishing when the stream ends keeps its seq; no gap, no swap."""
-    send = Recorder()
-    interval = 0.01
-    send.gate[1] = asyncio.Event()
-    stream = Feed(send, interval)
-    await stream.add(chunk("A"))
-    await stream.add(chunk("B"))
-    await asyncio.sleep(interval * 5)  # the timer fired; seq 1 is stuck in send
-    assert send.seqs == [0]
-    await stream.add(chunk("C"))
-    closing = asyncio.create_task(stream.close())
-    await asyncio.sleep(interval * 2)
-    assert send.seqs == [0]
-    send.gate[1].set()
-    await closing
-    assert send.seqs == [0, 1, 2]
-    assert send.contents() == ["A", "B", "C"]
-
-
-async def test_failed_send_raises_from_close() -> None:
-    async def broken(seq: int, choices: list[dict[str, Any]]) -> None:
-        if seq > 0:
-            raise ConnectionError("channel closed")
-
-    stream = Feed(broken, 60)
-    await stream.add(chunk("A"))
-    await stream.add(chunk("B"))
-    with pytest.raises(ConnectionError):
-        await stream.close()
+        assembler.add(chunk(part))
+        assert stream.due(0.0)
+        await stream.flush(0.0)
+    assembler.add(USAGE_CHUNK)
+    await stream.close(0.0)
+    assert sink.contents() == list("abcde")
+    assert sink.seqs == [0, 1, 2, 3, 4]
 
 
 # --- deltas add up to the completion -----------------------------------------------------------
@@ -527,28 +455,30 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
 def test_deltas_add_up_to_the_completion(
     chunks: list[dict[str, Any]], interval: float, flushes: set[int]
 ) -> None:
-    send = Recorder()
+    sink = Recorder()
 
     async def run() -> dict[str, Any]:
-        stream = Feed(send, interval)
-        assembler = stream.assembler
+        assembler = CompletionAssembler()
+        stream = DeltaStream(sink, 1, interval, assembler)
+        clock = 0.0
         for position, c in enumerate(chunks):
-            await stream.add(c)
-            if position in flushes:
-                await stream.flush()  # stands in for the timer at a random moment
-        await stream.close()
+            clock += 1.0
+            if assembler.add(c) and (stream.due(clock) or position in flushes):
+                await stream.flush(clock)  # a read at a random moment
+        await stream.close(clock)
         return assembler.completion()
 
     completion = asyncio.run(run())
-    assert send.seqs == list(range(len(send.sent)))
+    assert sink.seqs == list(range(len(sink.sent)))
+    assert sink.settled == 1
     for choice in completion["choices"]:
         index, message = choice["index"], choice["message"]
-        parts = [c["delta"] for _, sent, _ in send.sent for c in sent if c["index"] == index]
+        parts = [c["delta"] for _, _, sent in sink.sent for c in sent if c["index"] == index]
         assert "".join(p.get("content", "") for p in parts) == (message["content"] or "")
         reasoning = "".join(p.get("reasoning_content", "") for p in parts)
         assert reasoning == message.get("reasoning_content", "")
         finishes = [
-            c["finish_reason"] for _, sent, _ in send.sent for c in sent if c["index"] == index
+            c["finish_reason"] for _, _, sent in sink.sent for c in sent if c["index"] == index
         ]
         assert [f for f in finishes if f] == (
             [choice["finish_reason"]] if choice["finish_reason"] else []
