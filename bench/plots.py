@@ -65,6 +65,8 @@ def write_plots(document: dict[str, Any], out: Path = OUT) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     sections = document.get("sections") or {}
+    if single := document.get("section"):  # a scenario run alone (s5_lanes.py, s6_ratelimits.py)
+        sections = {single["name"]: single["data"]}
     label = machine_label(document)
     written: list[Path] = []
 
@@ -151,7 +153,214 @@ def write_plots(document: dict[str, Any], out: Path = OUT) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, "added-latency.png")
+
+    if s5 := sections.get("s5"):
+        save(_lanes(plt, s5), "s5-lanes.png")
+
+    if s6 := sections.get("s6"):
+        save(_rate_limits(plt, s6), "s6-ratelimits.png")
     return written
+
+
+def _lanes(plt: Any, s5: dict[str, Any]) -> Any:
+    """S5: interactive publish-to-result CDFs, lanes against one queue; the saturated split."""
+    targets = s5.get("targets") or {"p50": 0.6, "p99": 1.5, "split": 0.10}
+    weights = s5.get("weights") or (4, 1)
+    fig, (both, zoom, split_ax) = plt.subplots(
+        1, 3, figsize=(14, 4.4), gridspec_kw={"width_ratios": (1.45, 1.2, 0.75)}
+    )
+    lanes_waits: list[float] = []
+    for run, color in zip(s5["runs"], ("tab:blue", "tab:orange"), strict=False):
+        waits = run.get("waits") or []
+        if not waits:
+            continue
+        if run["mode"] == "lanes":
+            lanes_waits = waits
+        ys = [(i + 1) / len(waits) for i in range(len(waits))]
+        missing = run["published"] - run["answered"]
+        bound = "≥ " if missing else ""
+        label = f"{run['mode']}: p50 {bound}{run['p50']:.2f} s, p99 {bound}{run['p99']:.2f} s"
+        if missing:
+            label += f"\n({missing:,} of {run['published']:,} unanswered: their wait so far)"
+        both.plot(waits, ys, color=color, label=label)
+        if run["mode"] == "lanes":
+            zoom.plot(waits, ys, color=color, label=label)
+    for ax in (both, zoom):
+        for q, key, color in ((0.5, "p50", "red"), (0.99, "p99", "darkred")):
+            limit = targets[key]
+            ax.plot([limit, limit], [0, q], color=color, lw=0.8, ls=":")
+            label = f"target {key} ≤ {limit:g} s"
+            ax.plot([limit], [q], marker="o", mfc="none", color=color, ls="none", label=label)
+            ax.axhline(q, color="0.6", lw=0.5, ls=":")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("seconds, publish to result" + (" (log scale)" if ax is both else ""))
+        ax.grid(alpha=0.3, which="both")
+    both.set_xscale("log")
+    both.set_ylabel("share of interactive jobs (CDF)")
+    both.set_title(
+        f"S5: interactive jobs at {s5.get('rate', 20):g}/s behind {s5['backlog']:,} batch jobs",
+        fontsize=10,
+    )
+    both.legend(fontsize=7, loc="center", bbox_to_anchor=(0.5, 0.45))
+    if lanes_waits:
+        zoom.set_xlim(min(lanes_waits) * 0.95, max(targets["p99"] * 1.15, lanes_waits[-1] * 1.02))
+    zoom.set_title("with lanes, against the targets", fontsize=10)
+    zoom.legend(fontsize=7, loc="center right")
+
+    split = s5["split"]
+    expected = weights[0] / sum(weights)
+    share = split["interactive_share"]
+    low, high = expected * (1 - targets["split"]), expected * (1 + targets["split"])
+    bars = (
+        (f"measured\n({split['interactive']:,} + {split['batch']:,} jobs)", share),
+        (f"weights\n{weights[0]} : {weights[1]}", expected),
+    )
+    for x, (_, value) in enumerate(bars):
+        first = x == 0
+        split_ax.bar(x, value, color="tab:blue", width=0.6, label="interactive" if first else None)
+        split_ax.bar(
+            x, 1 - value, bottom=value, color="0.75", width=0.6, label="batch" if first else None
+        )
+        split_ax.text(x, value / 2, f"{value:.3f}", ha="center", color="white", fontsize=9)
+    split_ax.axhspan(low, high, color="red", alpha=0.12, label=f"target {low:.2f} to {high:.2f}")
+    split_ax.axhline(expected, color="red", lw=0.8, ls=":")
+    split_ax.set_xticks(range(len(bars)), [name for name, _ in bars], fontsize=8)
+    split_ax.set_ylim(0, 1)
+    split_ax.set_ylabel("share of jobs completed")
+    window = s5.get("window")
+    split_ax.set_title(
+        "both lanes saturated" + (f", {window:g} s window" if window else ""), fontsize=10
+    )
+    split_ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def _scenario_name(scenario: dict[str, Any]) -> str:
+    procs = f"{scenario['processes']} proc."
+    if scenario.get("max_concurrent") is not None:
+        return f"{procs},\nno headers,\n{scenario['max_concurrent']} at once (Redis)"
+    return f"{procs},\n{'' if scenario.get('retry_after', True) else 'no '}retry-after"
+
+
+def _rates(
+    samples: list[list[float]], span: int = 2
+) -> tuple[list[float], list[float], list[float]]:
+    """Admitted calls/s and 429s/s from the simulator's cumulative counters."""
+    ts, admitted, refused = [], [], []
+    for before, after in zip(samples, samples[span:], strict=False):
+        dt = after[0] - before[0]
+        if dt <= 0:
+            continue
+        ts.append((before[0] + after[0]) / 2)
+        refused.append((after[2] - before[2]) / dt)
+        admitted.append(((after[1] - after[2]) - (before[1] - before[2])) / dt)
+    return ts, admitted, refused
+
+
+def _windowed(
+    events: list[list[float]], window: float = 1.0, step: float = 0.5
+) -> tuple[list[float], list[float]]:
+    """``[time, amount]`` events as amount per second over sliding windows."""
+    last = max(at for at, _ in events)
+    ts, rates = [], []
+    t = window / 2
+    while t - window / 2 <= last:
+        low, high = t - window / 2, t + window / 2
+        ts.append(t)
+        rates.append(sum(amount for at, amount in events if low < at <= high) / window)
+        t += step
+    return ts, rates
+
+
+def _rate_limits(plt: Any, s6: dict[str, Any]) -> Any:
+    """S6: goodput, calls per job and failed jobs per scenario; calls/s against the budget."""
+    targets = s6.get("targets") or {"goodput": 0.9, "calls_per_job": 1.1, "failed": 0}
+    runs = s6["runs"]
+    names = [_scenario_name(run["scenario"]) for run in runs]
+    colors = [f"C{i}" for i in range(len(runs))]
+    xs = list(range(len(runs)))
+    fig = plt.figure(figsize=(12, 11))
+    grid = fig.add_gridspec(3, 3, height_ratios=(1, 0.9, 0.9))
+    panels = (
+        ("goodput", "goodput (jobs/s that succeeded ÷ budget)", targets["goodput"], "≥"),
+        ("calls_per_job", "upstream calls per job (429s included)", targets["calls_per_job"], "≤"),
+        ("failed", "jobs failed", targets["failed"], "≤"),
+    )
+    for column, (key, title, target, sign) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, column])
+        values = [run[key] for run in runs]
+        heights = [v if v is not None else 0.0 for v in values]
+        ax.bar(xs, heights, color=colors, width=0.65)
+        for x, run, value in zip(xs, runs, values, strict=True):
+            if value is None:  # no budget to divide by: the rate it ran at instead
+                rate = run["ok"] / run["seconds"] if run["seconds"] else 0.0
+                text = f"no budget\n{rate:.0f} jobs/s"
+            else:
+                text = f"{value:.2f}" if key != "failed" else f"{value:g}"
+            y = (value or 0) + max(heights) * 0.02
+            ax.text(x, y, text, ha="center", va="bottom", fontsize=7)
+        ax.axhline(target, color="red", lw=1, ls=":", label=f"target {sign} {target:g}")
+        if key == "goodput":
+            ax.set_ylim(0, 1.3)
+        elif key == "calls_per_job":
+            ax.set_ylim(0, max(1.45, max(heights) * 1.3))
+        else:
+            ax.set_ylim(0, max(1.0, max(heights) * 1.3))
+        ax.set_xticks(xs, names, fontsize=6.5)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3, axis="y")
+
+    calls = fig.add_subplot(grid[1, :])
+    tokens = fig.add_subplot(grid[2, :], sharex=calls)
+    top = {"calls": 1.0, "tokens": 1.0}
+    for run, color, name in zip(runs, colors, names, strict=True):
+        label = " ".join(name.split())
+        budgeted = run["budget_jobs_per_s"] is not None
+        ts, admitted, refused = _rates(run.get("calls_at") or [])
+        if ts:
+            calls.plot(ts, admitted, color=color, ls="-" if budgeted else "--", lw=1.2, label=label)
+            hits = [(t, r) for t, r in zip(ts, refused, strict=True) if r > 0]
+            if hits:
+                xs_hit, ys_hit = zip(*hits, strict=True)
+                calls.plot(xs_hit, ys_hit, "x", color=color, ms=6, mew=1.5)
+            top["calls"] = max(top["calls"], *admitted)
+        done = [at for at in run.get("ok_at") or [] if isinstance(at, list)]
+        if budgeted and done:
+            ts, per_s = _windowed(done)
+            tokens.plot(ts, per_s, color=color, lw=1.2, label=label)
+            top["tokens"] = max(top["tokens"], *per_s)
+    budget_jobs = {round(r["budget_jobs_per_s"], 1) for r in runs if r["budget_jobs_per_s"]}
+    for budget in sorted(budget_jobs):
+        label = f"budget ÷ mean job: {budget:g} calls/s"
+        calls.axhline(budget, color="black", lw=1, ls=":", label=label)
+    calls.plot([], [], "x", color="0.3", mew=1.5, label="429s/s (when any)")
+    calls.set_ylabel("calls/s admitted")
+    calls.set_title(
+        "upstream calls the provider admitted per second (1 s windows) and its 429s", fontsize=10
+    )
+    calls.set_ylim(0, top["calls"] * 1.45)
+    calls.legend(fontsize=7, loc="upper center", ncol=3)
+    if tpm := s6.get("tpm"):
+        label = f"budget: {tpm:,} tokens/min = {tpm / 60:,.0f} tokens/s"
+        tokens.axhline(tpm / 60, color="black", lw=1, ls=":", label=label)
+    tokens.set_ylabel("tokens/s")
+    tokens.set_title(
+        "tokens the provider counted for the calls that succeeded, per second (1 s windows, "
+        "at each result's arrival), against the budget that binds",
+        fontsize=10,
+    )
+    tokens.set_ylim(0, top["tokens"] * 1.45)
+    tokens.legend(fontsize=7, loc="upper center", ncol=3)
+    tokens.set_xlabel("seconds since the workers started")
+    for ax in (calls, tokens):
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"S6: worker processes sharing one organisation's rate limits "
+        f"({s6.get('seconds', '?'):g} s of budget a run; mixed prompts, 1 in 5 streamed)",
+        fontsize=11,
+    )
+    return fig
 
 
 def main() -> None:

@@ -22,11 +22,12 @@ from s2_latency import run_s2
 from s3_streaming import LEVELS, QUICK_LEVELS, run_s3
 from s4_scaleout import run_s4
 from s5_lanes import run_s5
+from s6_ratelimits import run_s6
 from telemetry import run_telemetry
 from transports import run_transports
 
-SCENARIOS = ("s1", "s2", "s3", "latency", "s4", "s5", "telemetry", "transports")
-DEFAULT = "s1,s2,s3,latency,s4,s5,telemetry"
+SCENARIOS = ("s1", "s2", "s3", "latency", "s4", "s5", "s6", "telemetry", "transports")
+DEFAULT = "s1,s2,s3,latency,s4,s5,s6,telemetry"
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -61,6 +62,8 @@ async def main(args: argparse.Namespace) -> int:
         elif name == "s5":
             backlog, seconds, window = (3_000, 15.0, 8.0) if quick else (20_000, 60.0, 20.0)
             section = await run_s5(backlog, seconds, window)
+        elif name == "s6":
+            section = await run_s6(10.0 if quick else 30.0, timeout=args.timeout)
         elif name == "telemetry":
             section = await run_telemetry(jobs, args.repeat, args.timeout)
         else:

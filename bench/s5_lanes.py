@@ -36,6 +36,7 @@ from common import (
     run_main,
     start_mock,
 )
+from plots import commit
 from report import Row, Section, table, write_json
 
 from worker.settings import Settings
@@ -198,6 +199,8 @@ async def interactive_latency(
             "outside_upstream_p50": percentile(overhead, 50),
             "outside_upstream_p99": percentile(overhead, 99),
             "batch_done": sum(j.startswith("b") for j in results.at),
+            # Every interactive job's publish to result (seconds), for the figure's CDF.
+            "waits": sorted(round(w, 4) for w in waits),
         }
     finally:
         for proc in procs:
@@ -247,7 +250,8 @@ async def run_s5(
         run_dir = log_dir / ("lanes" if lanes else "one-queue")
         run_dir.mkdir()
         run = await interactive_latency(lanes, backlog_jobs, seconds, 3.0, run_dir)
-        print(f"  {run}", file=sys.stderr, flush=True)
+        shown = {key: value for key, value in run.items() if key != "waits"}
+        print(f"  {shown}", file=sys.stderr, flush=True)
         runs.append(run)
     (log_dir / "split").mkdir()
     split = await saturated_split(max(2_000, int(window * 200)), window, log_dir / "split")
@@ -293,13 +297,24 @@ async def run_s5(
             upper=True,
         ),
     ]
-    return Section("s5", rows, {"runs": runs, "split": split, "backlog": backlog_jobs})
+    data = {
+        "runs": runs,
+        "split": split,
+        "backlog": backlog_jobs,
+        "rate": RATE,
+        "seconds": seconds,
+        "window": window,
+        "weights": WEIGHTS,
+        "targets": {"p50": TARGET_P50, "p99": TARGET_P99, "split": TARGET_SPLIT},
+    }
+    return Section("s5", rows, data)
 
 
 async def main(args: argparse.Namespace) -> None:
     section = await run_s5(args.backlog, args.seconds, args.window)
     print(table(section.rows))
-    print(write_json("s5_lanes", {"args": vars(args), "section": section.__dict__}))
+    payload = {"args": vars(args), "commit": commit(), "section": section.__dict__}
+    print(write_json("s5_lanes", payload))
 
 
 if __name__ == "__main__":

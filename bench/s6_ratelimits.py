@@ -11,6 +11,8 @@ The last scenario has no headers at all: a server that answers 429 past N calls 
 and workers that share ``WORKER_UPSTREAM_MAX_CONCURRENCY=N`` through Redis.
 
     python bench/s6_ratelimits.py --seconds 20
+
+``bench/run.py --scenarios s6`` runs the same (30 s of budget a run; ``--quick``: 10 s).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import collections
 import contextlib
 import os
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +47,15 @@ from common import (
     run_main,
 )
 from measure import log_dir_for
-from report import write_json
+from plots import commit
+from report import Row, Section, table, write_json
 
 from worker.mock_budget import request_tokens
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india")
+TARGET_GOODPUT, TARGET_CALLS_PER_JOB, TARGET_FAILED = 0.90, 1.10, 0
+STATS_EVERY = 0.5  # seconds between two reads of the simulator's call counters
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,12 @@ class Outcome:
     seconds: float = 0.0
     budget_jobs_per_s: float | None = None
     codes: collections.Counter[str] | None = None
+    # Seconds since the workers were started: each result that succeeded (with the tokens the
+    # provider counted for its call), and the simulator's counters (calls, 429s) read every
+    # STATS_EVERY.
+    first_result_s: float | None = None
+    ok_at: list[tuple[float, int]] = field(default_factory=list)
+    calls_at: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
     def calls_per_job(self) -> float:
@@ -83,6 +95,26 @@ class Outcome:
         if not self.budget_jobs_per_s or not self.seconds:
             return None
         return self.ok / self.seconds / self.budget_jobs_per_s
+
+    def summary(self) -> dict[str, Any]:
+        """The run as JSON (``report.write_json``)."""
+        return {
+            "label": self.scenario.label,
+            "scenario": self.scenario.__dict__,
+            "jobs": self.jobs,
+            "ok": self.ok,
+            "failed": self.failed,
+            "calls": self.calls,
+            "refused": self.refused,
+            "seconds": self.seconds,
+            "calls_per_job": self.calls_per_job,
+            "goodput": self.goodput,
+            "budget_jobs_per_s": self.budget_jobs_per_s,
+            "codes": dict(self.codes or {}),
+            "first_result_s": self.first_result_s,
+            "ok_at": [[round(t, 3), tokens] for t, tokens in self.ok_at],
+            "calls_at": [[round(t, 3), calls, refused] for t, calls, refused in self.calls_at],
+        }
 
 
 def make_jobs(count: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -130,8 +162,8 @@ async def start_simulator(scenario: Scenario, log_dir: Path) -> tuple[Proc, str]
 
 
 async def run_scenario(scenario: Scenario, jobs: int, timeout: float) -> Outcome:
-    names = Names.unique("s5")
-    log_dir = log_dir_for(f"s5-{scenario.label}")
+    names = Names.unique("s6")
+    log_dir = log_dir_for(f"s6-{scenario.label}")
     bodies = make_jobs(jobs)
     outcome = Outcome(scenario, jobs, codes=collections.Counter())
     if scenario.tpm or scenario.rpm:
@@ -145,6 +177,18 @@ async def run_scenario(scenario: Scenario, jobs: int, timeout: float) -> Outcome
     simulator, upstream = await start_simulator(scenario, log_dir)
     connection = await aio_pika.connect_robust(AMQP_URL)
     procs: list[Proc] = []
+    stats_url = upstream.removesuffix("/v1") + "/mock/stats"
+    session = aiohttp.ClientSession()
+
+    async def read_calls() -> None:
+        while True:
+            async with session.get(stats_url) as response:
+                stats = await response.json()
+            at = time.monotonic() - started
+            outcome.calls_at.append((at, stats["total"], stats["faults"].get("rate_limit", 0)))
+            await asyncio.sleep(STATS_EVERY)
+
+    reader: asyncio.Task[None] | None = None
     try:
         await declare_topology(connection, names)
         channel = await connection.channel(publisher_confirms=True)
@@ -166,6 +210,8 @@ async def run_scenario(scenario: Scenario, jobs: int, timeout: float) -> Outcome
                     first.append(time.monotonic())
                 if result["error"] is None:
                     outcome.ok += 1
+                    tokens = request_tokens(bodies[int(result["custom_id"][1:])])
+                    outcome.ok_at.append((time.monotonic() - started, tokens))
                 else:
                     outcome.failed += 1
                     assert outcome.codes is not None
@@ -180,6 +226,8 @@ async def run_scenario(scenario: Scenario, jobs: int, timeout: float) -> Outcome
             env["WORKER_UPSTREAM_MAX_CONCURRENCY"] = str(scenario.max_concurrent)
             env["WORKER_REDIS_URL"] = REDIS_URL
         spawn = chat_worker(64, processes=scenario.processes, **env)
+        started = time.monotonic()
+        reader = asyncio.create_task(read_calls())
         procs = spawn(RunContext(names, upstream, log_dir))
         deadline = time.monotonic() + timeout
         while not done.is_set() and time.monotonic() < deadline:
@@ -188,14 +236,21 @@ async def run_scenario(scenario: Scenario, jobs: int, timeout: float) -> Outcome
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 1.0)
         if not done.is_set():
-            print(f"  {scenario.label}: timed out with {len(seen)}/{jobs} results")
+            print(f"  {scenario.label}: timed out with {len(seen)}/{jobs} results", file=sys.stderr)
         outcome.seconds = time.monotonic() - first[0] if first else 0.0
-        stats_url = upstream.removesuffix("/v1") + "/mock/stats"
-        async with aiohttp.ClientSession() as session, session.get(stats_url) as response:
+        outcome.first_result_s = first[0] - started if first else None
+        reader.cancel()
+        async with session.get(stats_url) as response:
             stats = await response.json()
         outcome.calls = stats["total"]
         outcome.refused = stats["faults"].get("rate_limit", 0)
+        outcome.calls_at.append((time.monotonic() - started, outcome.calls, outcome.refused))
     finally:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                await reader
+        await session.close()
         for proc in procs:
             proc.stop()
         simulator.stop()
@@ -224,20 +279,68 @@ def row(outcome: Outcome) -> str:
     )
 
 
-async def main(args: argparse.Namespace) -> None:
-    chosen = [s for s in scenarios(args.tpm) if not args.only or args.only in s.label]
+def rows(outcome: Outcome) -> list[Row]:
+    """Table rows of one run: failed jobs, calls per job, goodput (or jobs/s: no budget)."""
+    label = f"S6 {outcome.scenario.label}"
+    found = [
+        Row(f"{label}: jobs failed", outcome.failed, unit="jobs", target=TARGET_FAILED, upper=True),
+        Row(
+            f"{label}: upstream calls per job",
+            outcome.calls_per_job,
+            unit="calls",
+            target=TARGET_CALLS_PER_JOB,
+            upper=True,
+        ),
+    ]
+    if outcome.goodput is not None:
+        found.append(Row(f"{label}: goodput", outcome.goodput, unit="", target=TARGET_GOODPUT))
+    elif outcome.seconds:
+        found.append(Row(f"{label}: jobs that succeeded", outcome.ok / outcome.seconds))
+    return found
+
+
+async def run_s6(
+    seconds: float = 30.0,
+    tpm: int = 600_000,
+    *,
+    jobs: int = 0,
+    only: str = "",
+    timeout: float = 300.0,
+) -> Section:
+    """Every scenario (or those whose label contains ``only``), ``seconds`` of budget each."""
     outcomes = []
+    for scenario in scenarios(tpm):
+        if only and only not in scenario.label:
+            continue
+        budget = scenario.tpm and tpm
+        # Enough jobs for ``seconds`` of the budget; the concurrency run takes as many.
+        count = jobs or int(seconds * (budget / 60 / 330 if budget else 40))
+        outcome = await run_scenario(scenario, count, timeout)
+        print(f"  {row(outcome)}", file=sys.stderr, flush=True)
+        outcomes.append(outcome)
+    data = {
+        "seconds": seconds,
+        "tpm": tpm,
+        "targets": {
+            "goodput": TARGET_GOODPUT,
+            "calls_per_job": TARGET_CALLS_PER_JOB,
+            "failed": TARGET_FAILED,
+        },
+        "runs": outcomes,
+    }
+    return Section("s6", [r for outcome in outcomes for r in rows(outcome)], data)
+
+
+async def main(args: argparse.Namespace) -> None:
+    section = await run_s6(
+        args.seconds, args.tpm, jobs=args.jobs, only=args.only, timeout=args.timeout
+    )
     print("| scenario | jobs | failed | calls/job | 429s | goodput | s |")
     print("|---|---|---|---|---|---|---|")
-    for scenario in chosen:
-        budget = scenario.tpm and args.tpm
-        # Enough jobs for ``seconds`` of the budget; the concurrency run takes as many.
-        jobs = args.jobs or int(args.seconds * (budget / 60 / 330 if budget else 40))
-        outcome = await run_scenario(scenario, jobs, args.timeout)
-        outcomes.append(outcome)
-        print(row(outcome), flush=True)
-    payload = {"args": vars(args), "runs": [o.__dict__ | {"scenario": o.scenario.__dict__}
-                                            for o in outcomes]}  # fmt: skip
+    for outcome in section.data["runs"]:
+        print(row(outcome))
+    print(table(section.rows))
+    payload = {"args": vars(args), "commit": commit(), "section": section.__dict__}
     print(write_json("s6_ratelimits", payload))
 
 
