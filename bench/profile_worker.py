@@ -15,7 +15,6 @@ Needs py-spy (``pip install py-spy``) and ptrace rights over the worker.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys
@@ -124,9 +123,6 @@ def _task_of(chain: list[str]) -> tuple[str, str]:
     return f"{chain[0]} (stack seen without the loop)", chain[1] if len(chain) > 1 else "(own)"
 
 
-NATIVE = os.environ.get("PROFILE_NATIVE") == "1"  # C frames too (uvloop, the kernel calls)
-
-
 def attach_py_spy(output: Path, rate: int) -> Callable[[list[Proc]], Callable[[], None]]:
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
 
@@ -143,7 +139,6 @@ def attach_py_spy(output: Path, rate: int) -> Callable[[list[Proc]], Callable[[]
             "--rate",
             str(rate),
             "--nonblocking",
-            *(["--native"] if NATIVE else []),
         ]
         spy = Proc("py-spy", argv, workers[0].log.parent, env=clean_env())
 
@@ -162,7 +157,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.scenario == "s1":
         setup = Setup("profile-s1", args.jobs, timeout=args.timeout)
     else:
-        mock = MockArgs(chunks=int(os.environ.get("PROFILE_CHUNKS", "200")), chunk_interval=0.01)
+        mock = MockArgs(chunks=args.chunks, chunk_interval=0.01)
         setup = Setup("profile-s3", args.jobs, mock, stream=True, reply_to=True)
     spawn = raw_loop(concurrency=args.concurrency) if args.target == "raw" else None
     run, _, _ = await measure(
@@ -182,6 +177,7 @@ if __name__ == "__main__":
         "--target", choices=("worker", "raw"), default="worker", help="raw: the raw_loop.py"
     )
     parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--chunks", type=int, default=200, help="S3: chunks per answer")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=30)

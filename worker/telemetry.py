@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -28,7 +29,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import Observation
+from opentelemetry.metrics import Histogram, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -44,6 +45,7 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _NOISY = ("aio_pika", "aiormq", "httpx", "httpcore", "aiohttp.access")
 
 SERVICE_NAME = "chat-worker"
+DEFER_SECONDS = 0.005  # how long an attempt's measurements may wait (see Telemetry)
 PROVIDER = "openai"  # the API flavour spoken, whoever serves it (semconv well-known value)
 # Bucket boundaries recommended by the GenAI semantic conventions.
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
@@ -175,6 +177,12 @@ class Telemetry:
         else:
             # Nothing would be exported: no span is recorded, context still propagates.
             self.tracer = trace.NoOpTracer()
+        # An attempt's measurements are recorded a moment after the attempt (the OTel SDK
+        # takes ~50 µs for one attempt's three, which would otherwise sit between the
+        # upstream's answer and the result); a scrape records what is still waiting first.
+        self._deferred: list[tuple[Histogram, float, dict[str, Any]]] = []
+        self._flush_soon: asyncio.TimerHandle | None = None
+        self.registry.register(_FlushBeforeCollect(self.flush_deferred))
         readers: list[MetricReader] = [*metric_readers]
         if not _sdk_disabled():
             readers.append(PrometheusMetricReader(registry=self.registry))
@@ -289,6 +297,7 @@ class Telemetry:
         ]
 
     def shutdown(self) -> None:
+        self.flush_deferred()
         if self._tracer_provider is not None:
             self._tracer_provider.shutdown()
         self._meter_provider.shutdown()
@@ -429,12 +438,35 @@ class Telemetry:
             attributes["error.type"] = error_type
             span.set_attribute("error.type", error_type)
             span.set_status(Status(StatusCode.ERROR))
-        self.operation_duration.record(seconds, attributes)
+        deferred = self._deferred
+        deferred.append((self.operation_duration, seconds, attributes))
         if ttft_seconds is not None:
-            self.time_to_first_chunk.record(ttft_seconds, attributes)
+            deferred.append((self.time_to_first_chunk, ttft_seconds, attributes))
         for kind, key in (("input", "prompt_tokens"), ("output", "completion_tokens")):
             if isinstance(usage.get(key), int):
-                self.token_usage.record(usage[key], {**attributes, "gen_ai.token.type": kind})
+                deferred.append(
+                    (self.token_usage, usage[key], {**attributes, "gen_ai.token.type": kind})
+                )
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_soon is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush_deferred()
+            return
+        self._flush_soon = loop.call_later(DEFER_SECONDS, self.flush_deferred)
+
+    def flush_deferred(self) -> None:
+        """Record the measurements still waiting (see ``_deferred``)."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        deferred, self._deferred = self._deferred, []
+        for instrument, value, attributes in deferred:
+            instrument.record(value, attributes)
 
     def record_job(
         self,
@@ -471,3 +503,15 @@ class Telemetry:
             span.set_attribute("error.type", error_code)
             span.set_status(Status(StatusCode.ERROR))
             self.dead_lettered.add(1, {"error_code": error_code})
+
+
+class _FlushBeforeCollect(prometheus_client.registry.Collector):
+    """Registered ahead of the OTel reader: a scrape records the waiting measurements first
+    (a registry collects in the order of registration)."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Iterator[prometheus_client.Metric]:
+        self._flush()
+        return iter(())
