@@ -32,7 +32,7 @@ from aiormq.abc import ChannelFrame
 from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 
-__all__ = ["Outbox", "PreparedPublish"]
+__all__ = ["Outbox", "PreparedPublish", "refusal", "returned"]
 
 _FRAME_HEADER = struct.Struct(">BHI")  # frame type, channel, payload size
 _CONTENT_HEADER = struct.Struct(">HxxQ")  # class id, weight (0), body size
@@ -190,3 +190,14 @@ class PreparedPublish:
         message_id = f"{_ID_PREFIX}{next(_ids):x}"
         payload = self.encode(body, message_id, self._outbox.channel.max_content_size)
         return self._outbox.send(payload, message_id)
+
+
+def returned(exc: aiormq.exceptions.DeliveryError) -> bool:
+    """True when the broker returned the message as unroutable (rather than nacking it)."""
+    frame = getattr(exc, "frame", None)
+    return frame is not None and type(frame).__name__ == "Return"
+
+
+def refusal(exc: aiormq.exceptions.DeliveryError) -> str:
+    """How the broker refused a publish, for a log line or an error."""
+    return "was returned as unroutable" if returned(exc) else "was refused (nack)"

@@ -15,7 +15,6 @@ never thrown away. Only when that fails too does the request stay unacknowledged
 from __future__ import annotations
 
 import asyncio
-from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,12 +26,14 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from worker.blocking import BlockedState
+from worker.deltas import JobDeltas
 from worker.errors import JobError
-from worker.frames import Outbox, PreparedPublish
+from worker.frames import Outbox, refusal
 from worker.jobs import Deferral, Envelope, JobOutcome
 from worker.messages import MAX_CUSTOM_ID
 from worker.settings import Settings
 from worker.topology import (
+    APP_ID,
     DELTA,
     H_ATTEMPTS,
     H_CUSTOM_ID,
@@ -49,7 +50,6 @@ from worker.topology import (
     H_USAGE_TOTAL,
     RESULT_ERROR,
     RESULT_OK,
-    TYPE_DELTA,
     TYPE_RESULT,
     dead_letter_queue_for,
     delay_queue_name,
@@ -69,7 +69,6 @@ log = structlog.get_logger(__name__)
 
 Properties = Basic.Properties
 
-APP_ID = "chat-worker"
 # Header values are free text (an upstream's message, a producer's custom_id): all headers
 # of one message must fit in one frame (128 KiB by default), or the broker closes the
 # whole connection and every job on it. Longer values are cut (messages) or left out (ids).
@@ -84,10 +83,6 @@ class CopyRefused(aiormq.exceptions.AMQPError):
         self.what = what
         self.destination = destination
         self.reason = reason
-
-
-def _refusal(exc: aiormq.exceptions.DeliveryError) -> str:
-    return "was returned as unroutable" if _returned(exc) else "was refused (nack)"
 
 
 def render_result(
@@ -268,7 +263,7 @@ class Publisher:
         try:
             await self._send("", queue, document, properties, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
-            raise CopyRefused("the unroutable result", queue, _refusal(exc)) from None
+            raise CopyRefused("the unroutable result", queue, refusal(exc)) from None
 
     async def _reply(
         self, envelope: Envelope, body: bytes, properties: Properties, routing_key: str
@@ -288,7 +283,7 @@ class Publisher:
                     "reply_to queue did not take a message; using the result exchange",
                     job_id=envelope.job_id,
                     reply_to=envelope.reply_to,
-                    reason=_refusal(exc),
+                    reason=refusal(exc),
                 )
                 # Later messages of this job go straight to the exchange.
                 envelope.reply_to = None
@@ -305,7 +300,7 @@ class Publisher:
                 job_id=envelope.job_id,
                 exchange=exchange,
                 routing_key=routing_key,
-                reason=_refusal(exc),
+                reason=refusal(exc),
             )
             return False
         return True
@@ -366,13 +361,7 @@ class Publisher:
         try:
             await self._send("", queue, copy.body, copy.properties, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
-            raise CopyRefused(what, queue, _refusal(exc)) from None
-
-
-def _returned(exc: aiormq.exceptions.DeliveryError) -> bool:
-    """True when the broker returned the message as unroutable (rather than nacking it)."""
-    frame = getattr(exc, "frame", None)
-    return frame is not None and type(frame).__name__ == "Return"
+            raise CopyRefused(what, queue, refusal(exc)) from None
 
 
 def _carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -418,138 +407,3 @@ def copy_request(
         type=message.type,
         app_id=message.app_id,
     )
-
-
-class JobDeltas:
-    """One job's deltas (contract §5), published one at a time in ``seq`` order.
-
-    A delta is written at once (:class:`~worker.frames.PreparedPublish`: encoded once per
-    job) and its confirm is not awaited then: the next delta, a flush interval later, when
-    the confirm has long arrived, checks it first, and :meth:`settle` checks the last one
-    before the result. So the reader of the upstream's stream never waits on the broker,
-    and a refused delta still fails the attempt before a later one could leave a gap.
-
-    A ``reply_to`` queue that refuses a delta (returned: no such queue; nacked: full) is
-    given up for the rest of the job and the delta goes to the result exchange instead, as
-    a result would. While the broker blocks the connection nothing waits for a confirm (the
-    wait would count as upstream silence): :meth:`settle` checks them all.
-    """
-
-    def __init__(
-        self,
-        publisher: Publisher,
-        envelope: Envelope,
-        custom_id: str | None,
-        trace: Mapping[str, str],
-        blocking: BlockedState | None,
-    ) -> None:
-        self._publisher = publisher
-        self._envelope = envelope
-        self._custom_id = custom_id
-        self._blocking = blocking
-        self._trace = trace
-        self._route: PreparedPublish | None = None
-        self._to_reply = False
-        # Sent, not yet checked: (confirmation, body, sent to reply_to)
-        self._unchecked: list[tuple[asyncio.Future[Any], bytes, bool]] = []
-
-    def _prepared(self) -> PreparedPublish:
-        if self._route is None:
-            outbox = self._publisher.outbox
-            envelope = self._envelope
-            properties = Properties(
-                content_type="application/json",
-                message_type=TYPE_DELTA,
-                correlation_id=envelope.correlation_id,
-                # Deltas are worth nothing once the result is out: no need to hit the disk.
-                delivery_mode=1,
-                headers={H_JOB_ID: envelope.job_id, **self._trace},
-                app_id=APP_ID,
-            )
-            reply_to = envelope.reply_to
-            if reply_to:
-                self._route = PreparedPublish(
-                    outbox,
-                    exchange="",
-                    routing_key=reply_to,
-                    properties=properties,
-                    mandatory=True,
-                )
-            else:
-                # Deltas are for whoever listens; with no binding they are simply not wanted.
-                self._route = PreparedPublish(
-                    outbox,
-                    exchange=self._publisher.result_exchange,
-                    routing_key=DELTA,
-                    properties=properties,
-                    mandatory=False,
-                )
-            self._to_reply = bool(reply_to)
-        return self._route
-
-    async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
-        await self._check(wait=not (self._blocking is not None and self._blocking.blocked))
-        body = orjson.dumps(
-            {
-                "id": self._envelope.job_id,
-                "custom_id": self._custom_id,
-                "type": "delta",
-                "attempt": attempt,
-                "seq": seq,
-                "choices": choices,
-            }
-        )
-        self._publish(body)
-
-    def _publish(self, body: bytes) -> None:
-        route = self._prepared()
-        self._unchecked.append((route.publish(body), body, self._to_reply))
-
-    async def settle(self) -> None:
-        await self._check(wait=True, forever=True)
-
-    async def _check(self, *, wait: bool, forever: bool = False) -> None:
-        """Look at the confirms of the deltas sent, in order; with ``wait``, wait for those
-        not in yet (``forever``: even while the connection is blocked)."""
-        while self._unchecked:
-            confirmation, body, to_reply = self._unchecked[0]
-            if not confirmation.done() and not (
-                wait and await self._confirmed(confirmation, forever)
-            ):
-                return
-            del self._unchecked[0]
-            if confirmation.cancelled():  # its channel closed before the broker answered
-                self.discard()
-                raise aiormq.exceptions.ChannelInvalidStateError("a delta was not confirmed")
-            if (error := confirmation.exception()) is None:
-                continue
-            if not (to_reply and isinstance(error, aiormq.exceptions.DeliveryError)):
-                self.discard()
-                raise error
-            if self._envelope.reply_to:
-                log.warning(
-                    "reply_to queue did not take a delta; using the result exchange",
-                    job_id=self._envelope.job_id,
-                    reply_to=self._envelope.reply_to,
-                    reason=_refusal(error),
-                )
-                # Later messages of this job (the result too) go to the exchange.
-                self._envelope.reply_to = None
-                self._route = None
-            # Every delta after it was sent to reply_to as well: send them again, in order.
-            self._publish(body)
-
-    async def _confirmed(self, confirmation: asyncio.Future[Any], forever: bool) -> bool:
-        """Wait for one confirm; False when the broker blocked the connection first."""
-        blocking = self._blocking
-        if forever or blocking is None:
-            await asyncio.wait((confirmation,))
-            return True
-        if blocking.blocked:
-            return False
-        await asyncio.wait({confirmation, blocking.next_block()}, return_when=FIRST_COMPLETED)
-        return confirmation.done()
-
-    def discard(self) -> None:
-        """Forget the deltas not checked (the job is over or failed)."""
-        self._unchecked.clear()

@@ -33,6 +33,7 @@ RESULT_BINDING = "result.*"
 RESULT_OK = "result.ok"
 RESULT_ERROR = "result.error"
 DELTA = "delta"
+APP_ID = "chat-worker"  # the app_id of everything the worker publishes
 
 # AMQP `type` of what the worker publishes.
 TYPE_RESULT = "chat.result"
