@@ -142,7 +142,8 @@ class JobDeltas:
                 # Later messages of this job (the result too) go to the exchange.
                 self._envelope.reply_to = None
                 self._route = None
-            # Every delta after it was sent to reply_to as well: send them again, in order.
+            # Deltas sent after it (to reply_to too) come next in this loop: refused as
+            # well, each is sent again after this one, so the exchange gets them in order.
             self._publish(body)
 
     async def _confirmed(self, confirmation: asyncio.Future[Any], forever: bool) -> bool:
