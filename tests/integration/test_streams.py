@@ -247,13 +247,13 @@ async def test_item11_plain_200_with_error_body_is_upstream_error_and_retried(
     assert calls(mock, body) == 2
 
 
-# --- item 12: a delta publish that fails on the flush timer ------------------------------
+# --- item 12: a coalesced delta the broker refuses ---------------------------------------
 
 
-async def test_item12_delta_failing_on_the_flush_timer_fails_the_attempt(
+async def test_item12_a_refused_coalesced_delta_fails_the_attempt(
     start_worker: StartWorker, connection: AbstractConnection, replies: Replies, mock: MockUpstream
 ) -> None:
-    """The first delta goes at once; the second leaves from the coalescing timer. When that
+    """The first delta goes at once; the second an interval later, coalesced. When that
     publish fails (as a broker nack raises), the attempt must fail: no ``ok`` result whose
     deltas have a gap. The delivery comes back and a clean attempt completes."""
     worker = await start_worker(stream_flush_interval=0.05, max_attempts=3)
