@@ -105,11 +105,12 @@ class JobDeltas:
                 "choices": choices,
             }
         )
-        self._publish(body)
+        # The first delta of an attempt goes out now; later ones with the loop iteration's.
+        self._publish(body, at_once=seq == 0)
 
-    def _publish(self, body: bytes) -> None:
+    def _publish(self, body: bytes, *, at_once: bool = False) -> None:
         route = self._prepared()
-        self._unchecked.append((route.publish(body), body, self._to_reply))
+        self._unchecked.append((route.publish(body, at_once=at_once), body, self._to_reply))
 
     async def settle(self) -> None:
         await self._check(wait=True, forever=True)

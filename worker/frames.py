@@ -85,19 +85,27 @@ class Outbox:
         self._flush: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def send(self, payload: bytes, message_id: str) -> asyncio.Future[Any]:
-        """Queue one encoded publish; returns its confirmation (ack, nack or return)."""
+    def send(
+        self, payload: bytes, message_id: str, *, at_once: bool = False
+    ) -> asyncio.Future[Any]:
+        """Queue one encoded publish; returns its confirmation (ack, nack or return).
+        ``at_once``: write it (and the batch before it) now, not at the end of the loop
+        iteration: a first delta, whose latency counts more than the write it saves."""
         channel = self.channel
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         confirmation = channel.create_future()
         self._batch.append((payload, message_id, confirmation))
-        if self._flush is None:
+        if at_once:
+            self._write()
+        elif self._flush is None:
             self._flush = self._loop.call_soon(self._write)
         return confirmation
 
     def _write(self) -> None:
-        self._flush = None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         batch, self._batch = self._batch, []
         channel = self.channel
         if channel.is_closed:
@@ -184,12 +192,12 @@ class PreparedPublish:
             parts += (_FRAME_HEADER.pack(_BODY_FRAME, self._number, len(piece)), piece, _FRAME_END)
         return b"".join(parts)
 
-    def publish(self, body: bytes) -> asyncio.Future[Any]:
+    def publish(self, body: bytes, *, at_once: bool = False) -> asyncio.Future[Any]:
         """Send one message; returns its confirmation, not awaited (the caller decides when
         it needs it). Raises ``ChannelInvalidStateError`` on a closed channel."""
         message_id = f"{_ID_PREFIX}{next(_ids):x}"
         payload = self.encode(body, message_id, self._outbox.channel.max_content_size)
-        return self._outbox.send(payload, message_id)
+        return self._outbox.send(payload, message_id, at_once=at_once)
 
 
 def returned(exc: aiormq.exceptions.DeliveryError) -> bool:
