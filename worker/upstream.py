@@ -49,6 +49,9 @@ CONNECT_TIMEOUT = 10.0
 # aiohttp's ClientResponseError): every one is an upstream_error, to retry.
 TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
 INSUFFICIENT_QUOTA = "insufficient_quota"
+# What may follow a stream's `[DONE]` before the body ends, read to keep the connection.
+BODY_END_WAIT = 0.1
+BODY_END_BYTES = 65536
 
 _DONE = b"[DONE]"
 
@@ -364,6 +367,7 @@ class Upstream:
                     allow_redirects=False,
                 )
                 close: Callable[[], Awaitable[None]] = _releaser(answer)
+                finish: Callable[[], Awaitable[None]] | None = _body_end(answer)
                 status, answer_headers = answer.status, answer.headers
                 read: Callable[[], Awaitable[bytes]] = answer.content.readany
                 read_all: Callable[[], Awaitable[bytes]] = answer.read
@@ -376,6 +380,7 @@ class Upstream:
                 read = _reader(response.aiter_bytes())
                 read_all = response.aread
                 transport = None
+                finish = None
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         try:
@@ -404,6 +409,8 @@ class Upstream:
                 yield stream
             finally:
                 stream.stop_resting()
+            if stream.done and finish is not None:
+                await finish()
         finally:
             with contextlib.suppress(*TRANSPORT_ERRORS):
                 await close()
@@ -422,6 +429,22 @@ class Upstream:
                 for chunk in batch:
                     yield chunk
             meta["done"] = chunks.done
+
+
+def _body_end(answer: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
+    """After ``[DONE]`` only the end of the body is left (the last empty chunk): read it,
+    briefly, so that the connection goes back to the pool rather than being closed (a new
+    connection per stream costs a handshake and ~2 % of a stream's CPU)."""
+
+    async def read_to_end() -> None:
+        content = answer.content
+        left = BODY_END_BYTES
+        with contextlib.suppress(*TRANSPORT_ERRORS, TimeoutError):
+            async with asyncio.timeout(BODY_END_WAIT):
+                while left > 0 and not content.at_eof() and (data := await content.readany()):
+                    left -= len(data)
+
+    return read_to_end
 
 
 def _releaser(answer: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:

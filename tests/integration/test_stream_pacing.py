@@ -14,8 +14,10 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aiohttp import web
 from conftest import Replies, publish
 from pamqp.commands import Basic
 
@@ -24,6 +26,7 @@ from worker.messages import JobDelta, JobResult
 from worker.mock_upstream import MockUpstream
 from worker.service import Worker
 from worker.topology import DELTA
+from worker.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
@@ -229,5 +232,45 @@ async def test_outbox_and_basic_publish_interleave_in_tag_order(amqp_url: str) -
             assert mine[20] == f"{round_}-x"
             assert mine[21:] == [f"{round_}-{i}-b" for i in range(20)]
         assert not channel.message_id_delivery_tag  # every id forgotten once confirmed
+        await channel.queue_delete(queue)
     finally:
         await connection.close()
+
+
+async def test_a_finished_stream_gives_its_connection_back() -> None:
+    """A server that ends the body a moment after ``[DONE]`` (a separate write, as many
+    do): the worker reads that end, so the next stream reuses the connection."""
+    peers: list[str] = []
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        peers.append(str(request.transport.get_extra_info("peername") if request.transport else ""))
+        await request.read()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        for delta, finish in (({"content": "hi"}, None), ({}, "stop")):
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            await response.write(b"data: " + orjson.dumps({**chunk, "choices": [choice]}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.02)  # the body's end comes in a later write
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", sse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions", max_connections=4)
+    try:
+        for _ in range(3):
+            async with client.open_stream(b'{"stream": true}', {}) as chunks:
+                while await chunks.read() is not None:
+                    pass
+                assert chunks.done
+        assert len(peers) == 3 and len(set(peers)) == 1, peers
+    finally:
+        await client.aclose()
+        await runner.cleanup()
