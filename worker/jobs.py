@@ -76,9 +76,6 @@ RATE_LIMIT_INLINE_WAIT = 30.0
 # The longest a stream is left unread between two reads (see JobRunner._stream_once).
 MAX_REST = 0.05
 
-SendDelta = DeltaSink
-"""Where a job's deltas go: ``send(attempt, seq, choices)``, then ``settle()``."""
-
 
 @dataclass(slots=True)
 class Envelope:
@@ -334,7 +331,7 @@ class JobRunner:
         for member in self.pool.members:
             await _gate_of(member).aclose()
 
-    async def run(self, job: Job, send_delta: SendDelta) -> JobOutcome | Deferral:
+    async def run(self, job: Job, send_delta: DeltaSink) -> JobOutcome | Deferral:
         attempt = job.envelope.prior_attempts
         waited = job.envelope.rate_limit_wait_ms / 1000  # seconds, across deliveries
         if attempt >= self.settings.max_attempts:
@@ -508,7 +505,7 @@ class JobRunner:
         member: Member,
         bodies: dict[str, bytes],
         attempt: int,
-        send_delta: SendDelta,
+        send_delta: DeltaSink,
     ) -> JobOutcome:
         """One upstream call inside its CLIENT span, recorded in the metrics."""
         sent_model = member.spec.upstream_model(job.model)

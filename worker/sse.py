@@ -49,19 +49,8 @@ class EventStreamParser:
 
     def feed(self, chunk: bytes) -> list[Event]:
         if (
-            # The common read: exactly one `data: ...` event, nothing pending around it.
-            self._started
-            and not self._pending
-            and self._data is None
-            and not self._type
-            and chunk.startswith(b"data: ")
-            and chunk.endswith(b"\n\n")
-            and chunk.count(b"\n") == 2
-            and b"\r" not in chunk
-        ):
-            return [_new_event(Event, ("message", chunk[6:-2], self._id))]
-        if (
-            # Several such events in one read (a reader that rests between reads).
+            # The common read: one or several `data: ...` events, nothing pending around
+            # them (several when the reader rests between reads).
             self._started
             and not self._pending
             and self._data is None

@@ -15,10 +15,11 @@ from conftest import Replies, publish
 from openai import AsyncOpenAI
 from pamqp.commands import Basic
 
-from worker.jobs import Job, JobOutcome, SendDelta
+from worker.jobs import Job, JobOutcome
 from worker.messages import JobDelta, JobResult
 from worker.mock_upstream import MockUpstream
 from worker.service import Worker
+from worker.streaming import DeltaSink
 
 pytestmark = pytest.mark.integration
 
@@ -260,7 +261,7 @@ async def test_item12_a_refused_coalesced_delta_fails_the_attempt(
     run = worker.runner.run
     failures: list[tuple[int, int]] = []
 
-    async def run_with_a_failing_timer_flush(job: Job, send_delta: SendDelta) -> Any:
+    async def run_with_a_failing_timer_flush(job: Job, send_delta: DeltaSink) -> Any:
         class FailingSecond:
             async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
                 if seq == 1 and not failures:
