@@ -161,6 +161,8 @@ def _redeliveries(headers: Mapping[str, Any]) -> int:
 
 
 def _int(value: Any) -> int:
+    if value is None:
+        return 0
     try:
         return max(int(value), 0)
     except (TypeError, ValueError):

@@ -484,6 +484,7 @@ class Worker:
                     usage=outcome.usage,
                     tenant=envelope.tenant,
                 )
+            self.telemetry.flush_deferred()  # the job has settled: its attempts' measurements
 
     async def _settle(
         self,

@@ -45,7 +45,7 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _NOISY = ("aio_pika", "aiormq", "httpx", "httpcore", "aiohttp.access")
 
 SERVICE_NAME = "chat-worker"
-DEFER_SECONDS = 0.005  # how long an attempt's measurements may wait (see Telemetry)
+DEFER_SECONDS = 1.0  # the longest an attempt's measurements wait (see Telemetry)
 PROVIDER = "openai"  # the API flavour spoken, whoever serves it (semconv well-known value)
 # Bucket boundaries recommended by the GenAI semantic conventions.
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
@@ -177,9 +177,10 @@ class Telemetry:
         else:
             # Nothing would be exported: no span is recorded, context still propagates.
             self.tracer = trace.NoOpTracer()
-        # An attempt's measurements are recorded a moment after the attempt (the OTel SDK
+        # An attempt's measurements are recorded when its job has settled (the OTel SDK
         # takes ~50 µs for one attempt's three, which would otherwise sit between the
-        # upstream's answer and the result); a scrape records what is still waiting first.
+        # upstream's answer and the result), at the latest DEFER_SECONDS after the attempt
+        # (a job still retrying); a scrape records what is still waiting first.
         self._deferred: list[tuple[Histogram, float, dict[str, Any]]] = []
         self._flush_soon: asyncio.TimerHandle | None = None
         self.registry.register(_FlushBeforeCollect(self.flush_deferred))
