@@ -22,11 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+import httpx
+import multidict
+
 __all__ = ["Budget", "Dimension", "parse_duration", "read_budget", "retry_after_seconds"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(h|ms|us|µs|ns|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _ANTHROPIC_TOKENS = ("tokens", "input-tokens", "output-tokens")
+_CASELESS = (multidict.CIMultiDictProxy, multidict.CIMultiDict, httpx.Headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +69,10 @@ class Budget:
 def read_budget(headers: Mapping[str, str], now: float | None = None) -> Budget:
     """The budget in ``headers`` (any case of names); ``now`` is the wall clock (tests)."""
     wall = time.time() if now is None else now
-    lower = {k.lower(): v for k, v in headers.items()}
+    # aiohttp's and httpx's headers answer any case already; a plain mapping is lowered.
+    lower = (
+        headers if isinstance(headers, _CASELESS) else {k.lower(): v for k, v in headers.items()}
+    )
     requests = _openai(lower, "requests") or _anthropic(lower, "requests", wall)
     tokens = _openai(lower, "tokens") or _tightest(
         [_anthropic(lower, kind, wall) for kind in _ANTHROPIC_TOKENS]

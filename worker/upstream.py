@@ -25,6 +25,7 @@ from typing import Any, Literal
 import aiohttp
 import httpx
 import orjson
+import yarl
 from httpx_aiohttp import AiohttpTransport
 
 from worker import __version__
@@ -72,7 +73,17 @@ def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
-    return AiohttpTransport(limits=limits)
+
+    def session() -> aiohttp.ClientSession:
+        # No cookie jar: a worker is no browser, and an upstream's cookie (a CDN's bot
+        # cookie, say) must not travel from one job to the next; it also saves the jar's
+        # filtering on every request.
+        connector = aiohttp.TCPConnector(
+            limit=max_connections, keepalive_timeout=limits.keepalive_expiry
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    return AiohttpTransport(limits=limits, client=session)
 
 
 class ChunkStream:
@@ -268,6 +279,7 @@ class Upstream:
             fixed["api-key"] = api_key
         self._headers = fixed
         self._url = httpx.URL(url).copy_merge_params(dict(query)) if query else httpx.URL(url)
+        self._aiohttp_url: yarl.URL | None = None
         self._extensions = {
             "timeout": {"connect": CONNECT_TIMEOUT, "read": None, "write": None, "pool": None}
         }
@@ -290,9 +302,12 @@ class Upstream:
             transport.client = transport.get_client()
         return transport.client
 
-    def _target(self) -> str:
-        """The URL both paths post to: ``_url`` is the one source (query included)."""
-        return str(self._url)
+    def _target(self) -> yarl.URL:
+        """The URL both paths post to: ``_url`` is the one source (query included), parsed
+        for aiohttp once rather than on every request."""
+        if self._aiohttp_url is None:
+            self._aiohttp_url = yarl.URL(str(self._url), encoded=True)
+        return self._aiohttp_url
 
     def _merged(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {**self._headers, **headers} if headers else self._headers
