@@ -29,7 +29,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import Histogram, Observation
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -39,7 +39,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from worker.tenants import TenantLabels
 
-__all__ = ["Telemetry", "configure_logging"]
+__all__ = ["Tally", "Telemetry", "configure_logging"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _NOISY = ("aio_pika", "aiormq", "httpx", "httpcore", "aiohttp.access")
@@ -224,11 +224,10 @@ class Telemetry:
             unit="s",
             description="Time from the upstream request to its first streamed output",
         )
-        self.jobs = meter.create_counter(
-            "chat_worker.jobs", unit="{job}", description="Jobs finished, by outcome"
-        )
-        self.tokens = meter.create_counter(
-            "chat_worker.tokens", unit="{token}", description="Tokens of finished jobs, by tenant"
+        # Counters are summed here and read by the SDK when it collects (see Tally).
+        self.jobs = Tally(meter, "chat_worker.jobs", "{job}", "Jobs finished, by outcome")
+        self.tokens = Tally(
+            meter, "chat_worker.tokens", "{token}", "Tokens of finished jobs, by tenant"
         )
         self.tenant_labels = TenantLabels()
         self.job_duration = meter.create_histogram(
@@ -241,11 +240,9 @@ class Telemetry:
             unit="{job}",
             description="Jobs being processed",
         )
-        self.retries = meter.create_counter(
-            "chat_worker.retries", unit="{retry}", description="Upstream attempts retried"
-        )
-        self.dead_lettered = meter.create_counter(
-            "chat_worker.dead_lettered", unit="{job}", description="Requests dead-lettered"
+        self.retries = Tally(meter, "chat_worker.retries", "{retry}", "Upstream attempts retried")
+        self.dead_lettered = Tally(
+            meter, "chat_worker.dead_lettered", "{job}", "Requests dead-lettered"
         )
         # §11 rate limits: gates are read at scrape time (see watch_gate).
         self._gates: list[Any] = []
@@ -264,10 +261,11 @@ class Telemetry:
             unit="s",
             description="Time a job waited for rate-limit budget, per delivery",
         )
-        self.rate_limited = meter.create_counter(
+        self.rate_limited = Tally(
+            meter,
             "chat_worker.upstream.rate_limited",
-            unit="{answer}",
-            description="429 answers received, by upstream and error code",
+            "{answer}",
+            "429 answers received, by upstream and error code",
         )
 
     @property
@@ -504,6 +502,31 @@ class Telemetry:
             span.set_attribute("error.type", error_code)
             span.set_status(Status(StatusCode.ERROR))
             self.dead_lettered.add(1, {"error_code": error_code})
+
+
+class Tally:
+    """A monotonic counter summed in the process, which the SDK reads as an observable
+    counter whenever it collects (a scrape, an OTLP export): the same series as a Counter,
+    but an ``add`` is a dict update of about a microsecond where a synchronous Counter's
+    costs about 15 µs in the SDK (attribute checks, hashing, aggregation), three times a
+    job. Attribute sets must stay bounded, as for any counter (tenants and models are)."""
+
+    __slots__ = ("_sums",)
+
+    def __init__(self, meter: Meter, name: str, unit: str, description: str) -> None:
+        self._sums: dict[tuple[tuple[str, Any], ...], float] = {}
+        meter.create_observable_counter(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+    def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
+        key = tuple(sorted(attributes.items())) if attributes else ()
+        sums = self._sums
+        sums[key] = sums.get(key, 0) + amount
+
+    def _observe(self, _: CallbackOptions) -> list[Observation]:
+        # A copy first: an OTLP reader collects on its own thread (dict.copy holds the GIL).
+        return [Observation(total, dict(key)) for key, total in self._sums.copy().items()]
 
 
 class _FlushBeforeCollect(prometheus_client.registry.Collector):
