@@ -148,6 +148,18 @@ def submit(
 @click.option("--rate-window", default=1.0, show_default=True, help="Seconds limits hold over.")
 @click.option("--retry-after/--no-retry-after", default=True, help="Retry-after on 429s.")
 @click.option("--max-concurrent", default=None, type=int, help="429 past this many at once.")
+@click.option(
+    "--tls-cert",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Serve HTTPS with this certificate chain (PEM).",
+)
+@click.option(
+    "--tls-key",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The certificate's private key (PEM; default: in --tls-cert).",
+)
 def mock_upstream(
     host: str,
     port: int,
@@ -162,6 +174,8 @@ def mock_upstream(
     rate_window: float,
     retry_after: bool,
     max_concurrent: int | None,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """The bundled OpenAI-compatible server, for development, tests and load tests."""
     from worker.mock_budget import BudgetConfig
@@ -176,8 +190,17 @@ def mock_upstream(
         seed=seed,
         budget=BudgetConfig(rpm, tpm, rate_window, retry_after, max_concurrent),
     )
-    click.echo(f"mock upstream on http://{host}:{port}/v1", err=True)
-    serve(config, host, port)
+    context = None
+    if tls_cert:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls_cert, tls_key)
+    elif tls_key:
+        raise click.UsageError("--tls-key needs --tls-cert")
+    scheme = "https" if context else "http"
+    click.echo(f"mock upstream on {scheme}://{host}:{port}/v1", err=True)
+    serve(config, host, port, context)
 
 
 @main.group()

@@ -11,6 +11,7 @@ import http
 import math
 import random
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
@@ -82,6 +83,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: dict[str, Any]
     query: dict[str, str] = field(default_factory=dict)
+    peer: str = ""  # the client's address and port: one per connection it used
 
 
 @dataclass
@@ -168,16 +170,21 @@ class MockUpstream:
         app.router.add_get("/mock/requests", self._recorded)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve on ``host:port`` (0: a free port), over TLS with ``ssl_context``; returns
+        the base URL (``http(s)://host:port/v1``)."""
         # Cancelling handlers on disconnect keeps stalled requests from outliving their client.
         runner = web.AppRunner(
             self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         self._runner = runner
         bound = runner.addresses[0][1]
-        self._base_url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/v1"
+        scheme = "https" if ssl_context is not None else "http"
+        self._base_url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{bound}/v1"
         return self._base_url
 
     async def stop(self) -> None:
@@ -212,7 +219,13 @@ class MockUpstream:
     async def _recorded(self, _: web.Request) -> web.Response:
         return _json(
             [
-                {"path": r.path, "query": r.query, "headers": r.headers, "body": r.body}
+                {
+                    "path": r.path,
+                    "query": r.query,
+                    "headers": r.headers,
+                    "body": r.body,
+                    "peer": r.peer,
+                }
                 for r in self.requests
             ]
         )
@@ -229,7 +242,16 @@ class MockUpstream:
             return _error(400, "Request body must be a JSON object", "invalid_json", None, headers)
         if self.config.record:
             lowered = {k.lower(): v for k, v in request.headers.items()}
-            self.requests.append(RecordedRequest(request.path, lowered, body, dict(request.query)))
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            self.requests.append(
+                RecordedRequest(
+                    request.path,
+                    lowered,
+                    body,
+                    dict(request.query),
+                    f"{peer[0]}:{peer[1]}" if peer else "",
+                )
+            )
         # The key as a bearer token (OpenAI) or in an `api-key` header (Azure OpenAI).
         if self._auth is not None and (
             request.headers.get("Authorization") != self._auth
@@ -339,8 +361,14 @@ class MockUpstream:
         )
 
 
-def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Blocking: run the server until SIGINT/SIGTERM (the `chat-worker mock-upstream` command)."""
+def serve(
+    config: MockConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Blocking: run the server until SIGINT/SIGTERM (the `chat-worker mock-upstream` command),
+    over TLS with ``ssl_context``."""
     loop: asyncio.AbstractEventLoop | None = None
     try:
         import uvloop
@@ -351,7 +379,14 @@ def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None
     app = MockUpstream(config).app()
     # The CLI announces the address itself, so aiohttp's banner is silenced.
     web.run_app(
-        app, host=host, port=port, access_log=None, handler_cancellation=True, loop=loop, print=None
+        app,
+        host=host,
+        port=port,
+        ssl_context=ssl_context,
+        access_log=None,
+        handler_cancellation=True,
+        loop=loop,
+        print=None,
     )
 
 

@@ -537,7 +537,16 @@ async def test_requests_are_recorded(mock: MockUpstream, session: aiohttp.Client
 
     async with session.get(f"{mock.base_url[:-3]}/mock/requests") as resp:
         rows = await resp.json()
-    assert rows == [{"path": recorded.path, "query": {}, "headers": recorded.headers, "body": body}]
+    assert rows == [
+        {
+            "path": recorded.path,
+            "query": {},
+            "headers": recorded.headers,
+            "body": body,
+            "peer": recorded.peer,
+        }
+    ]
+    assert recorded.peer.startswith("127.0.0.1:")
     async with session.get(f"{mock.base_url[:-3]}/mock/stats") as resp:
         assert await resp.json() == {"total": 1, "faults": {}}
     async with session.post(f"{mock.base_url[:-3]}/mock/reset") as resp:
