@@ -148,12 +148,21 @@ def _text(value: Any) -> str | None:
 
 
 async def browse(
-    channel: AbstractChannel, queue_name: str
+    channel: AbstractChannel, queue_name: str, *, present_only: bool = False
 ) -> AsyncIterator[AbstractIncomingMessage]:
     """Every message in the queue, each fetched once: unacknowledged ones are not handed
-    out again while the channel is open, so the walk ends when the queue looks empty."""
+    out again while the channel is open, so the walk ends when the queue looks empty.
+
+    ``present_only``: only the messages that were ready when the walk began, none that
+    arrive during it (a replayed request that fails again at once must not be replayed
+    again by the same walk, round and round)."""
     queue = await channel.get_queue(queue_name, ensure=True)
-    while (message := await queue.get(no_ack=False, fail=False)) is not None:
+    left = queue.declaration_result.message_count if present_only else None
+    while left is None or left > 0:
+        if (message := await queue.get(no_ack=False, fail=False)) is None:
+            return
+        if left is not None:
+            left -= 1
         yield message
 
 
@@ -228,7 +237,7 @@ async def replay_from(
     :class:`ReplayFailed` at the first copy the broker returns or nacks.
     """
     replayed = 0
-    async for message in browse(channel, dead_letter_queue):
+    async for message in browse(channel, dead_letter_queue, present_only=True):
         letter = describe(message)
         if _is_result(message) or not select(letter):
             continue

@@ -101,3 +101,38 @@ async def test_list_then_replay_one_error_code(
     refused = await cli(env, "replay")
     assert refused.returncode == 2
     assert "--code" in refused.stderr
+
+
+async def test_a_replay_takes_only_the_letters_there_when_it_began(
+    worker: Worker, connection: AbstractConnection, replies: Replies
+) -> None:
+    """Jobs that fail again at once come back to the dead-letter queue while the replay
+    is still walking it: the replay must not take them a second time (before, a fast
+    failure went round and round for as long as the walk kept finding it)."""
+    settings = worker.settings
+    keys = [f"again-{n}" for n in range(30)]
+    for key in keys:
+        await publish(
+            connection,
+            settings.request_queue,
+            failing(key, "400"),
+            message_id=key,
+            reply_to=replies.name,
+        )
+    await replies.until_results(len(keys))
+    async with asyncio.timeout(10):
+        while len(await list_dead_letters(settings)) < len(keys):
+            await asyncio.sleep(0.05)
+
+    seen: list[str] = []
+    replayed = await replay_dead_letters(
+        settings, on_replay=lambda letter: seen.append(letter.job_id)
+    )
+    assert replayed == len(keys)
+    assert sorted(seen) == sorted(keys), "each letter replayed exactly once"
+    # Each replay ran and failed again: every job is back, once, in the dead-letter queue.
+    await replies.until_results(len(keys))
+    async with asyncio.timeout(10):
+        while len(letters := await list_dead_letters(settings)) < len(keys):
+            await asyncio.sleep(0.05)
+    assert sorted(x.job_id for x in letters) == sorted(keys)
