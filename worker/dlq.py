@@ -19,6 +19,7 @@ operator console (``worker.console``), which replays from every lane on its own 
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -157,12 +158,9 @@ async def browse(
     arrive during it (a replayed request that fails again at once must not be replayed
     again by the same walk, round and round)."""
     queue = await channel.get_queue(queue_name, ensure=True)
-    left = queue.declaration_result.message_count if present_only else None
-    while left is None or left > 0:
-        if (message := await queue.get(no_ack=False, fail=False)) is None:
-            return
-        if left is not None:
-            left -= 1
+    left = (queue.declaration_result.message_count or 0) if present_only else math.inf
+    while left > 0 and (message := await queue.get(no_ack=False, fail=False)) is not None:
+        left -= 1
         yield message
 
 

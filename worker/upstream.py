@@ -279,7 +279,8 @@ class Upstream:
             fixed["api-key"] = api_key
         self._headers = fixed
         self._url = httpx.URL(url).copy_merge_params(dict(query)) if query else httpx.URL(url)
-        self._aiohttp_url: yarl.URL | None = None
+        # The same URL for aiohttp, parsed once rather than on every request.
+        self._aiohttp_url = yarl.URL(str(self._url), encoded=True)
         self._extensions = {
             "timeout": {"connect": CONNECT_TIMEOUT, "read": None, "write": None, "pool": None}
         }
@@ -301,13 +302,6 @@ class Upstream:
         if not isinstance(transport.client, aiohttp.ClientSession):
             transport.client = transport.get_client()
         return transport.client
-
-    def _target(self) -> yarl.URL:
-        """The URL both paths post to: ``_url`` is the one source (query included), parsed
-        for aiohttp once rather than on every request."""
-        if self._aiohttp_url is None:
-            self._aiohttp_url = yarl.URL(str(self._url), encoded=True)
-        return self._aiohttp_url
 
     def _merged(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {**self._headers, **headers} if headers else self._headers
@@ -332,7 +326,7 @@ class Upstream:
         try:
             if session is not None:
                 async with session.post(
-                    self._target(),
+                    self._aiohttp_url,
                     data=body,
                     headers=self._merged(headers),
                     timeout=self._timeout,
@@ -375,7 +369,7 @@ class Upstream:
         try:
             if session is not None:
                 answer = await session.post(
-                    self._target(),
+                    self._aiohttp_url,
                     data=body,
                     headers=self._merged(headers),
                     timeout=self._timeout,

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -30,10 +31,13 @@ pytestmark = pytest.mark.integration
 class WorkerProcess:
     """``python -m worker run`` with the test's settings, in its own process."""
 
-    def __init__(self, settings: Settings, **overrides: Any) -> None:
+    def __init__(
+        self, settings: Settings, *, extra_env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
         env.update(settings.model_copy(update=overrides).to_env())
         env["WORKER_LOG_LEVEL"] = "warning"
+        env.update(extra_env or {})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker", "run"],
             env=env,

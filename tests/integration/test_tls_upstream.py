@@ -5,11 +5,7 @@ transport is paused, not the socket) and connections still go back to the pool."
 
 from __future__ import annotations
 
-import asyncio
-import os
 import ssl
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +14,7 @@ import pytest
 import trustme
 from aio_pika.abc import AbstractConnection
 from conftest import Replies, publish
+from test_process import WorkerProcess
 
 from worker.messages import JobDelta, JobResult
 from worker.mock_upstream import MockConfig, MockUpstream
@@ -49,19 +46,6 @@ async def tls_mock(authority: tuple[trustme.CA, Path]) -> AsyncIterator[MockUpst
     await server.stop()
 
 
-def _spawn(settings: Settings, **extra: str) -> subprocess.Popen[bytes]:
-    """``python -m worker run`` in its own process: aiohttp reads ``SSL_CERT_FILE`` when
-    it is imported, so trusting another authority takes a fresh process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    env.update(settings.to_env(), WORKER_LOG_LEVEL="warning", **extra)
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def chat(stream: bool) -> dict[str, object]:
     return {
         "model": "gpt-4o-mini",
@@ -80,11 +64,11 @@ async def test_streamed_and_plain_jobs_over_tls(
     _, ca_pem = authority
     assert tls_mock.base_url.startswith("https://")
     await declare(connection, settings)
-    worker = _spawn(
-        settings.model_copy(
-            update={"upstream_base_url": tls_mock.base_url, "stream_flush_interval": 0.02}
-        ),
-        SSL_CERT_FILE=str(ca_pem),
+    worker = WorkerProcess(
+        settings,
+        upstream_base_url=tls_mock.base_url,
+        stream_flush_interval=0.02,
+        extra_env={"SSL_CERT_FILE": str(ca_pem)},
     )
     try:
         # One job at a time: each call finds the connection the last one gave back.
@@ -99,10 +83,8 @@ async def test_streamed_and_plain_jobs_over_tls(
             )
             messages += await replies.until_results(1, timeout=30)
     finally:
-        worker.terminate()
-        async with asyncio.timeout(30):
-            while worker.poll() is None:
-                await asyncio.sleep(0.05)
+        worker.process.terminate()
+        await worker.wait(timeout=30)
 
     results: dict[str, JobResult] = {}
     deltas: dict[str, list[JobDelta]] = {}
@@ -124,8 +106,8 @@ async def test_streamed_and_plain_jobs_over_tls(
         mine = deltas[custom_id]
         assert [d.seq for d in mine] == list(range(len(mine)))
         text = "".join(c.delta.get("content") or "" for d in mine for c in d.choices)
-        body = results[custom_id].response.body  # type: ignore[union-attr]
-        assert text and text == body["choices"][0]["message"]["content"]  # type: ignore[index]
+        completion = results[custom_id].response.body  # type: ignore[union-attr]
+        assert text and text == completion["choices"][0]["message"]["content"]  # type: ignore[index]
         # Coalesced over TLS as over plain TCP: far fewer deltas than chunks.
         assert 1 < len(mine) <= CHUNKS // 3, len(mine)
     assert not deltas.keys() - {"job-0", "job-1", "job-2"}, "a plain job sent deltas"
