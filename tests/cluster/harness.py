@@ -107,6 +107,10 @@ class Node:
 
 
 def _as_rabbitmq(argv: list[str]) -> list[str]:
+    """``argv`` as the rabbitmq user. Run it from a directory that user can read (the
+    cluster's own): Erlang reads its boot file relative to the working directory, and a
+    checkout in a private directory (``mktemp -d`` is mode 700) makes it fail with
+    ``eacces`` before anything else."""
     return ["runuser", "-u", RABBITMQ_USER, "--", *argv]
 
 
@@ -139,6 +143,7 @@ class Cluster:
         done = subprocess.run(
             _as_rabbitmq([CTL, "-n", node.name, *args]),
             env=node.env(),
+            cwd=self.base,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -154,6 +159,7 @@ class Cluster:
         node.process = subprocess.Popen(
             _as_rabbitmq([SERVER]),
             env=node.env(),
+            cwd=self.base,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
