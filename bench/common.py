@@ -23,8 +23,8 @@ import orjson
 import psutil
 from aio_pika.abc import AbstractChannel
 
+from worker.amqp.topology import declare, delay_queues
 from worker.settings import Settings
-from worker.topology import declare, delay_queues
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"

@@ -7,7 +7,7 @@ an HTTP client. ``--client`` picks the HTTP client (``transports.py`` compares t
 - ``httpx``: ``httpx.AsyncClient`` with its default transport (httpcore);
 - ``httpx-aiohttp``: ``httpx.AsyncClient`` over ``httpx_aiohttp.AiohttpTransport``;
 - ``httpx-aiohttp-direct``: ``httpx.Request`` handed straight to ``AiohttpTransport``, no
-  ``AsyncClient`` (what ``worker.upstream.Upstream`` does).
+  ``AsyncClient`` (what ``worker.upstream.client.Upstream`` does).
 
 Every client gets a pool of ``--concurrency`` kept-alive connections.
 

@@ -39,8 +39,8 @@ from common import (
 from plots import commit
 from report import Row, Section, table, write_json
 
+from worker.amqp.topology import DELAY_TIERS, declare, delay_queue_name
 from worker.settings import Settings
-from worker.topology import DELAY_TIERS, declare, delay_queue_name
 
 LATENCY = 0.5
 CONCURRENCY = 64

@@ -1,6 +1,6 @@
 """S6 rate limits: worker processes sharing one organisation's budget on a provider simulator.
 
-The simulator is the bundled mock with its budget on (``worker/mock_budget.py``): requests
+The simulator is the bundled mock with its budget on (``worker/mock/budget.py``): requests
 and tokens per minute, refilling continuously, enforced over one-second windows, OpenAI's
 ``x-ratelimit-*`` headers, 429 ``rate_limit_exceeded`` (with or without ``retry-after``).
 Jobs have mixed prompt sizes and ``max_tokens``; one in five is streamed. Tokens are the
@@ -50,7 +50,7 @@ from measure import log_dir_for
 from plots import commit
 from report import Row, Section, table, write_json
 
-from worker.mock_budget import request_tokens
+from worker.mock.budget import request_tokens
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india")

@@ -15,8 +15,8 @@ import time
 
 import orjson
 
-from worker.streaming import CompletionAssembler
-from worker.upstream import ChunkStream
+from worker.stream.assemble import CompletionAssembler
+from worker.upstream.client import ChunkStream
 
 
 def answer(chunks: int = 200) -> list[bytes]:

@@ -1,7 +1,7 @@
 """The bundled mock upstream, plus a record of when it sent each job's first content chunk.
 
 S3 measures the time a worker adds before the first delta: its arrival at the consumer
-minus the moment the mock wrote the first content chunk. The mock is ``worker.mock_upstream``
+minus the moment the mock wrote the first content chunk. The mock is ``worker.mock.upstream``
 unchanged; this wrapper only
 
 - reads the job id from the prompt (``common.job_body`` puts it there) in a middleware, and
@@ -25,8 +25,8 @@ import orjson
 from aiohttp import web
 from common import job_id_of_prompt
 
-import worker.mock_upstream as mock_upstream
-from worker.mock_upstream import MockConfig, MockUpstream
+import worker.mock.upstream as mock_upstream
+from worker.mock.upstream import MockConfig, MockUpstream
 
 _job: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("bench_job", default=None)
 first_content: dict[str, float] = {}

@@ -19,12 +19,12 @@ import prometheus_client
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from worker.broker import docker_available, reachable, throwaway_broker
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.amqp.connect import docker_available, reachable, throwaway_broker
+from worker.amqp.topology import DELAY_TIERS, delay_queue_name
+from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
 from worker.telemetry import Telemetry
-from worker.topology import DELAY_TIERS, delay_queue_name
 
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 

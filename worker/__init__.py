@@ -16,7 +16,13 @@ from worker.messages import BatchRequest, ErrorCode, JobDelta, JobResult
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.client import ChatClient, ChatClientError, JobFailed, JobTimeout, StreamText
+    from worker.producer.client import (
+        ChatClient,
+        ChatClientError,
+        JobFailed,
+        JobTimeout,
+        StreamText,
+    )
     from worker.service import Worker
 
 __all__ = [
@@ -35,11 +41,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "ChatClient": "worker.client",
-    "ChatClientError": "worker.client",
-    "JobFailed": "worker.client",
-    "JobTimeout": "worker.client",
-    "StreamText": "worker.client",
+    "ChatClient": "worker.producer.client",
+    "ChatClientError": "worker.producer.client",
+    "JobFailed": "worker.producer.client",
+    "JobTimeout": "worker.producer.client",
+    "StreamText": "worker.producer.client",
     "Worker": "worker.service",
 }
 

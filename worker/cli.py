@@ -119,7 +119,7 @@ def submit(
     Exit 0 when every job succeeded, 1 otherwise, 2 when OUT exists without --resume,
     130 when interrupted (run again with --resume).
     """
-    from worker.submit import run_submit
+    from worker.producer.submit import run_submit
 
     settings = settings_or_exit()
     code = run_submit(
@@ -178,8 +178,8 @@ def mock_upstream(
     tls_key: str | None,
 ) -> None:
     """The bundled OpenAI-compatible server, for development, tests and load tests."""
-    from worker.mock_budget import BudgetConfig
-    from worker.mock_upstream import MockConfig, serve
+    from worker.mock.budget import BudgetConfig
+    from worker.mock.upstream import MockConfig, serve
 
     config = MockConfig(
         latency=latency,
@@ -217,7 +217,7 @@ _lane = click.option(
 
 
 def _lane_or_exit(settings: Settings, lane: str | None) -> str:
-    from worker.dlq import lane_queue
+    from worker.amqp.dlq import lane_queue
 
     try:
         return lane_queue(settings, lane)
@@ -236,7 +236,7 @@ def dlq_list(codes: tuple[str, ...], lane: str | None, limit: int | None, as_jso
     from rich.console import Console
     from rich.table import Table
 
-    from worker.dlq import list_dead_letters
+    from worker.amqp.dlq import list_dead_letters
 
     settings = settings_or_exit()
     lane = _lane_or_exit(settings, lane)
@@ -269,7 +269,7 @@ def dlq_replay(
     codes: tuple[str, ...], lane: str | None, limit: int | None, everything: bool
 ) -> None:
     """Send dead letters back to their lane's request queue with fresh attempts."""
-    from worker.dlq import ReplayFailed, replay_dead_letters
+    from worker.amqp.dlq import ReplayFailed, replay_dead_letters
 
     if not codes and not everything:
         raise click.UsageError("say which: --code CODE (repeatable) or --all")
@@ -314,7 +314,7 @@ def upstreams_check(model: str | None, timeout: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from worker.pool import check_upstreams
+    from worker.upstream.pool import check_upstreams
 
     specs = upstreams_or_exit(settings_or_exit())
     rows = run_async(check_upstreams(specs, model=model, limit=timeout))

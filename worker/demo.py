@@ -14,13 +14,13 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from worker.broker import connect_any, docker_available, reachable, throwaway_broker
+from worker.amqp.connect import connect_any, docker_available, reachable, throwaway_broker
+from worker.amqp.topology import delay_queues
 from worker.messages import JobResult
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
 from worker.telemetry import configure_logging
-from worker.topology import delay_queues
 
 __all__ = ["run_demo"]
 

@@ -15,8 +15,8 @@ of any step ends in :meth:`Worker._release`):
   a lost channel, a bug) leaves the request unacknowledged: after a pause that grows with
   its redeliveries (no hot loop), it is nacked back to the queue, and the delivery count
   bounds the loop.
-- Copies never inherit the request's ``expiration`` (see :func:`~worker.publisher.copy_request`).
-- While the broker blocks the connection (a resource alarm, :mod:`worker.blocking`), no
+- Copies never inherit the request's ``expiration`` (see :func:`~worker.amqp.publish.copy_request`).
+- While the broker blocks the connection (a resource alarm, :mod:`worker.amqp.blocked`), no
   new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
   result waits for them), so the wait is not charged to the upstream's idle timeout.
 """
@@ -41,10 +41,13 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from worker.blocking import BlockedState, follow_blocking
-from worker.broker import Nodes, NoNodeAnswers, connect_any, redact
-from worker.events import Heartbeat, JobStats
-from worker.jobs import (
+from worker.amqp.blocked import BlockedState, follow_blocking
+from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
+from worker.amqp.lanes import LaneConsumer
+from worker.amqp.publish import Publisher, render_result
+from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES, TopologyUnavailable, declare
+from worker.heartbeat import Heartbeat, JobStats
+from worker.runner import (
     Deferral,
     Envelope,
     JobOutcome,
@@ -53,14 +56,11 @@ from worker.jobs import (
     decode_job,
     read_envelope,
 )
-from worker.lanes import LaneConsumer
-from worker.pool import UpstreamPool
-from worker.publisher import Publisher, render_result
 from worker.settings import Settings
 from worker.telemetry import Telemetry
 from worker.tenants import tenant_of
-from worker.topology import H_DELIVERY_COUNT, H_REDELIVERIES, TopologyUnavailable, declare
-from worker.upstream import Upstream
+from worker.upstream.client import Upstream
+from worker.upstream.pool import UpstreamPool
 
 __all__ = ["BrokerUnavailable", "Worker"]
 
@@ -288,7 +288,7 @@ class Worker:
         self, connection: AbstractConnection, channel: AbstractChannel, interrupted: asyncio.Event
     ) -> None:
         """One lane: one consumer with prefetch ``WORKER_CONCURRENCY`` on the publishing
-        channel, as always. Several: :class:`~worker.lanes.LaneConsumer` shares the slots."""
+        channel, as always. Several: :class:`~worker.amqp.lanes.LaneConsumer` shares the slots."""
         lanes = self.settings.lanes
         self._lane_consumer = None
         if len(lanes) == 1:
@@ -540,7 +540,7 @@ async def _close_quietly(connection: AbstractConnection) -> None:
 
 async def serve(settings: Settings, *, upstream: Upstream | UpstreamPool | None = None) -> None:
     """``chat-worker run``: the worker and its HTTP endpoints until SIGTERM/SIGINT."""
-    from worker.http import HealthServer
+    from worker.health import HealthServer
 
     worker = Worker(settings, upstream=upstream)
     worker.install_signal_handlers()

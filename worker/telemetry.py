@@ -278,7 +278,7 @@ class Telemetry:
         self._in_flight = count
 
     def watch_gate(self, gate: Any) -> None:
-        """Report a :class:`worker.limits.Gate`'s state and budget at scrape time."""
+        """Report a :class:`worker.limits.gate.Gate`'s state and budget at scrape time."""
         self._gates.append(gate)
 
     def _observe_gate_states(self, _: Any) -> list[Observation]:

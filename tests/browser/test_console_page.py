@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from conftest import make_settings, publish
 from playwright.async_api import Page, async_playwright, expect
 
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.mock.upstream import MockConfig, MockUpstream
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 

@@ -31,7 +31,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from worker.broker import Nodes, connect_any
+from worker.amqp.connect import Nodes, connect_any
 
 from .harness import Cluster, port_free, running_cluster
 

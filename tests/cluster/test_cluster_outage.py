@@ -17,7 +17,7 @@ from collections.abc import Callable
 import aio_pika
 import pytest
 
-from worker.topology import DELAY_TIERS, delay_queue_name
+from worker.amqp.topology import DELAY_TIERS, delay_queue_name
 
 from .conftest import (
     Producer,

@@ -13,7 +13,9 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from opentelemetry.sdk.trace import TracerProvider
 
-from worker.client import (
+from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
+from worker.mock.upstream import MockUpstream
+from worker.producer.client import (
     ChatClient,
     ConnectionLost,
     JobFailed,
@@ -21,8 +23,6 @@ from worker.client import (
     PublishFailed,
     StreamText,
 )
-from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
-from worker.mock_upstream import MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
 

@@ -17,7 +17,7 @@ from conftest import Replies, publish
 from pydantic import SecretStr
 
 from worker.console import ConsoleApp
-from worker.events import TYPE_HEARTBEAT
+from worker.heartbeat import TYPE_HEARTBEAT
 from worker.service import Worker
 from worker.settings import Settings
 

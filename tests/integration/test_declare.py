@@ -12,11 +12,11 @@ from aio_pika.abc import AbstractConnection
 from conftest import Replies, publish
 
 import worker.service
-from worker.broker import redact
-from worker.http import HealthServer
+from worker.amqp.connect import redact
+from worker.amqp.topology import DELAY_TIERS, delay_queue_name
+from worker.health import HealthServer
 from worker.messages import JobResult
 from worker.service import Worker
-from worker.topology import DELAY_TIERS, delay_queue_name
 
 pytestmark = pytest.mark.integration
 

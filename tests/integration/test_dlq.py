@@ -12,7 +12,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from conftest import Replies, publish
 
-from worker.dlq import list_dead_letters, replay_dead_letters
+from worker.amqp.dlq import list_dead_letters, replay_dead_letters
 from worker.messages import JobResult
 from worker.service import Worker
 

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractConnection
 from conftest import Replies, get_one, publish
 
 from worker.messages import JobDelta, JobResult
-from worker.mock_upstream import MockUpstream
+from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 
 pytestmark = pytest.mark.integration
@@ -167,7 +167,7 @@ async def test_a_long_retry_after_goes_round_a_delay_queue(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Budget waits over 3 s leave the process (30 s in production: kept short here).
-    monkeypatch.setattr("worker.jobs.RATE_LIMIT_INLINE_WAIT", 3.0)
+    monkeypatch.setattr("worker.runner.RATE_LIMIT_INLINE_WAIT", 3.0)
     worker = await start_worker()
     request = job({"fault": "429", "retry_after": 6, "times": 1})
     await publish(

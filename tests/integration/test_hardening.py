@@ -24,17 +24,9 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from amqp_proxy import AmqpProxy, publish_raw
 from conftest import Replies, fresh_telemetry, get_one, make_settings, publish
 
-from worker.client import ChatClient, UnreadableResult
-from worker.dlq import ReplayFailed, list_dead_letters, replay_dead_letters
-from worker.http import HealthServer
-from worker.jobs import Envelope, JobOutcome
-from worker.messages import MAX_CUSTOM_ID, JobResult
-from worker.mock_upstream import MockUpstream
-from worker.publisher import render_result
-from worker.service import Worker
-from worker.settings import Settings
-from worker.submit import UNREADABLE_RESULT, journal_path, reply_queue_name, submit_file
-from worker.topology import (
+from worker.amqp.dlq import ReplayFailed, list_dead_letters, replay_dead_letters
+from worker.amqp.publish import render_result
+from worker.amqp.topology import (
     H_CUSTOM_ID,
     H_ERROR_CODE,
     H_UNROUTABLE_RESULT,
@@ -42,6 +34,14 @@ from worker.topology import (
     declare,
     delay_queue_name,
 )
+from worker.health import HealthServer
+from worker.messages import MAX_CUSTOM_ID, JobResult
+from worker.mock.upstream import MockUpstream
+from worker.producer.client import ChatClient, UnreadableResult
+from worker.producer.submit import UNREADABLE_RESULT, journal_path, reply_queue_name, submit_file
+from worker.runner import Envelope, JobOutcome
+from worker.service import Worker
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -523,7 +523,7 @@ async def test_blocked_connection_takes_no_new_job_and_is_not_ready(
 
 async def test_blocked_handlers_are_where_aiormq_keeps_them(amqp_url: str) -> None:
     """The blocked state rides on two private handlers of aiormq: pin them."""
-    from worker.blocking import BLOCKED_HANDLER, UNBLOCKED_HANDLER
+    from worker.amqp.blocked import BLOCKED_HANDLER, UNBLOCKED_HANDLER
 
     connection = await aio_pika.connect(amqp_url)
     try:

@@ -21,13 +21,13 @@ from aio_pika.abc import AbstractConnection
 from conftest import Replies, get_one, publish
 from pydantic import SecretStr
 
-from worker.client import ChatClient
-from worker.dlq import list_dead_letters, replay_dead_letters
+from worker.amqp.dlq import list_dead_letters, replay_dead_letters
+from worker.amqp.topology import DELAY_TIERS, delay_queue_name
 from worker.messages import JobResult
-from worker.progress import PlainReporter
+from worker.producer.client import ChatClient
+from worker.producer.progress import PlainReporter
+from worker.producer.submit import submit_file
 from worker.service import Worker
-from worker.submit import submit_file
-from worker.topology import DELAY_TIERS, delay_queue_name
 
 QUEUE_TYPES = ("quorum", "classic")
 

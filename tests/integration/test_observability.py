@@ -20,9 +20,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.http import HealthServer
+from worker.health import HealthServer
 from worker.messages import JobResult
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.telemetry import Telemetry, configure_logging
 

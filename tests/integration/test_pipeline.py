@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractConnection
 from conftest import Replies, publish
 
 from worker.messages import JobDelta, JobResult
-from worker.mock_upstream import MockUpstream
+from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
 

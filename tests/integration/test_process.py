@@ -20,10 +20,10 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from brokerctl import close_connections_of
 from conftest import publish
 
+from worker.amqp.topology import declare
 from worker.messages import JobResult
-from worker.mock_upstream import MockUpstream
+from worker.mock.upstream import MockUpstream
 from worker.settings import Settings
-from worker.topology import declare
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,11 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from conftest import get_one, make_settings, publish
 from test_process import WorkerProcess
 
-from worker.mock_budget import BudgetConfig
-from worker.mock_upstream import MockConfig, MockUpstream
-from worker.quota import ConfiguredLimits, RedisQuota
+from worker.amqp.topology import declare
+from worker.limits.configured import ConfiguredLimits, RedisQuota
+from worker.mock.budget import BudgetConfig
+from worker.mock.upstream import MockConfig, MockUpstream
 from worker.settings import Settings
-from worker.topology import declare
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +122,7 @@ async def test_wait_past_max_wait_fails_rate_limited_and_dead_letters_once(
 ) -> None:
     # Waits over half a second leave the process: the job goes round the delay queue and
     # carries its wait with it.
-    monkeypatch.setattr("worker.jobs.RATE_LIMIT_INLINE_WAIT", 0.5)
+    monkeypatch.setattr("worker.runner.RATE_LIMIT_INLINE_WAIT", 0.5)
     settings = make_settings(amqp_url, names, mock, rate_limit_max_wait=4)
     results = await collect(connection, settings)
     await start_worker(rate_limit_max_wait=4)

@@ -11,7 +11,7 @@ from conftest import Replies, make_settings, publish
 
 import worker.service
 from worker.messages import JobResult
-from worker.mock_upstream import MockUpstream
+from worker.mock.upstream import MockUpstream
 from worker.service import BrokerUnavailable, Worker
 
 pytestmark = pytest.mark.integration

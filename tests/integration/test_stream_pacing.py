@@ -21,12 +21,12 @@ from aiohttp import web
 from conftest import Replies, publish
 from pamqp.commands import Basic
 
-from worker.frames import Outbox, PreparedPublish
+from worker.amqp.outbox import Outbox, PreparedPublish
+from worker.amqp.topology import DELTA
 from worker.messages import JobDelta, JobResult
-from worker.mock_upstream import MockUpstream
+from worker.mock.upstream import MockUpstream
 from worker.service import Worker
-from worker.topology import DELTA
-from worker.upstream import Upstream
+from worker.upstream.client import Upstream
 
 pytestmark = pytest.mark.integration
 

@@ -19,11 +19,9 @@ import pytest
 import structlog
 from conftest import make_settings
 
-from worker.mock_upstream import MockUpstream
-from worker.progress import PlainReporter, Tally
-from worker.service import Worker
-from worker.settings import Settings
-from worker.submit import (
+from worker.mock.upstream import MockUpstream
+from worker.producer.progress import PlainReporter, Tally
+from worker.producer.submit import (
     OutputExists,
     default_output,
     job_id_for,
@@ -31,6 +29,8 @@ from worker.submit import (
     reply_queue_name,
     submit_file,
 )
+from worker.service import Worker
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

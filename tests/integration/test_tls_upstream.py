@@ -16,10 +16,10 @@ from aio_pika.abc import AbstractConnection
 from conftest import Replies, publish
 from test_process import WorkerProcess
 
+from worker.amqp.topology import declare
 from worker.messages import JobDelta, JobResult
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.mock.upstream import MockConfig, MockUpstream
 from worker.settings import Settings
-from worker.topology import declare
 
 pytestmark = pytest.mark.integration
 

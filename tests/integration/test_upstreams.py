@@ -16,7 +16,7 @@ from conftest import Replies, publish
 from structlog.testing import capture_logs
 
 from worker.messages import JobResult
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 
 pytestmark = pytest.mark.integration

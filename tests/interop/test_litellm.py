@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractConnection
 from conftest import Replies, publish
 
 from worker.messages import JobResult
-from worker.mock_upstream import MockUpstream
+from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 
 pytestmark = pytest.mark.integration

@@ -31,7 +31,7 @@ from worker.settings import Settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from brokerctl import close_connections_of
 
-from worker.topology import declare, delay_queues
+from worker.amqp.topology import declare, delay_queues
 
 MOCK_PORT = 18765
 

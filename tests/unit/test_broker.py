@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.broker import Nodes, NoNodeAnswers, connect_any, redact
+from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
 
 URLS = [f"amqp://u:secret@node{n}:5672/" for n in range(1, 4)]
 

@@ -6,7 +6,7 @@ import email.utils
 
 import pytest
 
-from worker.budget import Dimension, parse_duration, read_budget, retry_after_seconds
+from worker.limits.headers import Dimension, parse_duration, read_budget, retry_after_seconds
 
 NOW = 1_764_000_000.0  # a fixed wall clock
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from worker.amqp.topology import DELAY_TIERS
 from worker.console.broker import lane_queues
 from worker.settings import Settings
-from worker.topology import DELAY_TIERS
 
 
 def test_one_lane_uses_the_configured_dead_letter_queue() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from worker.events import MAX_TENANTS, OTHER_TENANT, Heartbeat, JobStats
+from worker.heartbeat import MAX_TENANTS, OTHER_TENANT, Heartbeat, JobStats
 from worker.settings import Settings
 
 

@@ -14,7 +14,7 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from worker.frames import Outbox, PreparedPublish
+from worker.amqp.outbox import Outbox, PreparedPublish
 
 
 class _Outbox:

@@ -16,7 +16,8 @@ import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from worker import jobs
+from worker import runner as jobs
+from worker.amqp.topology import H_RATE_LIMIT_WAIT
 from worker.errors import (
     Expired,
     ForbiddenReplyTo,
@@ -26,7 +27,9 @@ from worker.errors import (
     RateLimited,
     UpstreamError,
 )
-from worker.jobs import (
+from worker.limits.gate import Gate
+from worker.messages import ErrorCode
+from worker.runner import (
     Deferral,
     Envelope,
     Job,
@@ -37,12 +40,9 @@ from worker.jobs import (
     decode_job,
     read_envelope,
 )
-from worker.limits import Gate
-from worker.messages import ErrorCode
 from worker.settings import Settings
 from worker.telemetry import Telemetry
-from worker.topology import H_RATE_LIMIT_WAIT
-from worker.upstream import Upstream
+from worker.upstream.client import Upstream
 
 BASE_URL = "http://upstream.test/v1"
 BODY: dict[str, Any] = {
@@ -509,7 +509,7 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         await real_sleep(0)
         return result
 
-    monkeypatch.setattr("worker.jobs.asyncio.sleep", no_wait)
+    monkeypatch.setattr("worker.runner.asyncio.sleep", no_wait)
     return waits
 
 
@@ -939,7 +939,7 @@ def test_a_deadline_sent_as_an_amqp_timestamp_is_read_as_utc() -> None:
     from datetime import datetime as _datetime
 
     naive = _datetime(2030, 1, 2, 3, 4, 5)
-    from worker.jobs import _parse_deadline
+    from worker.runner import _parse_deadline
 
     deadline, bad = _parse_deadline(naive)
     assert bad is None

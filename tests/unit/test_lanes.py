@@ -1,11 +1,11 @@
-"""The slot plan of :mod:`worker.lanes`: weighted, work-conserving, never over capacity."""
+"""The slot plan of :mod:`worker.amqp.lanes`: weighted, work-conserving, never over capacity."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.lanes import _LaneState, plan
+from worker.amqp.lanes import _LaneState, plan
 from worker.settings import Lane
 
 WEIGHTS = {"interactive": 4, "batch": 1}

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import structlog
 
-from worker.limits import Gate, GateState, Permit, Wait, estimate_tokens
-from worker.mock_budget import BudgetConfig, OrgBudget
-from worker.quota import ConfiguredLimits, LocalQuota
+from worker.limits.configured import ConfiguredLimits, LocalQuota
+from worker.limits.gate import Gate, GateState, Permit, Wait, estimate_tokens
+from worker.mock.budget import BudgetConfig, OrgBudget
 
 
 class VirtualTime:

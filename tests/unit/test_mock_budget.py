@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from worker.budget import read_budget
-from worker.mock_budget import BudgetConfig, OrgBudget, go_duration, request_tokens
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.limits.headers import read_budget
+from worker.mock.budget import BudgetConfig, OrgBudget, go_duration, request_tokens
+from worker.mock.upstream import MockConfig, MockUpstream
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
 

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from worker.mock_upstream import MockConfig, MockUpstream
+from worker.mock.upstream import MockConfig, MockUpstream
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},
@@ -606,7 +606,7 @@ async def test_serve_runs_until_sigterm(session: aiohttp.ClientSession) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = f"from worker.mock_upstream import MockConfig, serve; serve(MockConfig(), port={port})"
+    code = f"from worker.mock.upstream import MockConfig, serve; serve(MockConfig(), port={port})"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, stdout=asyncio.subprocess.DEVNULL
     )

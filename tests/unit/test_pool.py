@@ -24,11 +24,11 @@ from worker.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from worker.jobs import Deferral, Envelope, Job, JobOutcome, JobRunner
-from worker.limits import Gate
-from worker.pool import Member, UpstreamPool, check_upstreams, provider_for_host
+from worker.limits.gate import Gate
+from worker.runner import Deferral, Envelope, Job, JobOutcome, JobRunner
 from worker.settings import Settings, UpstreamSpec
 from worker.telemetry import Telemetry
+from worker.upstream.pool import Member, UpstreamPool, check_upstreams, provider_for_host
 
 COMPLETION = {
     "id": "chatcmpl-1",
@@ -597,7 +597,7 @@ async def test_every_gate_closed_defers_the_job_for_budget(pools: list[UpstreamP
 
 
 def test_the_route_cache_is_bounded_when_any_name_is_served() -> None:
-    from worker.pool import MAX_ROUTES
+    from worker.upstream.pool import MAX_ROUTES
 
     pool = pool_of(spec("gateway", ["*"]))
     for index in range(MAX_ROUTES + 10):

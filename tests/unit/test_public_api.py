@@ -7,8 +7,8 @@ from importlib.metadata import version
 import pytest
 
 import worker
-from worker.client import ChatClient, ChatClientError, JobFailed, JobTimeout, StreamText
 from worker.messages import BatchRequest, ErrorCode, JobDelta, JobResult
+from worker.producer.client import ChatClient, ChatClientError, JobFailed, JobTimeout, StreamText
 from worker.service import Worker
 from worker.settings import Settings
 

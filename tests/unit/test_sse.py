@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from worker.sse import Event, EventStreamParser
+from worker.upstream.sse import Event, EventStreamParser
 
 BOM = "\ufeff"
 

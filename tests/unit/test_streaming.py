@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from worker.streaming import CompletionAssembler, DeltaStream, MalformedChunk
+from worker.stream.assemble import CompletionAssembler, DeltaStream, MalformedChunk
 
 
 def chunk(

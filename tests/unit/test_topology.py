@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from worker.amqp.topology import DELAY_TIERS, delay_queue_name, delay_queues, queue_arguments
 from worker.settings import Settings
-from worker.topology import DELAY_TIERS, delay_queue_name, delay_queues, queue_arguments
 
 
 def settings(**values: str) -> Settings:

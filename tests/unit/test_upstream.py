@@ -23,7 +23,7 @@ from worker.errors import (
     RateLimited,
     UpstreamError,
 )
-from worker.upstream import Completion, Upstream, retry_after_seconds
+from worker.upstream.client import Completion, Upstream, retry_after_seconds
 
 URL = "http://upstream.test/v1/chat/completions"
 KEY = "sk-test-key"

@@ -3,7 +3,7 @@
 Reads are open to whoever can reach the port (it binds 127.0.0.1 unless told otherwise);
 actions need ``Authorization: Bearer $WORKER_CONSOLE_TOKEN``, compared in constant time,
 and are off without that setting. Every action is logged with what it did. Nothing here
-ever reads a request's body beyond its ``custom_id`` (``worker.dlq``).
+ever reads a request's body beyond its ``custom_id`` (``worker.amqp.dlq``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import orjson
 import structlog
 from aiohttp import web
 
+from worker.amqp.dlq import DeadLetter, ReplayFailed
 from worker.console.broker import ConsoleBroker
 from worker.console.state import Fleet
-from worker.dlq import DeadLetter, ReplayFailed
 from worker.settings import Settings
 
 __all__ = ["ConsoleApp", "serve_console"]

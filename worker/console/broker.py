@@ -3,11 +3,11 @@
 One connection, three uses. Heartbeats arrive on an exclusive, auto-deleted queue bound
 to the fanout events exchange (the console leaves nothing behind when it stops). Queue
 depths come from passive declares every two seconds: they create nothing and cost the
-broker one round trip each. Dead letters are read with ``worker.dlq``'s walk: fetched
+broker one round trip each. Dead letters are read with ``worker.amqp.dlq``'s walk: fetched
 unacknowledged on a channel of their own and all returned when that channel closes, so
 reading them never removes one; the listing is kept until a dead-letter queue's depth
 changes (or 15 s pass), so a page left open does not drain the queue through the
-network again and again. A replay reuses ``worker.dlq.replay_from``: a dead letter is
+network again and again. A replay reuses ``worker.amqp.dlq.replay_from``: a dead letter is
 acknowledged only after its copy is routed to the request queue and confirmed.
 """
 
@@ -27,10 +27,10 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from worker.amqp.dlq import DeadLetter, browse, describe, replay_from
+from worker.amqp.topology import DELAY_TIERS, dead_letter_queue_for, delay_queue_name
 from worker.console.state import Fleet
-from worker.dlq import DeadLetter, browse, describe, replay_from
 from worker.settings import Settings
-from worker.topology import DELAY_TIERS, dead_letter_queue_for, delay_queue_name
 
 __all__ = ["ConsoleBroker", "LaneQueue", "lane_queues"]
 
@@ -227,7 +227,7 @@ class ConsoleBroker:
     async def replay(self, select: Callable[[DeadLetter], bool]) -> dict[str, int]:
         """Replay the selected dead letters of every lane to that lane; counts per lane.
 
-        Raises :class:`~worker.dlq.ReplayFailed` at the first copy the broker refuses
+        Raises :class:`~worker.amqp.dlq.ReplayFailed` at the first copy the broker refuses
         (that dead letter and the rest stay where they are).
         """
         replayed: dict[str, int] = {}

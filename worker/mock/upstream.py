@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from worker.mock_budget import BudgetConfig, OrgBudget
+from worker.mock.budget import BudgetConfig, OrgBudget
 
 __all__ = ["MockConfig", "MockStats", "MockUpstream", "RecordedRequest", "serve"]
 

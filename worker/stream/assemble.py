@@ -367,7 +367,7 @@ class CompletionAssembler:
 
 
 class DeltaSink(Protocol):
-    """Where an attempt's deltas go (the worker's is :class:`worker.publisher.JobDeltas`)."""
+    """Where an attempt's deltas go (the worker's is :class:`worker.amqp.publish.JobDeltas`)."""
 
     async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
         """Publish one delta; a refusal may surface here or at the next call."""

@@ -28,12 +28,12 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 from rich.console import Console
 
-from worker.broker import connect_any
-from worker.client import ChatClient, ChatClientError
+from worker.amqp.connect import connect_any
+from worker.amqp.topology import H_JOB_ID, TYPE_DELTA, declare
 from worker.messages import BatchRequest, ErrorCode, JobResult
-from worker.progress import PlainReporter, Reporter, RichReporter, Tally
+from worker.producer.client import ChatClient, ChatClientError
+from worker.producer.progress import PlainReporter, Reporter, RichReporter, Tally
 from worker.settings import Settings
-from worker.topology import H_JOB_ID, TYPE_DELTA, declare
 
 __all__ = [
     "UNREADABLE_RESULT",

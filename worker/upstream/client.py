@@ -2,10 +2,10 @@
 
 Timeouts are not left to the transport: callers bound a plain call with
 ``WORKER_REQUEST_TIMEOUT`` and a stream with ``WORKER_STREAM_IDLE_TIMEOUT`` between chunks
-(see :mod:`worker.jobs`), so ``timeout`` means the same thing whichever transport runs.
+(see :mod:`worker.runner`), so ``timeout`` means the same thing whichever transport runs.
 
 With the default transport (httpx-aiohttp) requests go to its ``aiohttp.ClientSession``
-directly, and a stream is read off aiohttp's body buffer into :mod:`worker.sse`: httpx's
+directly, and a stream is read off aiohttp's body buffer into :mod:`worker.upstream.sse`: httpx's
 request and response objects and its byte iterators cost more CPU per streamed chunk than
 everything else the worker does for it. Any other httpx transport (``httpx.MockTransport``
 in the unit tests) goes through httpx, into the same parser and the same checks.
@@ -30,7 +30,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from worker import __version__
 from worker.errors import JobError, QuotaExceeded, UpstreamError, error_for_status
-from worker.sse import EventStreamParser
+from worker.upstream.sse import EventStreamParser
 
 __all__ = [
     "AuthStyle",

@@ -20,6 +20,14 @@ import orjson
 import structlog
 from pydantic import ValidationError
 
+from worker.amqp.topology import (
+    DELAY_TIERS,
+    H_ATTEMPTS,
+    H_DEADLINE,
+    H_DELIVERY_COUNT,
+    H_RATE_LIMIT_WAIT,
+    H_REDELIVERIES,
+)
 from worker.errors import (
     BudgetError,
     Expired,
@@ -33,22 +41,14 @@ from worker.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from worker.limits import Gate, Permit, Wait, estimate_tokens
+from worker.limits.configured import ConfiguredLimits
+from worker.limits.gate import Gate, Permit, Wait, estimate_tokens
 from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
-from worker.pool import Member, UpstreamPool
-from worker.quota import ConfiguredLimits
 from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
-from worker.streaming import CompletionAssembler, DeltaSink, DeltaStream, MalformedChunk
+from worker.stream.assemble import CompletionAssembler, DeltaSink, DeltaStream, MalformedChunk
 from worker.telemetry import Telemetry
-from worker.topology import (
-    DELAY_TIERS,
-    H_ATTEMPTS,
-    H_DEADLINE,
-    H_DELIVERY_COUNT,
-    H_RATE_LIMIT_WAIT,
-    H_REDELIVERIES,
-)
-from worker.upstream import Upstream
+from worker.upstream.client import Upstream
+from worker.upstream.pool import Member, UpstreamPool
 
 __all__ = [
     "Deferral",
@@ -625,7 +625,7 @@ class JobRunner:
                         # on a grid every stream of the process shares (the flush interval,
                         # at most MAX_REST): the streams read, and publish their deltas, in
                         # the same loop iterations, and the deltas leave in one write
-                        # (worker.frames.Outbox).
+                        # (worker.amqp.outbox.Outbox).
                         if deltas.next_at is not None and not unbuffered:
                             chunks.rest_until(_on_grid(min(deltas.next_at, now + MAX_REST), grid))
                     done = chunks.done

@@ -11,10 +11,10 @@ Health (pools of two or more): ``cooldown.failures`` retryable failures
 the time is up, exactly one job is let through as a probe: its success brings the upstream
 back, its failure cools it again. Any answer that is not a retryable failure (a 2xx, a
 400, a 401, a 429) proves the upstream alive. Budget is the gate's business
-(:mod:`worker.limits`): a 429 closes the gate, ``insufficient_quota`` cools the gate, and
+(:mod:`worker.limits.gate`): a 429 closes the gate, ``insufficient_quota`` cools the gate, and
 routing skips an upstream whose gate is not open.
 
-This module knows no broker: :mod:`worker.jobs` asks it for a member per attempt and
+This module knows no broker: :mod:`worker.runner` asks it for a member per attempt and
 reports how the attempt ended.
 """
 
@@ -35,9 +35,9 @@ import orjson
 import structlog
 
 from worker.errors import JobError, ModelNotAllowed, UpstreamError, UpstreamTimeout
-from worker.limits import Gate
+from worker.limits.gate import Gate
 from worker.settings import UpstreamSpec
-from worker.upstream import Upstream
+from worker.upstream.client import Upstream
 
 __all__ = [
     "CheckRow",

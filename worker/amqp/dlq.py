@@ -30,10 +30,9 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from worker.broker import connect_any
-from worker.publisher import copy_request
-from worker.settings import Settings
-from worker.topology import (
+from worker.amqp.connect import connect_any
+from worker.amqp.publish import copy_request
+from worker.amqp.topology import (
     H_ATTEMPTS,
     H_CUSTOM_ID,
     H_DELIVERY_COUNT,
@@ -45,6 +44,7 @@ from worker.topology import (
     TYPE_RESULT,
     dead_letter_queue_for,
 )
+from worker.settings import Settings
 
 __all__ = [
     "DeadLetter",

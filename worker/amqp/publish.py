@@ -25,14 +25,10 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
-from worker.blocking import BlockedState
-from worker.deltas import JobDeltas
-from worker.errors import JobError
-from worker.frames import Outbox, refusal
-from worker.jobs import Deferral, Envelope, JobOutcome
-from worker.messages import MAX_CUSTOM_ID
-from worker.settings import Settings
-from worker.topology import (
+from worker.amqp.blocked import BlockedState
+from worker.amqp.deltas import JobDeltas
+from worker.amqp.outbox import Outbox, refusal
+from worker.amqp.topology import (
     APP_ID,
     DELTA,
     H_ATTEMPTS,
@@ -55,6 +51,10 @@ from worker.topology import (
     delay_queue_name,
     delay_tier,
 )
+from worker.errors import JobError
+from worker.messages import MAX_CUSTOM_ID
+from worker.runner import Deferral, Envelope, JobOutcome
+from worker.settings import Settings
 
 __all__ = [
     "MAX_HEADER_TEXT",

@@ -32,10 +32,10 @@ from aio_pika.abc import (
 from opentelemetry import propagate, trace
 from pydantic import Field, TypeAdapter, ValidationError
 
-from worker.broker import connect_any
+from worker.amqp.connect import connect_any
+from worker.amqp.topology import H_DEADLINE, H_JOB_ID, TYPE_DELTA
 from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
 from worker.settings import Settings, load_settings
-from worker.topology import H_DEADLINE, H_JOB_ID, TYPE_DELTA
 
 __all__ = [
     "ChatClient",

@@ -20,7 +20,7 @@ and a replica alone (or the only busy one) gets it all. While the budget reads f
 is nothing to measure: each replica then grows its rate by half a second until the
 budget starts to fall. Tokens are paced the same way, by the estimated cost of each call.
 
-Configured limits (rpm, tpm, max_concurrency) are a :class:`~worker.quota.Quota`, local
+Configured limits (rpm, tpm, max_concurrency) are a :class:`~worker.limits.configured.Quota`, local
 or in Redis, checked after the gate lets a call through.
 """
 
@@ -36,8 +36,8 @@ from typing import Any
 
 import structlog
 
-from worker.budget import Budget, Dimension, read_budget
-from worker.quota import ConfiguredLimits, LocalQuota, Quota, RedisQuota
+from worker.limits.configured import ConfiguredLimits, LocalQuota, Quota, RedisQuota
+from worker.limits.headers import Budget, Dimension, read_budget
 
 __all__ = ["Gate", "GateState", "Permit", "Wait", "estimate_tokens"]
 

@@ -1,5 +1,5 @@
 """One job's deltas on their way out: routed to ``reply_to`` or the result exchange,
-pre-encoded (:mod:`worker.frames`), each confirm checked by the next delta."""
+pre-encoded (:mod:`worker.amqp.outbox`), each confirm checked by the next delta."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import orjson
 import structlog
 from pamqp.commands import Basic
 
-from worker.blocking import BlockedState
-from worker.frames import PreparedPublish, refusal
-from worker.jobs import Envelope
-from worker.topology import APP_ID, DELTA, H_JOB_ID, TYPE_DELTA
+from worker.amqp.blocked import BlockedState
+from worker.amqp.outbox import PreparedPublish, refusal
+from worker.amqp.topology import APP_ID, DELTA, H_JOB_ID, TYPE_DELTA
+from worker.runner import Envelope
 
 if TYPE_CHECKING:
-    from worker.publisher import Publisher
+    from worker.amqp.publish import Publisher
 
 __all__ = ["JobDeltas"]
 
@@ -29,7 +29,7 @@ log = structlog.get_logger(__name__)
 class JobDeltas:
     """One job's deltas (contract §5), published one at a time in ``seq`` order.
 
-    A delta is written at once (:class:`~worker.frames.PreparedPublish`: encoded once per
+    A delta is written at once (:class:`~worker.amqp.outbox.PreparedPublish`: encoded once per
     job) and its confirm is not awaited then: the next delta, a flush interval later, when
     the confirm has long arrived, checks it first, and :meth:`settle` checks the last one
     before the result. So the reader of the upstream's stream never waits on the broker,

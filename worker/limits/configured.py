@@ -41,7 +41,7 @@ class ConfiguredLimits:
 
 
 class Quota(Protocol):
-    """What :class:`worker.limits.Gate` asks of a store of configured limits."""
+    """What :class:`worker.limits.gate.Gate` asks of a store of configured limits."""
 
     async def reserve(self, tokens: int, horizon: float) -> float:
         """Seconds until a call of ``tokens`` may go. At most ``horizon``: the budget is
