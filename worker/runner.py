@@ -1,39 +1,25 @@
-"""One job, from delivery to result: read, check, call the upstream with retries, conclude.
+"""A job's attempts: route to an upstream, pass its gate, call, retry, fall back, conclude.
 
-Nothing here touches the broker: :mod:`worker.service` hands in the delivery's body and
-properties, a callable that publishes deltas, and settles what :meth:`JobRunner.run` returns.
+Nothing here touches the broker: :mod:`worker.delivery` hands in a checked job and a sink
+for its deltas, and settles what :meth:`JobRunner.run` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
-from pydantic import ValidationError
 
-from worker.amqp.topology import (
-    DELAY_TIERS,
-    H_ATTEMPTS,
-    H_DEADLINE,
-    H_DELIVERY_COUNT,
-    H_RATE_LIMIT_WAIT,
-    H_REDELIVERIES,
-)
+from worker.amqp.topology import DELAY_TIERS
 from worker.errors import (
     BudgetError,
-    Expired,
-    ForbiddenReplyTo,
-    InvalidMessage,
-    InvalidRequest,
     JobError,
     ModelNotAllowed,
     QuotaExceeded,
@@ -41,26 +27,16 @@ from worker.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
 from worker.limits.gate import Gate, Permit, Wait, estimate_tokens
-from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
 from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
-from worker.stream.assemble import CompletionAssembler, DeltaSink, DeltaStream, MalformedChunk
+from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
 from worker.upstream.pool import Member, UpstreamPool
 
-__all__ = [
-    "Deferral",
-    "Envelope",
-    "Job",
-    "JobOutcome",
-    "JobRunner",
-    "Rejection",
-    "decode_job",
-    "read_envelope",
-    "stable_job_id",
-]
+__all__ = ["JobRunner", "backoff", "gate_for"]
 
 log = structlog.get_logger(__name__)
 
@@ -72,218 +48,6 @@ BACKOFF_CAP = 60.0
 # Waiting for rate-limit budget holds the consumer slot up to this long (well inside the
 # broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
 RATE_LIMIT_INLINE_WAIT = 30.0
-
-# The longest a stream is left unread between two reads (see JobRunner._stream_once).
-MAX_REST = 0.05
-
-
-@dataclass(slots=True)
-class Envelope:
-    """What a delivery says about its job before its body is read (AMQP properties)."""
-
-    job_id: str
-    correlation_id: str
-    reply_to: str | None
-    reply_to_forbidden: bool
-    deadline: datetime | None
-    bad_deadline: str | None
-    prior_attempts: int
-    redeliveries: int
-    headers: Mapping[str, Any]
-    lane: str | None = None  # the request queue it came from (§12)
-    rate_limit_wait_ms: float = 0.0  # waited for rate-limit budget on earlier deliveries
-    tenant: str | None = None  # who the job belongs to (§12)
-
-
-def read_envelope(
-    *,
-    message_id: str | None,
-    correlation_id: str | None,
-    reply_to: str | None,
-    headers: Mapping[str, Any] | None,
-    redelivered: bool,
-    settings: Settings,
-    body: bytes | None = None,
-) -> Envelope:
-    headers = headers or {}
-    job_id = message_id or stable_job_id(body or b"", correlation_id, reply_to, headers)
-    forbidden = bool(
-        reply_to
-        and settings.reply_to_pattern is not None
-        and not settings.reply_to_pattern.fullmatch(reply_to)
-    )
-    deadline, bad_deadline = _parse_deadline(headers.get(H_DEADLINE))
-    return Envelope(
-        job_id=job_id,
-        correlation_id=correlation_id or job_id,
-        reply_to=None if forbidden else reply_to or None,
-        reply_to_forbidden=forbidden,
-        deadline=deadline,
-        bad_deadline=bad_deadline,
-        prior_attempts=_prior_attempts(headers, redelivered),
-        redeliveries=_redeliveries(headers),
-        headers=headers,
-        rate_limit_wait_ms=float(_int(headers.get(H_RATE_LIMIT_WAIT))),
-    )
-
-
-def stable_job_id(
-    body: bytes, correlation_id: str | None, reply_to: str | None, headers: Mapping[str, Any]
-) -> str:
-    """The id of a job published without ``message_id``: a hash of what stays the same on
-    every delivery of one publish (body, ``correlation_id``, ``reply_to``, ``x-deadline``),
-    so a redelivery or a duplicate carries the same id. Two identical publishes are one job
-    to the worker's id; a producer that wants them told apart sets ``message_id``."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (correlation_id, reply_to, headers.get(H_DEADLINE)):
-        digest.update(repr(part).encode())
-        digest.update(b"\0")
-    digest.update(body)
-    return digest.hexdigest()
-
-
-def _prior_attempts(headers: Mapping[str, Any], redelivered: bool) -> int:
-    """Upstream attempts this job may already have had, counted across redeliveries.
-
-    ``x-attempts`` is exact (the worker sets it when it sends a job round a delay queue);
-    a redelivery after a crash or a lost connection counts as one attempt, since the
-    worker that lost the job may have called the upstream before it went.
-    """
-    crashes = _redeliveries(headers)
-    if not crashes and redelivered:
-        crashes = 1
-    return _int(headers.get(H_ATTEMPTS)) + crashes
-
-
-def _redeliveries(headers: Mapping[str, Any]) -> int:
-    """Deliveries that ended without a result: the quorum queue's count, else our own."""
-    return _int(headers.get(H_DELIVERY_COUNT)) or _int(headers.get(H_REDELIVERIES))
-
-
-def _int(value: Any) -> int:
-    if value is None:
-        return 0
-    try:
-        return max(int(value), 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _parse_deadline(value: Any) -> tuple[datetime | None, str | None]:
-    """``(deadline, None)``, or ``(None, the bad text)``."""
-    if value is None:
-        return None, None
-    if isinstance(value, datetime):
-        # An AMQP timestamp field (some clients send one): seconds since the epoch, UTC.
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)), None
-    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-    try:
-        deadline = datetime.fromisoformat(text)
-    except ValueError:
-        return None, text
-    if deadline.tzinfo is None:
-        return None, text
-    return deadline, None
-
-
-@dataclass(slots=True)
-class Job:
-    """A request that passed every check and may go upstream."""
-
-    envelope: Envelope
-    custom_id: str | None
-    model: str
-    stream: bool
-    body: dict[str, Any]  # exactly as received: unknown fields pass through untouched
-
-
-@dataclass(slots=True)
-class Rejection:
-    """A request that fails its checks; ``custom_id`` when the body was readable enough."""
-
-    custom_id: str | None
-    error: JobError
-
-
-def decode_job(data: bytes, envelope: Envelope, settings: Settings) -> Job | Rejection:
-    """Check a request body against the contract, before anything goes upstream."""
-    custom_id: str | None = None
-    try:
-        if len(data) > settings.max_message_bytes:
-            raise InvalidMessage(
-                f"message is {len(data)} bytes, over WORKER_MAX_MESSAGE_BYTES "
-                f"({settings.max_message_bytes})"
-            )
-        try:
-            raw = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidMessage(f"body is not UTF-8 JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise InvalidMessage("body is not a JSON object")
-        if isinstance(raw.get("custom_id"), str):
-            custom_id = raw["custom_id"]
-        if envelope.bad_deadline is not None:
-            raise InvalidMessage(
-                f"x-deadline is not an RFC 3339 time with a zone: {envelope.bad_deadline!r}"
-            )
-        try:
-            request = BatchRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise InvalidMessage(_first_error(exc)) from None
-        if request.method is not None and request.method.upper() != "POST":
-            raise InvalidRequest(f"method must be POST, not {request.method!r}")
-        if request.url is not None and request.url not in CHAT_COMPLETIONS_PATHS:
-            raise InvalidRequest(f"url must be /v1/chat/completions, not {request.url!r}")
-        model = request.body.model
-        if settings.allowed_models and model not in settings.allowed_models:
-            raise ModelNotAllowed(f"model {model!r} is not in WORKER_ALLOWED_MODELS")
-        if envelope.reply_to_forbidden:
-            raise ForbiddenReplyTo("reply_to does not match WORKER_REPLY_TO_PATTERN")
-        if envelope.deadline is not None and envelope.deadline <= datetime.now(UTC):
-            raise Expired(f"x-deadline {envelope.deadline.isoformat()} passed before the call")
-    except JobError as exc:
-        return Rejection(custom_id, exc)
-    return Job(envelope, custom_id, model, bool(request.body.stream), raw["body"])
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "message"
-    return f"{where}: {error['msg']} (schema: schemas/request.schema.json)"
-
-
-# --- running -----------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class JobOutcome:
-    """How a job ended: the result document's parts, before serialisation."""
-
-    attempts: int
-    error: JobError | None = None
-    status_code: int | None = None
-    request_id: str | None = None
-    body: dict[str, Any] | None = None
-    usage: dict[str, Any] | None = None
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
-    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    upstream: str | None = None  # name of the upstream of the last attempt (§11)
-    rate_limit_wait_ms: float = 0.0  # time waited for rate-limit budget, across deliveries
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(slots=True)
-class Deferral:
-    """Retry later through a delay queue: the job leaves the process until then."""
-
-    wait: float
-    attempts: int
-    error: JobError
-    rate_limit_wait_ms: float = 0.0  # waited for budget so far, the delay included if for it
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -340,11 +104,11 @@ class JobRunner:
             error = UpstreamError(
                 f"gave up after {attempt} attempts or deliveries without a result"
             )
-            return self._finish(_failed(error, attempt), waited, None)
+            return self._finish(failed(error, attempt), waited, None)
         try:
             member, probe = self._choose(job.model)
         except ModelNotAllowed as unserved:
-            return self._finish(_failed(unserved, attempt), waited, None)
+            return self._finish(failed(unserved, attempt), waited, None)
         tokens = estimate_tokens(job.body)
         bodies: dict[str, bytes] = {}
         tried: list[Member] = []  # failed in a row since the last backoff
@@ -404,7 +168,7 @@ class JobRunner:
                 finally:
                     await _release(gate, admitted, used, quota_spent)
             if not exc.retryable or attempt >= self.settings.max_attempts:
-                return self._finish(_failed(exc, attempt), waited, last)
+                return self._finish(failed(exc, attempt), waited, last)
             if member is not None:
                 tried.append(member)
                 member, probe = self._choose(job.model, tried)
@@ -485,7 +249,7 @@ class JobRunner:
                 request_id=refused.request_id if refused else None,
             )
             log.info("gave up waiting for budget", error_code=error.code.value, waited_s=waited)
-            return self._finish(_failed(error, attempt), waited, upstream)
+            return self._finish(failed(error, attempt), waited, upstream)
         # The longest delay tier that does not overshoot: back in time to take the budget.
         tier = max((t for t in DELAY_TIERS if t <= wait.seconds), default=DELAY_TIERS[0])
         return Deferral(
@@ -514,7 +278,7 @@ class JobRunner:
         body = bodies.get(sent_model)
         upstream_body = job.body if sent_model == job.model else {**job.body, "model": sent_model}
         if body is None:
-            dumped = _stream_body(upstream_body) if job.stream else orjson.dumps(upstream_body)
+            dumped = stream_body(upstream_body) if job.stream else orjson.dumps(upstream_body)
             body = bodies[sent_model] = dumped
         client = member.client
         with self.telemetry.upstream_span(
@@ -524,9 +288,7 @@ class JobRunner:
             started = time.perf_counter()
             try:
                 if job.stream:
-                    outcome = await self._stream_once(
-                        client, job, body, attempt, send_delta, headers
-                    )
+                    outcome = await self._stream_once(client, body, attempt, send_delta, headers)
                 else:
                     outcome = await self._call_once(client, body, attempt, headers)
             except JobError as exc:
@@ -551,6 +313,33 @@ class JobRunner:
             )
             return outcome
 
+    async def _stream_once(
+        self,
+        client: Upstream,
+        body: bytes,
+        attempt: int,
+        send_delta: DeltaSink,
+        headers: Mapping[str, str],
+    ) -> JobOutcome:
+        answer = await relay_stream(
+            client,
+            body,
+            headers,
+            attempt,
+            send_delta,
+            idle=self.settings.stream_idle_timeout,
+            interval=self.settings.stream_flush_interval,
+        )
+        return JobOutcome(
+            attempts=attempt,
+            status_code=answer.status_code,
+            request_id=answer.request_id,
+            body=answer.body,
+            usage=answer.usage,
+            latency_ms=answer.latency_ms,
+            ttft_ms=answer.ttft_ms,
+        )
+
     async def _call_once(
         self, client: Upstream, body: bytes, attempt: int, headers: Mapping[str, str]
     ) -> JobOutcome:
@@ -570,116 +359,6 @@ class JobRunner:
             usage=completion.body.get("usage"),
             latency_ms=_ms_since(started),
         )
-
-    async def _stream_once(
-        self,
-        client: Upstream,
-        job: Job,
-        body: bytes,
-        attempt: int,
-        send_delta: DeltaSink,
-        headers: Mapping[str, str],
-    ) -> JobOutcome:
-        idle = self.settings.stream_idle_timeout
-        loop = asyncio.get_running_loop()
-        assembler = CompletionAssembler()
-        interval = self.settings.stream_flush_interval
-        unbuffered = interval <= 0
-        grid = 0.0 if unbuffered else min(interval, MAX_REST)
-        deltas = DeltaStream(send_delta, attempt, interval, assembler, grid)
-        meta: dict[str, Any] = {}
-        started = time.perf_counter()
-        ttft_ms: float | None = None
-        # Moving the deadline costs a timer per chunk; moving it when a tenth of it has
-        # gone keeps the bound (never early, at most 10 % late) at a fraction of the cost.
-        slack = idle / 10
-        try:
-            async with asyncio.timeout(idle) as silence:
-                rescheduled = loop.time()
-                async with client.open_stream(body, headers, meta) as chunks:
-                    pending = False  # output read whose delta may not go yet
-                    # One await per network read; the chunks it completed are plain calls.
-                    while (
-                        batch := await chunks.read(until=deltas.next_at if pending else None)
-                    ) is not None:
-                        now = loop.time()
-                        if batch:  # else a comment, a keep-alive, half an event or `until`
-                            if now - rescheduled > slack:
-                                silence.reschedule(now + idle + slack)
-                                rescheduled = now
-                            for chunk in batch:
-                                if assembler.add(chunk):
-                                    if ttft_ms is None:
-                                        ttft_ms = _ms_since(started)
-                                    if unbuffered:  # a zero interval: a delta per chunk
-                                        await deltas.flush(now)
-                                    else:
-                                        pending = True
-                        if pending and deltas.due(now):
-                            await deltas.flush(now)
-                            pending = False
-                        # Until the next delta may go, leave the socket unread: what comes
-                        # meanwhile is read at once and leaves as one delta (one wake-up
-                        # per delta, not per chunk). Never longer than MAX_REST: the end of
-                        # the stream, and so the result, waits for the next read. Rests end
-                        # on a grid every stream of the process shares (the flush interval,
-                        # at most MAX_REST): the streams read, and publish their deltas, in
-                        # the same loop iterations, and the deltas leave in one write
-                        # (worker.amqp.outbox.Outbox).
-                        if deltas.next_at is not None and not unbuffered:
-                            chunks.rest_until(_on_grid(min(deltas.next_at, now + MAX_REST), grid))
-                    done = chunks.done
-            if not done and not assembler.finished:
-                raise UpstreamError(
-                    "upstream stream ended without [DONE] and without a finish_reason",
-                    status_code=meta.get("status_code"),
-                    request_id=meta.get("request_id"),
-                )
-            await deltas.close(loop.time())
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"stream silent for WORKER_STREAM_IDLE_TIMEOUT ({idle:g}s)",
-                status_code=meta.get("status_code"),
-            ) from None
-        except MalformedChunk as exc:
-            raise UpstreamError(
-                f"upstream sent a malformed stream chunk: {exc}",
-                status_code=meta.get("status_code"),
-                request_id=meta.get("request_id"),
-            ) from None
-        return JobOutcome(
-            attempts=attempt,
-            status_code=meta.get("status_code", 200),
-            request_id=meta.get("request_id"),
-            body=assembler.completion(),
-            usage=assembler.usage,
-            latency_ms=_ms_since(started),
-            ttft_ms=ttft_ms,
-        )
-
-
-def _on_grid(moment: float, grid: float) -> float:
-    """The first point of ``grid`` at or after ``moment`` (a loop time), give or take half
-    a millisecond (DeltaStream.due allows one)."""
-    return math.ceil((moment - 0.0005) / grid) * grid
-
-
-def _stream_body(body: dict[str, Any]) -> bytes:
-    """The body with the usage chunk asked for (the result must carry usage)."""
-    options = body.get("stream_options")
-    options = dict(options) if isinstance(options, dict) else {}
-    options["include_usage"] = True
-    return orjson.dumps({**body, "stream_options": options})
-
-
-def _failed(exc: JobError, attempts: int) -> JobOutcome:
-    return JobOutcome(
-        attempts=attempts,
-        error=exc,
-        status_code=exc.status_code,
-        request_id=exc.request_id,
-        body=exc.response,
-    )
 
 
 def _pool_of_one(client: Upstream, settings: Settings) -> UpstreamPool:

@@ -43,19 +43,13 @@ from aio_pika.abc import (
 
 from worker.amqp.blocked import BlockedState, follow_blocking
 from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
+from worker.amqp.envelope import read_envelope
 from worker.amqp.lanes import LaneConsumer
 from worker.amqp.publish import Publisher, render_result
 from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES, TopologyUnavailable, declare
 from worker.heartbeat import Heartbeat, JobStats
-from worker.runner import (
-    Deferral,
-    Envelope,
-    JobOutcome,
-    JobRunner,
-    Rejection,
-    decode_job,
-    read_envelope,
-)
+from worker.job import Deferral, Envelope, JobOutcome, Rejection, decode_job
+from worker.runner import JobRunner
 from worker.settings import Settings
 from worker.telemetry import Telemetry
 from worker.tenants import tenant_of
@@ -424,10 +418,10 @@ class Worker:
             headers=message.headers,
             redelivered=bool(message.redelivered),
             settings=self.settings,
-        )
-        envelope.lane = lane
-        envelope.tenant = tenant_of(
-            message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
+            lane=lane,
+            tenant=tenant_of(
+                message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
+            ),
         )
         if (
             message.redelivered

@@ -35,11 +35,11 @@ from worker.amqp.topology import (
     delay_queue_name,
 )
 from worker.health import HealthServer
+from worker.job import Envelope, JobOutcome
 from worker.messages import MAX_CUSTOM_ID, JobResult
 from worker.mock.upstream import MockUpstream
 from worker.producer.client import ChatClient, UnreadableResult
 from worker.producer.submit import UNREADABLE_RESULT, journal_path, reply_queue_name, submit_file
-from worker.runner import Envelope, JobOutcome
 from worker.service import Worker
 from worker.settings import Settings
 

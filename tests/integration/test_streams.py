@@ -15,11 +15,11 @@ from conftest import Replies, publish
 from openai import AsyncOpenAI
 from pamqp.commands import Basic
 
+from worker.job import Job, JobOutcome
 from worker.messages import JobDelta, JobResult
 from worker.mock.upstream import MockUpstream
-from worker.runner import Job, JobOutcome
 from worker.service import Worker
-from worker.stream.assemble import DeltaSink
+from worker.stream.relay import DeltaSink
 
 pytestmark = pytest.mark.integration
 

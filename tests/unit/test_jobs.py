@@ -17,6 +17,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from worker import runner as jobs
+from worker.amqp.envelope import read_envelope
 from worker.amqp.topology import H_RATE_LIMIT_WAIT
 from worker.errors import (
     Expired,
@@ -27,19 +28,10 @@ from worker.errors import (
     RateLimited,
     UpstreamError,
 )
+from worker.job import Deferral, Envelope, Job, JobOutcome, Rejection, decode_job
 from worker.limits.gate import Gate
 from worker.messages import ErrorCode
-from worker.runner import (
-    Deferral,
-    Envelope,
-    Job,
-    JobOutcome,
-    JobRunner,
-    Rejection,
-    backoff,
-    decode_job,
-    read_envelope,
-)
+from worker.runner import JobRunner, backoff
 from worker.settings import Settings
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
@@ -939,7 +931,7 @@ def test_a_deadline_sent_as_an_amqp_timestamp_is_read_as_utc() -> None:
     from datetime import datetime as _datetime
 
     naive = _datetime(2030, 1, 2, 3, 4, 5)
-    from worker.runner import _parse_deadline
+    from worker.amqp.envelope import _parse_deadline
 
     deadline, bad = _parse_deadline(naive)
     assert bad is None

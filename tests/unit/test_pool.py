@@ -24,8 +24,9 @@ from worker.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from worker.job import Deferral, Envelope, Job, JobOutcome
 from worker.limits.gate import Gate
-from worker.runner import Deferral, Envelope, Job, JobOutcome, JobRunner
+from worker.runner import JobRunner
 from worker.settings import Settings, UpstreamSpec
 from worker.telemetry import Telemetry
 from worker.upstream.pool import Member, UpstreamPool, check_upstreams, provider_for_host

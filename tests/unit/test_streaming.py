@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from worker.stream.assemble import CompletionAssembler, DeltaStream, MalformedChunk
+from worker.stream.assemble import CompletionAssembler, MalformedChunk
+from worker.stream.relay import DeltaStream
 
 
 def chunk(

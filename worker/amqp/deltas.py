@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiormq
 import orjson
@@ -14,16 +14,36 @@ import structlog
 from pamqp.commands import Basic
 
 from worker.amqp.blocked import BlockedState
-from worker.amqp.outbox import PreparedPublish, refusal
+from worker.amqp.outbox import Outbox, PreparedPublish, refusal
 from worker.amqp.topology import APP_ID, DELTA, H_JOB_ID, TYPE_DELTA
-from worker.runner import Envelope
+from worker.job import Envelope
 
-if TYPE_CHECKING:
-    from worker.amqp.publish import Publisher
-
-__all__ = ["JobDeltas"]
+__all__ = ["JobDeltas", "ReplyRoutes"]
 
 log = structlog.get_logger(__name__)
+
+
+class ReplyRoutes:
+    """Where each job's messages go now: its ``reply_to``, unless that queue refused one of
+    them, after which the job's later messages (the result too) go to the result exchange.
+    The one thing about a job's destination that changes while it runs (envelopes do not)."""
+
+    __slots__ = ("_given_up",)
+
+    def __init__(self) -> None:
+        self._given_up: set[str] = set()
+
+    def reply_to(self, envelope: Envelope) -> str | None:
+        if envelope.reply_to and envelope.job_id not in self._given_up:
+            return envelope.reply_to
+        return None
+
+    def give_up(self, envelope: Envelope) -> None:
+        self._given_up.add(envelope.job_id)
+
+    def forget(self, envelope: Envelope) -> None:
+        """The job is over: its result went out (or will be retried on a new delivery)."""
+        self._given_up.discard(envelope.job_id)
 
 
 class JobDeltas:
@@ -43,13 +63,17 @@ class JobDeltas:
 
     def __init__(
         self,
-        publisher: Publisher,
+        outbox: Outbox,
+        result_exchange: str,
+        routes: ReplyRoutes,
         envelope: Envelope,
         custom_id: str | None,
         trace: Mapping[str, str],
         blocking: BlockedState | None,
     ) -> None:
-        self._publisher = publisher
+        self._outbox = outbox
+        self._result_exchange = result_exchange
+        self._routes = routes
         self._envelope = envelope
         self._custom_id = custom_id
         self._blocking = blocking
@@ -61,7 +85,7 @@ class JobDeltas:
 
     def _prepared(self) -> PreparedPublish:
         if self._route is None:
-            outbox = self._publisher.outbox
+            outbox = self._outbox
             envelope = self._envelope
             properties = Basic.Properties(
                 content_type="application/json",
@@ -72,7 +96,7 @@ class JobDeltas:
                 headers={H_JOB_ID: envelope.job_id, **self._trace},
                 app_id=APP_ID,
             )
-            reply_to = envelope.reply_to
+            reply_to = self._routes.reply_to(envelope)
             if reply_to:
                 self._route = PreparedPublish(
                     outbox,
@@ -85,7 +109,7 @@ class JobDeltas:
                 # Deltas are for whoever listens; with no binding they are simply not wanted.
                 self._route = PreparedPublish(
                     outbox,
-                    exchange=self._publisher.result_exchange,
+                    exchange=self._result_exchange,
                     routing_key=DELTA,
                     properties=properties,
                     mandatory=False,
@@ -133,7 +157,7 @@ class JobDeltas:
             if not (to_reply and isinstance(error, aiormq.exceptions.DeliveryError)):
                 self.discard()
                 raise error
-            if self._envelope.reply_to:
+            if self._routes.reply_to(self._envelope):
                 log.warning(
                     "reply_to queue did not take a delta; using the result exchange",
                     job_id=self._envelope.job_id,
@@ -141,7 +165,7 @@ class JobDeltas:
                     reason=refusal(error),
                 )
                 # Later messages of this job (the result too) go to the exchange.
-                self._envelope.reply_to = None
+                self._routes.give_up(self._envelope)
                 self._route = None
             # Deltas sent after it (to reply_to too) come next in this loop: refused as
             # well, each is sent again after this one, so the exchange gets them in order.

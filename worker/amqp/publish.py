@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from worker.amqp.blocked import BlockedState
-from worker.amqp.deltas import JobDeltas
+from worker.amqp.deltas import JobDeltas, ReplyRoutes
 from worker.amqp.outbox import Outbox, refusal
 from worker.amqp.topology import (
     APP_ID,
@@ -52,8 +52,8 @@ from worker.amqp.topology import (
     delay_tier,
 )
 from worker.errors import JobError
+from worker.job import Deferral, Envelope, JobOutcome
 from worker.messages import MAX_CUSTOM_ID
-from worker.runner import Deferral, Envelope, JobOutcome
 from worker.settings import Settings
 
 __all__ = [
@@ -145,6 +145,7 @@ class Publisher:
         # confirm. One publish per message_id at a time keeps the match exact.
         self._id_locks: dict[str, asyncio.Lock] = {}
         self._outbox: Outbox | None = None
+        self.routes = ReplyRoutes()
 
     @classmethod
     async def open(cls, channel: AbstractChannel, settings: Settings) -> Publisher:
@@ -207,7 +208,9 @@ class Publisher:
         blocking: BlockedState | None = None,
     ) -> JobDeltas:
         """The publisher of one job's deltas (see :class:`JobDeltas`)."""
-        return JobDeltas(self, envelope, custom_id, trace, blocking)
+        return JobDeltas(
+            self.outbox, self.result_exchange, self.routes, envelope, custom_id, trace, blocking
+        )
 
     async def result(
         self,
@@ -246,8 +249,11 @@ class Publisher:
             timestamp=outcome.finished_at,
         )
         routing_key = RESULT_OK if outcome.error is None else RESULT_ERROR
-        if await self._reply(envelope, document, properties, routing_key):
-            return
+        try:
+            if await self._reply(envelope, document, properties, routing_key):
+                return
+        finally:
+            self.routes.forget(envelope)
         # Nothing takes the result (WORKER_RESULT_QUEUE empty and no binding, or queues that
         # refuse it): keep the document itself in the dead-letter queue rather than drop a
         # paid completion. A refusal there raises: the request then stays unacknowledged.
@@ -274,19 +280,19 @@ class Publisher:
         with ``overflow=reject-publish``, …) is given up for the rest of the job: retrying
         into it would only loop.
         """
-        if envelope.reply_to:
+        if reply_to := self.routes.reply_to(envelope):
             try:
-                await self._send("", envelope.reply_to, body, properties, mandatory=True)
+                await self._send("", reply_to, body, properties, mandatory=True)
                 return True
             except aiormq.exceptions.DeliveryError as exc:
                 log.warning(
                     "reply_to queue did not take a message; using the result exchange",
                     job_id=envelope.job_id,
-                    reply_to=envelope.reply_to,
+                    reply_to=reply_to,
                     reason=refusal(exc),
                 )
                 # Later messages of this job go straight to the exchange.
-                envelope.reply_to = None
+                self.routes.give_up(envelope)
         exchange = self._settings.result_exchange
         if routing_key == DELTA:
             # Deltas are for whoever listens; with no binding they are simply not wanted.

@@ -17,14 +17,12 @@ repeated one), and ``reasoning`` is renamed ``reasoning_content``.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
-__all__ = ["CompletionAssembler", "DeltaSink", "DeltaStream", "MalformedChunk"]
+__all__ = ["CompletionAssembler", "MalformedChunk"]
 
 _HEAD = ("id", "created", "model", "system_fingerprint", "service_tier")
 _COLLAPSE = 32  # content pieces kept apart before the sent ones are joined into one
-# How much earlier than an interval after a delta the next one may go, to stay on the grid.
-GRID_SLACK = 0.01
 _KNOWN = frozenset(("role", "content", "refusal", "reasoning_content", "reasoning", "tool_calls"))
 
 
@@ -364,73 +362,3 @@ class CompletionAssembler:
         body["choices"] = choices
         body["usage"] = self.usage
         return body
-
-
-class DeltaSink(Protocol):
-    """Where an attempt's deltas go (the worker's is :class:`worker.amqp.publish.JobDeltas`)."""
-
-    async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
-        """Publish one delta; a refusal may surface here or at the next call."""
-
-    async def settle(self) -> None:
-        """Return once every delta sent is confirmed; raise the first refusal."""
-
-
-class DeltaStream:
-    """An attempt's deltas (contract §5): ``seq`` 0, 1, 2, … without gaps, the first output
-    at once, later output at most once per ``interval``.
-
-    It keeps no timer: the reader flushes what it read when :meth:`due` says so, reads no
-    later than :attr:`next_at` while output waits, and between two deltas leaves the stream
-    unread (see ``JobRunner._stream_once``), so the chunks of one interval are read
-    together and leave as one delta, at one wake-up instead of one per chunk.
-    """
-
-    __slots__ = ("_assembler", "_attempt", "_grid", "_interval", "_seq", "_sink", "next_at")
-
-    def __init__(
-        self,
-        sink: DeltaSink,
-        attempt: int,
-        interval: float,
-        assembler: CompletionAssembler,
-        grid: float = 0.0,
-    ) -> None:
-        self._sink = sink
-        self._attempt = attempt
-        self._interval = max(interval, 0.0)
-        self._grid = max(grid, 0.0)
-        self._assembler = assembler
-        self._seq = 0
-        #: loop time before which no further delta goes (None until the first one)
-        self.next_at: float | None = None
-
-    def _after(self, now: float) -> float:
-        """An interval after ``now``; with a grid, the grid's point nearest to that, unless
-        it is more than GRID_SLACK early (then the next one). A delta published a few
-        milliseconds after a tick (the time that tick's reads took) keeps to the grid, so
-        every stream of the process reads, and publishes, on the same ticks."""
-        target = now + self._interval
-        if not self._grid:
-            return target
-        point = round(target / self._grid) * self._grid
-        return point if point >= target - GRID_SLACK else point + self._grid
-
-    def due(self, now: float) -> bool:
-        """Output read at ``now`` goes now: the first output, or an interval on (a
-        millisecond early is on time: a timer may fire that much before its time)."""
-        return self.next_at is None or now >= self.next_at - 0.001
-
-    async def flush(self, now: float) -> None:
-        """Publish the output gathered since the last delta, if any."""
-        choices = self._assembler.take_delta()
-        if not choices:
-            return
-        seq, self._seq = self._seq, self._seq + 1
-        self.next_at = self._after(now)
-        await self._sink.send(self._attempt, seq, choices)
-
-    async def close(self, now: float) -> None:
-        """The stream ended well: publish what is left, then wait for every confirm."""
-        await self.flush(now)
-        await self._sink.settle()
