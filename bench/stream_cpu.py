@@ -16,7 +16,7 @@ import time
 import orjson
 
 from worker.stream.assemble import CompletionAssembler
-from worker.upstream.client import ChunkStream
+from worker.upstream.chunks import ChunkStream
 
 
 def answer(chunks: int = 200) -> list[bytes]:

@@ -19,8 +19,9 @@ import prometheus_client
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from worker.amqp.connect import docker_available, reachable, throwaway_broker
+from worker.amqp.connect import reachable
 from worker.amqp.topology import DELAY_TIERS, delay_queue_name
+from worker.mock.broker import docker_available, throwaway_broker
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings

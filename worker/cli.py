@@ -56,8 +56,8 @@ def main() -> None:
 @main.command()
 def run() -> None:
     """Consume jobs and call the upstream until SIGTERM/SIGINT."""
+    from worker.logs import configure_logging
     from worker.service import BrokerUnavailable, serve
-    from worker.telemetry import configure_logging
 
     settings = settings_or_exit()
     upstreams_or_exit(settings)
@@ -293,7 +293,7 @@ def console(host: str, port: int) -> None:
     read-only.
     """
     from worker.console import serve_console
-    from worker.telemetry import configure_logging
+    from worker.logs import configure_logging
 
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
@@ -314,7 +314,7 @@ def upstreams_check(model: str | None, timeout: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from worker.upstream.pool import check_upstreams
+    from worker.upstream.check import check_upstreams
 
     specs = upstreams_or_exit(settings_or_exit())
     rows = run_async(check_upstreams(specs, model=model, limit=timeout))

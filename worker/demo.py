@@ -14,13 +14,14 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from worker.amqp.connect import connect_any, docker_available, reachable, throwaway_broker
+from worker.amqp.connect import connect_any, reachable
 from worker.amqp.topology import delay_queues
+from worker.logs import configure_logging
 from worker.messages import JobResult
+from worker.mock.broker import docker_available, throwaway_broker
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
-from worker.telemetry import configure_logging
 
 __all__ = ["run_demo"]
 

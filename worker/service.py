@@ -1,24 +1,9 @@
-"""The worker's life: connect, declare, consume, settle each job, drain on a signal, reconnect.
+"""The worker's life, top to bottom: connect, declare, consume, drain on a signal, reconnect.
 
-Settlement rules, stated once and applied in one place (:meth:`Worker._settle`; a failure
-of any step ends in :meth:`Worker._release`):
-
-- A request is acknowledged only after every copy it depends on is published
-  ``mandatory`` and confirmed by the broker:
-  - a finished job (ok or error): its result, to ``reply_to``; if that queue is missing or
-    refuses it (return or nack), to the result exchange; if nothing takes it there, the
-    result document itself to the dead-letter queue (a paid completion is never dropped);
-  - a failed job: also the copy of its request in the dead-letter queue;
-  - a retry that must wait long: the copy in its delay queue;
-  - a redelivery on a classic queue: the copy with its redelivery count.
-- Anything else (a copy returned or nacked with no fallback left, a publish that failed,
-  a lost channel, a bug) leaves the request unacknowledged: after a pause that grows with
-  its redeliveries (no hot loop), it is nacked back to the queue, and the delivery count
-  bounds the loop.
-- Copies never inherit the request's ``expiration`` (see :func:`~worker.amqp.publish.copy_request`).
-- While the broker blocks the connection (a resource alarm, :mod:`worker.amqp.blocked`), no
-  new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
-  result waits for them), so the wait is not charged to the upstream's idle timeout.
+What happens to one delivery, and the settlement rules, are :mod:`worker.delivery`'s.
+While the broker blocks the connection (a resource alarm, :mod:`worker.amqp.blocked`), no
+new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
+result waits for them), so the wait is not charged to the upstream's idle timeout.
 """
 
 from __future__ import annotations
@@ -43,16 +28,14 @@ from aio_pika.abc import (
 
 from worker.amqp.blocked import BlockedState, follow_blocking
 from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
-from worker.amqp.envelope import read_envelope
 from worker.amqp.lanes import LaneConsumer
-from worker.amqp.publish import Publisher, render_result
-from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES, TopologyUnavailable, declare
+from worker.amqp.publish import Publisher
+from worker.amqp.topology import TopologyUnavailable, declare
+from worker.delivery import DeliveryHandler, release
 from worker.heartbeat import Heartbeat, JobStats
-from worker.job import Deferral, Envelope, JobOutcome, Rejection, decode_job
 from worker.runner import JobRunner
 from worker.settings import Settings
 from worker.telemetry import Telemetry
-from worker.tenants import tenant_of
 from worker.upstream.client import Upstream
 from worker.upstream.pool import UpstreamPool
 
@@ -67,11 +50,6 @@ RECONNECT_MAX_DELAY = 5.0
 CONNECT_TIMEOUT = 10.0
 # How often queues that were out of reach at start are declared again.
 REDECLARE_INTERVAL = 5.0
-# A request that could not be settled waits this long (doubling with each redelivery, up
-# to the cap) before it goes back to the queue: a copy the broker keeps refusing must not
-# turn into a hot redelivery loop.
-RELEASE_DELAY = 0.5
-RELEASE_DELAY_CAP = 30.0
 
 
 class BrokerUnavailable(RuntimeError):
@@ -118,6 +96,9 @@ class Worker:
         self._redeclare: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
         self.stats = JobStats()
+        self.delivery = DeliveryHandler(
+            settings, self.runner, self.telemetry, self.stats, self.blocking, self.identity
+        )
         self.heartbeat = Heartbeat(
             settings,
             self.identity,
@@ -393,138 +374,11 @@ class Worker:
         return not self._stopping.is_set()
 
     async def _release(self, message: AbstractIncomingMessage) -> None:
-        """Give an unsettled request back to the queue, after a pause (see RELEASE_DELAY)."""
-        headers = message.headers or {}
-        count = max(
-            _count(headers.get(H_DELIVERY_COUNT)),
-            _count(headers.get(H_REDELIVERIES)),
-            int(bool(message.redelivered)),
-        )
-        delay = min(RELEASE_DELAY * 2 ** min(count, 16), RELEASE_DELAY_CAP)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
-        with contextlib.suppress(Exception):
-            await message.nack(requeue=True)
+        await release(message, self._stopping)
 
     async def _handle(self, message: AbstractIncomingMessage, lane: str) -> None:
         assert self._publisher is not None
-        publisher = self._publisher
-        started = time.perf_counter()
-        envelope = read_envelope(
-            body=message.body,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            headers=message.headers,
-            redelivered=bool(message.redelivered),
-            settings=self.settings,
-            lane=lane,
-            tenant=tenant_of(
-                message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
-            ),
-        )
-        if (
-            message.redelivered
-            and H_DELIVERY_COUNT not in envelope.headers
-            and envelope.prior_attempts < self.settings.max_attempts
-        ):
-            # A classic queue counts nothing: count redeliveries ourselves, on a copy.
-            await publisher.requeue_counted(message, envelope, envelope.redeliveries + 1)
-            await message.ack()
-            return
-        structlog.contextvars.bind_contextvars(
-            job_id=envelope.job_id,
-            correlation_id=envelope.correlation_id,
-            lane=lane,
-            tenant=envelope.tenant,
-        )
-        with self.telemetry.job_span(
-            lane,
-            envelope.headers,
-            job_id=envelope.job_id,
-            correlation_id=envelope.correlation_id,
-            delivery_tag=message.delivery_tag,
-        ) as span:
-            decoded = decode_job(message.body, envelope, self.settings)
-            trace = self.telemetry.outgoing_headers()
-            if isinstance(decoded, Rejection):
-                custom_id, model = decoded.custom_id, None
-                outcome: JobOutcome | Deferral = JobOutcome(
-                    attempts=envelope.prior_attempts, error=decoded.error
-                )
-            else:
-                custom_id, model = decoded.custom_id, decoded.model
-                structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
-                deltas = publisher.deltas(envelope, custom_id, trace, self.blocking)
-                try:
-                    outcome = await self.runner.run(decoded, deltas)
-                    await deltas.settle()  # the result is the job's last message
-                finally:
-                    deltas.discard()
-            await self._settle(message, envelope, custom_id, model, outcome, trace)
-            if isinstance(outcome, JobOutcome):
-                self.telemetry.record_job(
-                    span,
-                    model=model,
-                    error_code=outcome.error.code.value if outcome.error else None,
-                    seconds=time.perf_counter() - started,
-                    lane=lane,
-                    tenant=envelope.tenant,
-                    usage=outcome.usage,
-                )
-                self.stats.record(
-                    error_code=outcome.error.code.value if outcome.error else None,
-                    model=model,
-                    usage=outcome.usage,
-                    tenant=envelope.tenant,
-                )
-            self.telemetry.flush_deferred()  # the job has settled: its attempts' measurements
-
-    async def _settle(
-        self,
-        message: AbstractIncomingMessage,
-        envelope: Envelope,
-        custom_id: str | None,
-        model: str | None,
-        outcome: JobOutcome | Deferral,
-        trace: dict[str, str],
-    ) -> None:
-        assert self._publisher is not None
-        if isinstance(outcome, Deferral):
-            tier = await self._publisher.defer(message, envelope, outcome)
-            await message.ack()
-            log.info(
-                "job deferred",
-                error_code=outcome.error.code.value,
-                attempts=outcome.attempts,
-                retry_in_s=tier,
-            )
-            return
-        document = render_result(envelope, custom_id, model, outcome, self.identity)
-        error = outcome.error
-        if error is None:
-            await self._publisher.result(envelope, custom_id, outcome, document, trace)
-        else:
-            await asyncio.gather(
-                self._publisher.result(envelope, custom_id, outcome, document, trace),
-                self._publisher.dead_letter(message, envelope, error, outcome.attempts),
-            )
-        await message.ack()
-        usage = outcome.usage or {}
-        log.info(
-            "job finished",
-            outcome="ok" if error is None else "error",
-            error_code=error.code.value if error else None,
-            attempts=outcome.attempts,
-            latency_ms=outcome.latency_ms,
-            ttft_ms=outcome.ttft_ms,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-        )
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
+        await self.delivery.handle(message, lane, self._publisher)
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import sys
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 import prometheus_client
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -39,10 +35,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from worker.tenants import TenantLabels
 
-__all__ = ["Tally", "Telemetry", "configure_logging"]
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-_NOISY = ("aio_pika", "aiormq", "httpx", "httpcore", "aiohttp.access")
+__all__ = ["Tally", "Telemetry"]
 
 SERVICE_NAME = "chat-worker"
 DEFER_SECONDS = 1.0  # the longest an attempt's measurements wait (see Telemetry)
@@ -54,63 +47,6 @@ SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 1
 
 
 # --- logs --------------------------------------------------------------------------------
-
-
-def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    span_context = trace.get_current_span().get_span_context()
-    if span_context.is_valid:
-        event["trace_id"] = format(span_context.trace_id, "032x")
-        event["span_id"] = format(span_context.span_id, "016x")
-    return event
-
-
-def _orjson_dumps(value: Any, **_: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
-
-
-def configure_logging(
-    fmt: str = "json", level: str = "info", *, stream: TextIO | None = None, cache: bool = True
-) -> None:
-    """Set up structlog and the standard library's root logger to write to ``stream``."""
-    stream = stream or sys.stdout
-    numeric = _LEVELS.get(level, logging.INFO)
-    shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_trace_ids,
-    ]
-    renderer: structlog.types.Processor
-    if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    else:
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-    structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=cache,
-    )
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                renderer,
-            ],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(numeric)
-    for name in _NOISY:
-        # Their INFO lines are per request or per frame: too many for a hot path.
-        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
-
-
-# --- traces and metrics ------------------------------------------------------------------
 
 
 def _otlp_configured(signal: str) -> bool:

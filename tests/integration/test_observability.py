@@ -21,10 +21,11 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.health import HealthServer
+from worker.logs import configure_logging
 from worker.messages import JobResult
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
-from worker.telemetry import Telemetry, configure_logging
+from worker.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
 

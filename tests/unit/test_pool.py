@@ -29,7 +29,8 @@ from worker.limits.gate import Gate
 from worker.runner import JobRunner
 from worker.settings import Settings, UpstreamSpec
 from worker.telemetry import Telemetry
-from worker.upstream.pool import Member, UpstreamPool, check_upstreams, provider_for_host
+from worker.upstream.check import check_upstreams
+from worker.upstream.pool import Member, UpstreamPool, provider_for_host
 
 COMPLETION = {
     "id": "chatcmpl-1",

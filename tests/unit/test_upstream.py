@@ -23,7 +23,8 @@ from worker.errors import (
     RateLimited,
     UpstreamError,
 )
-from worker.upstream.client import Completion, Upstream, retry_after_seconds
+from worker.limits.headers import retry_after_seconds
+from worker.upstream.client import Completion, Upstream
 
 URL = "http://upstream.test/v1/chat/completions"
 KEY = "sk-test-key"

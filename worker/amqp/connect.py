@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import aio_pika
 import aiormq
@@ -13,14 +12,11 @@ import yarl
 from aio_pika.abc import AbstractConnection
 
 __all__ = [
-    "BrokerNotFound",
     "NoNodeAnswers",
     "Nodes",
     "connect_any",
-    "docker_available",
     "reachable",
     "redact",
-    "throwaway_broker",
 ]
 
 log = structlog.get_logger(__name__)
@@ -108,13 +104,6 @@ async def connect_any(
     raise NoNodeAnswers("; ".join(problems))
 
 
-THROWAWAY_IMAGE = "rabbitmq:3.13-alpine"
-
-
-class BrokerNotFound(RuntimeError):
-    """No broker at the URL and no Docker engine for a throwaway one."""
-
-
 async def reachable(urls: str | Sequence[str], wait: float = 5.0) -> str | None:
     """None when an AMQP connection to one of ``urls`` opens; else why not."""
     try:
@@ -123,27 +112,3 @@ async def reachable(urls: str | Sequence[str], wait: float = 5.0) -> str | None:
         return f"{type(exc).__name__}: {exc}"
     await connection.close()
     return None
-
-
-def docker_available() -> bool:
-    """True when a Docker engine answers (a client binary alone is not enough)."""
-    try:
-        import docker
-    except ImportError:
-        return False
-    try:
-        docker.from_env().ping()
-    except Exception:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def throwaway_broker() -> Iterator[str]:
-    """A RabbitMQ in Docker through testcontainers, for as long as the block runs."""
-    from testcontainers.rabbitmq import RabbitMqContainer
-
-    with RabbitMqContainer(THROWAWAY_IMAGE) as container:
-        host = container.get_container_host_ip()
-        port = container.get_exposed_port(container.port)
-        yield f"amqp://guest:guest@{host}:{port}/"

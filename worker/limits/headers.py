@@ -126,8 +126,9 @@ def parse_duration(text: str | None) -> float | None:
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """The wait an upstream asks for: ``retry-after-ms``, else ``retry-after`` (seconds or
     an HTTP date). ``headers`` must answer lower-case names (httpx's do)."""
-    if (millis := _number(headers.get("retry-after-ms"))) is not None:
-        return max(millis / 1000, 0.0)
+    # A negative retry-after-ms is nonsense: it must not hide a valid retry-after.
+    if (millis := _number(headers.get("retry-after-ms"))) is not None and millis >= 0:
+        return millis / 1000
     value = headers.get("retry-after")
     if not value:
         return None

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import math
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,31 +27,24 @@ from httpx_aiohttp import AiohttpTransport
 
 from worker import __version__
 from worker.errors import JobError, QuotaExceeded, UpstreamError, error_for_status
-from worker.upstream.sse import EventStreamParser
+from worker.limits.headers import retry_after_seconds
+from worker.upstream.chunks import TRANSPORT_ERRORS, ChunkStream
 
 __all__ = [
     "AuthStyle",
-    "ChunkStream",
     "Completion",
     "Upstream",
     "default_transport",
-    "retry_after_seconds",
 ]
 
 # Connecting is the one phase the transport times itself: a host that does not answer a
 # SYN should fail fast and be retried, not eat the whole request timeout.
 CONNECT_TIMEOUT = 10.0
 
-# What a broken connection or a malformed HTTP answer raises. httpx-aiohttp maps most aiohttp
-# errors to httpx ones but lets others through (a bad status line or chunk size raises
-# aiohttp's ClientResponseError): every one is an upstream_error, to retry.
-TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
 INSUFFICIENT_QUOTA = "insufficient_quota"
 # What may follow a stream's `[DONE]` before the body ends, read to keep the connection.
 BODY_END_WAIT = 0.1
 BODY_END_BYTES = 65536
-
-_DONE = b"[DONE]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,164 +74,6 @@ def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     return AiohttpTransport(limits=limits, client=session)
-
-
-class ChunkStream:
-    """An open streamed answer: its status and headers, then its chunks read by read.
-
-    :meth:`read` returns the chunks that one network read completed (often one, sometimes
-    none or several) and ``None`` once the stream is over: at ``data: [DONE]`` (``done``
-    is then True) or at the end of the body. One await per read, no generator per chunk.
-
-    :meth:`rest_until` leaves the connection unread for a while: what the upstream sends
-    meanwhile waits in the socket and the next read takes all of it at once.
-    """
-
-    __slots__ = (
-        "_error",
-        "_over",
-        "_parser",
-        "_read",
-        "_resume",
-        "_transport",
-        "done",
-        "headers",
-        "request_id",
-        "status_code",
-    )
-
-    def __init__(
-        self,
-        read: Callable[[], Awaitable[bytes]],
-        status_code: int,
-        headers: Mapping[str, str],
-        transport: asyncio.Transport | None = None,
-    ) -> None:
-        self._read = read
-        self._transport = transport
-        self._resume: asyncio.TimerHandle | None = None
-        self._parser = EventStreamParser()
-        self._over = False
-        self._error: UpstreamError | None = None
-        self.done = False
-        self.status_code = status_code
-        self.headers = headers
-        self.request_id = headers.get("x-request-id")
-
-    @property
-    def over(self) -> bool:
-        """The last read ended the stream: the next returns None."""
-        return self._over
-
-    def rest_until(self, when: float) -> None:
-        """Read nothing before the loop time ``when``: the socket stops being polled until
-        then (``pause_reading``), so chunks that arrive meanwhile cost no wake-up each, and
-        the next :meth:`read` takes all of them at once. A plain call: no task waits."""
-        transport = self._transport
-        if self._over or transport is None or transport.is_closing():
-            return
-        loop = asyncio.get_running_loop()
-        if when <= loop.time():
-            return
-        if self._resume is not None:
-            self._resume.cancel()
-        # The transport itself, not aiohttp's protocol: the protocol's pause also pauses
-        # its parser and its resume feeds the parser again, work for nothing here. Were
-        # aiohttp holding the transport for a full buffer, resuming early only means the
-        # next read comes sooner.
-        transport.pause_reading()
-        self._resume = loop.call_at(when, self._wake)
-
-    def _wake(self) -> None:
-        self._resume = None
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.resume_reading()
-
-    def stop_resting(self) -> None:
-        """Poll the socket again now (the stream is closing)."""
-        if self._resume is not None:
-            self._resume.cancel()
-            self._wake()
-
-    async def read(self, until: float | None = None) -> list[dict[str, Any]] | None:
-        """The chunks of the next network read; with ``until`` (a loop time), an empty list
-        when nothing came by then."""
-        if self._error is not None:
-            raise self._error
-        if self._over:
-            return None
-        try:
-            if until is None:
-                data = await self._read()
-            else:
-                async with asyncio.timeout_at(until) as deadline:
-                    data = await self._read()
-        except TimeoutError:
-            if until is not None and deadline.expired():
-                return []
-            raise
-        except TRANSPORT_ERRORS as exc:
-            raise UpstreamError(
-                f"upstream stream broke: {type(exc).__name__}",
-                status_code=self.status_code,
-                request_id=self.request_id,
-            ) from exc
-        if data:
-            events = self._parser.feed(data)
-        else:
-            self._over = True
-            events = self._parser.close()
-        chunks: list[dict[str, Any]] = []
-        for event in events:
-            payload = event.data
-            if payload == _DONE:
-                self._over = self.done = True
-                break
-            if payload:
-                try:
-                    chunks.append(self._chunk(event.type, payload))
-                except UpstreamError as exc:
-                    if not chunks:
-                        raise
-                    # The chunks before it are still the stream's: the error comes next read.
-                    self._error = exc
-                    break
-        return chunks if chunks or not self._over else None
-
-    def _chunk(self, event: str, data: bytes) -> dict[str, Any]:
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                "upstream sent a stream chunk that is not JSON",
-                status_code=self.status_code,
-                request_id=self.request_id,
-            ) from None
-        if type(chunk) is not dict:
-            raise UpstreamError(
-                "upstream sent a stream chunk that is not a JSON object",
-                status_code=self.status_code,
-                request_id=self.request_id,
-            )
-        if event != "message" or "error" in chunk:
-            _check_error_event(event, chunk, self.status_code, self.request_id)
-        return chunk
-
-
-def _check_error_event(
-    event: str, chunk: dict[str, Any], status_code: int, request_id: str | None
-) -> None:
-    if chunk.get("error") is None and event != "error":
-        return
-    error = chunk.get("error") if isinstance(chunk.get("error"), dict) else chunk
-    message = error.get("message") if isinstance(error, dict) else None
-    raise UpstreamError(
-        f"upstream error event mid-stream: {message or 'no message'}",
-        status_code=status_code,
-        response=chunk,
-        request_id=request_id,
-    )
 
 
 AuthStyle = Literal["bearer", "api-key", "none"]
@@ -543,29 +375,3 @@ def _status_error(status: int, headers: Mapping[str, str], content: bytes) -> Jo
         request_id=headers.get("x-request-id"),
         retry_after=retry_after_seconds(headers),
     )
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait an upstream asks for: ``retry-after-ms``, else ``Retry-After`` (seconds or
-    an HTTP date)."""
-    if (millis := _finite(headers.get("retry-after-ms"))) is not None:
-        return max(millis / 1000, 0.0)
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    if (seconds := _finite(value)) is not None:
-        return max(seconds, 0.0)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
-def _finite(value: str | None) -> float | None:
-    """``value`` as a finite number, else None: a NaN wait would reach ``asyncio.sleep``."""
-    try:
-        number = float(value) if value else math.nan
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None

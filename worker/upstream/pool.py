@@ -20,7 +20,6 @@ reports how the attempt ended.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import itertools
 import random
@@ -31,7 +30,6 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 import structlog
 
 from worker.errors import JobError, ModelNotAllowed, UpstreamError, UpstreamTimeout
@@ -40,10 +38,8 @@ from worker.settings import UpstreamSpec
 from worker.upstream.client import Upstream
 
 __all__ = [
-    "CheckRow",
     "Member",
     "UpstreamPool",
-    "check_upstreams",
     "provider_for_host",
 ]
 
@@ -320,62 +316,3 @@ class UpstreamPool:
         """Each member's health now, by name (for metrics and the operator page)."""
         now = self._clock()
         return {m.name: m.state(now) for m in self.members}
-
-
-# Checking before a rollout -----------------------------------------------------------------
-
-PING_CONTENT = "ping"
-
-
-@dataclass(frozen=True, slots=True)
-class CheckRow:
-    """What ``chat-worker upstreams check`` learnt of one upstream (no key, no content)."""
-
-    name: str
-    models: list[str]
-    model: str
-    status: str
-    ok: bool
-    latency_ms: float | None = None
-
-
-async def check_upstreams(
-    specs: Sequence[UpstreamSpec],
-    *,
-    model: str | None = None,
-    limit: float = 30.0,
-    transport: Callable[[UpstreamSpec], httpx.AsyncBaseTransport | None] | None = None,
-) -> list[CheckRow]:
-    """One tiny request (``max_tokens: 1``) to each upstream, all at once, each bounded
-    by ``limit`` seconds."""
-    pool = UpstreamPool.from_specs(specs, max_connections=1, transport=transport)
-    try:
-        return list(await asyncio.gather(*(_check(m, model, limit) for m in pool.members)))
-    finally:
-        await pool.aclose()
-
-
-async def _check(member: Member, model: str | None, limit: float) -> CheckRow:
-    spec = member.spec
-    models = spec.models + [m for m in spec.model_map if m not in spec.models]
-    asked = model or next((m for m in models if m != "*"), None)
-    if asked is None:
-        return CheckRow(spec.name, models, "-", "serves any model: pass --model", ok=False)
-    sent = spec.upstream_model(asked)
-    body = orjson.dumps(
-        {"model": sent, "messages": [{"role": "user", "content": PING_CONTENT}], "max_tokens": 1}
-    )
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout(limit):
-            completion = await member.client.complete(body, {})
-    except TimeoutError:
-        status, ok = f"no answer within {limit:g}s", False
-    except JobError as exc:
-        # The code only: an upstream's message may quote part of the key.
-        status = f"{exc.status_code or '-'} {exc.code.value}"
-        ok = False
-    else:
-        status, ok = f"{completion.status_code} ok", True
-    latency = round((time.perf_counter() - started) * 1000, 1)
-    return CheckRow(spec.name, models, sent, status, ok, latency)

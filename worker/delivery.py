@@ -1,0 +1,207 @@
+"""One delivery: envelope → job → runner → settle. The one place that acknowledges.
+
+Settlement rules, stated once and applied here (a failure of any step ends in
+:func:`release`):
+
+- A request is acknowledged only after every copy it depends on is published
+  ``mandatory`` and confirmed by the broker:
+  - a finished job (ok or error): its result, to ``reply_to``; if that queue is missing or
+    refuses it (return or nack), to the result exchange; if nothing takes it there, the
+    result document itself to the dead-letter queue (a paid completion is never dropped);
+  - a failed job: also the copy of its request in the dead-letter queue;
+  - a retry that must wait long: the copy in its delay queue;
+  - a redelivery on a classic queue: the copy with its redelivery count.
+- Anything else (a copy returned or nacked with no fallback left, a publish that failed,
+  a lost channel, a bug) leaves the request unacknowledged: after a pause that grows with
+  its redeliveries (no hot loop), it is nacked back to the queue, and the delivery count
+  bounds the loop.
+- Copies never inherit the request's ``expiration`` (see
+  :func:`~worker.amqp.publish.copy_request`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker.amqp.blocked import BlockedState
+from worker.amqp.envelope import read_envelope
+from worker.amqp.publish import Publisher, render_result
+from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES
+from worker.heartbeat import JobStats
+from worker.job import Deferral, Envelope, JobOutcome, Rejection, decode_job
+from worker.runner import JobRunner
+from worker.settings import Settings
+from worker.telemetry import Telemetry
+from worker.tenants import tenant_of
+
+__all__ = ["DeliveryHandler", "release"]
+
+log = structlog.get_logger(__name__)
+
+# A request that could not be settled waits this long (doubling with each redelivery, up
+# to the cap) before it goes back to the queue: a copy the broker keeps refusing must not
+# turn into a hot redelivery loop.
+RELEASE_DELAY = 0.5
+RELEASE_DELAY_CAP = 30.0
+
+
+class DeliveryHandler:
+    """Handles deliveries for one worker process (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runner: JobRunner,
+        telemetry: Telemetry,
+        stats: JobStats,
+        blocking: BlockedState,
+        identity: str,
+    ) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.telemetry = telemetry
+        self.stats = stats
+        self.blocking = blocking
+        self.identity = identity
+
+    async def handle(
+        self, message: AbstractIncomingMessage, lane: str, publisher: Publisher
+    ) -> None:
+        """Read, check, run and settle one delivery; raise when it could not be settled."""
+        started = time.perf_counter()
+        envelope = read_envelope(
+            body=message.body,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            headers=message.headers,
+            redelivered=bool(message.redelivered),
+            settings=self.settings,
+            lane=lane,
+            tenant=tenant_of(
+                message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
+            ),
+        )
+        if (
+            message.redelivered
+            and H_DELIVERY_COUNT not in envelope.headers
+            and envelope.prior_attempts < self.settings.max_attempts
+        ):
+            # A classic queue counts nothing: count redeliveries ourselves, on a copy.
+            await publisher.requeue_counted(message, envelope, envelope.redeliveries + 1)
+            await message.ack()
+            return
+        structlog.contextvars.bind_contextvars(
+            job_id=envelope.job_id,
+            correlation_id=envelope.correlation_id,
+            lane=lane,
+            tenant=envelope.tenant,
+        )
+        with self.telemetry.job_span(
+            lane,
+            envelope.headers,
+            job_id=envelope.job_id,
+            correlation_id=envelope.correlation_id,
+            delivery_tag=message.delivery_tag,
+        ) as span:
+            decoded = decode_job(message.body, envelope, self.settings)
+            trace = self.telemetry.outgoing_headers()
+            if isinstance(decoded, Rejection):
+                custom_id, model = decoded.custom_id, None
+                outcome: JobOutcome | Deferral = JobOutcome(
+                    attempts=envelope.prior_attempts, error=decoded.error
+                )
+            else:
+                custom_id, model = decoded.custom_id, decoded.model
+                structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
+                deltas = publisher.deltas(envelope, custom_id, trace, self.blocking)
+                try:
+                    outcome = await self.runner.run(decoded, deltas)
+                    await deltas.settle()  # the result is the job's last message
+                finally:
+                    deltas.discard()
+            await self._settle(publisher, message, envelope, custom_id, model, outcome, trace)
+            if isinstance(outcome, JobOutcome):
+                self.telemetry.record_job(
+                    span,
+                    model=model,
+                    error_code=outcome.error.code.value if outcome.error else None,
+                    seconds=time.perf_counter() - started,
+                    lane=lane,
+                    tenant=envelope.tenant,
+                    usage=outcome.usage,
+                )
+                self.stats.record(
+                    error_code=outcome.error.code.value if outcome.error else None,
+                    model=model,
+                    usage=outcome.usage,
+                    tenant=envelope.tenant,
+                )
+            self.telemetry.flush_deferred()  # the job has settled: its attempts' measurements
+
+    async def _settle(
+        self,
+        publisher: Publisher,
+        message: AbstractIncomingMessage,
+        envelope: Envelope,
+        custom_id: str | None,
+        model: str | None,
+        outcome: JobOutcome | Deferral,
+        trace: dict[str, str],
+    ) -> None:
+        if isinstance(outcome, Deferral):
+            tier = await publisher.defer(message, envelope, outcome)
+            await message.ack()
+            log.info(
+                "job deferred",
+                error_code=outcome.error.code.value,
+                attempts=outcome.attempts,
+                retry_in_s=tier,
+            )
+            return
+        document = render_result(envelope, custom_id, model, outcome, self.identity)
+        error = outcome.error
+        if error is None:
+            await publisher.result(envelope, custom_id, outcome, document, trace)
+        else:
+            await asyncio.gather(
+                publisher.result(envelope, custom_id, outcome, document, trace),
+                publisher.dead_letter(message, envelope, error, outcome.attempts),
+            )
+        await message.ack()
+        usage = outcome.usage or {}
+        log.info(
+            "job finished",
+            outcome="ok" if error is None else "error",
+            error_code=error.code.value if error else None,
+            attempts=outcome.attempts,
+            latency_ms=outcome.latency_ms,
+            ttft_ms=outcome.ttft_ms,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+        )
+
+
+async def release(message: AbstractIncomingMessage, stopping: asyncio.Event) -> None:
+    """Give an unsettled request back to the queue, after a pause (see RELEASE_DELAY)."""
+    headers = message.headers or {}
+    count = max(
+        _count(headers.get(H_DELIVERY_COUNT)),
+        _count(headers.get(H_REDELIVERIES)),
+        int(bool(message.redelivered)),
+    )
+    delay = min(RELEASE_DELAY * 2 ** min(count, 16), RELEASE_DELAY_CAP)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), delay)
+    with contextlib.suppress(Exception):
+        await message.nack(requeue=True)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
