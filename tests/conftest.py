@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
-import prometheus_client
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
+from support.broker import Replies, fresh_telemetry, make_settings
 
 from worker.amqp.connect import reachable
 from worker.amqp.topology import DELAY_TIERS, delay_queue_name
@@ -25,18 +25,12 @@ from worker.mock.broker import docker_available, throwaway_broker
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
-from worker.telemetry import Telemetry
 
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 
 # Interop tests need LiteLLM's proxy (~750 MB), installed only by `make interop`, which names
 # it in LITELLM_BIN; without it they are not collected (never skipped).
 collect_ignore_glob = [] if os.environ.get("LITELLM_BIN") else ["interop/*"]
-
-
-def fresh_telemetry() -> Telemetry:
-    """Metrics of one test's worker alone (the process-wide registry would add up)."""
-    return Telemetry(registry=prometheus_client.CollectorRegistry())
 
 
 @pytest.fixture(scope="session")
@@ -145,22 +139,6 @@ def settings(amqp_url: str, names: dict[str, str], mock: MockUpstream) -> Settin
     return make_settings(amqp_url, names, mock)
 
 
-def make_settings(
-    amqp_url: str, names: dict[str, str], mock: MockUpstream, **overrides: Any
-) -> Settings:
-    values: dict[str, Any] = {
-        "amqp_url": amqp_url,
-        "upstream_base_url": mock.base_url,
-        "upstream_api_key": mock.config.api_key,
-        "concurrency": 16,
-        "http_port": 0,
-        "stream_flush_interval": 0.01,
-        **names,
-        **overrides,
-    }
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
 @pytest.fixture
 async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[AbstractConnection]:
     """The test's own producer/consumer connection; deletes the test's queues after."""
@@ -215,34 +193,6 @@ async def worker(settings: Settings, connection: AbstractConnection) -> AsyncIte
     await asyncio.wait_for(task, 30)
 
 
-class Replies:
-    """An exclusive reply queue of the test's, read message by message."""
-
-    def __init__(self, channel: AbstractChannel, queue: aio_pika.abc.AbstractQueue) -> None:
-        self.channel = channel
-        self.queue = queue
-        self.name = queue.name
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-
-    async def start(self) -> None:
-        await self.queue.consume(self._inbox.put, no_ack=True)
-
-    async def get(self, timeout: float = 15) -> AbstractIncomingMessage:
-        async with asyncio.timeout(timeout):
-            return await self._inbox.get()
-
-    async def until_results(self, count: int, timeout: float = 30) -> list[AbstractIncomingMessage]:
-        """Every message until ``count`` results have arrived (deltas included, in order)."""
-        seen: list[AbstractIncomingMessage] = []
-        results = 0
-        async with asyncio.timeout(timeout):
-            while results < count:
-                message = await self._inbox.get()
-                seen.append(message)
-                results += message.type == "chat.result"
-        return seen
-
-
 @pytest.fixture
 async def replies(connection: AbstractConnection) -> Replies:
     channel = await connection.channel()
@@ -252,27 +202,12 @@ async def replies(connection: AbstractConnection) -> Replies:
     return inbox
 
 
-async def publish(
-    connection: AbstractConnection, queue: str, body: bytes | dict[str, Any], **properties: Any
-) -> None:
-    """Publish a request as a producer would (persistent, confirmed)."""
-    import orjson
-
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    channel = await connection.channel()
-    properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
-    await channel.default_exchange.publish(aio_pika.Message(data, **properties), queue)
-    await channel.close()
+# One marker per kind of test, given by the folder it lives in: `pytest -m unit` runs
+# anywhere in seconds (no broker, no network); the others need what their make target starts.
+KINDS = ("unit", "integration", "cluster", "browser", "deploy", "interop", "soak")
 
 
-async def get_one(
-    connection: AbstractConnection, queue: str, timeout: float = 15
-) -> AbstractIncomingMessage:
-    """The next message of a durable queue (polled, acknowledged)."""
-    channel = await connection.channel()
-    source = await channel.get_queue(queue)
-    async with asyncio.timeout(timeout):
-        while (message := await source.get(fail=False)) is None:
-            await asyncio.sleep(0.05)
-    await message.ack()
-    return message
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.parent.name
+        item.add_marker(folder if folder in KINDS else "integration")

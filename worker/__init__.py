@@ -8,12 +8,11 @@ model or a setting does not load the broker client and OpenTelemetry.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
 from worker.messages import BatchRequest, ErrorCode, JobDelta, JobResult
 from worker.settings import Settings
+from worker.version import __version__
 
 if TYPE_CHECKING:
     from worker.producer.client import (

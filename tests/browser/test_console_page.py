@@ -14,7 +14,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -27,12 +26,11 @@ import httpx
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
-from conftest import make_settings, publish
 from playwright.async_api import Page, async_playwright, expect
+from support.broker import make_settings, publish
+from support.process import free_port
 
 from worker.mock.upstream import MockConfig, MockUpstream
-
-pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "console.png"
@@ -49,12 +47,6 @@ def chromium_path() -> str:
     if not found:
         pytest.exit("no Chromium: `apt-get install -y chromium` (or set CHROMIUM)", returncode=3)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import aiormq
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from support.process import free_port
 
 from worker.amqp.connect import Nodes, connect_any
 
@@ -39,12 +39,6 @@ from .harness import Cluster, port_free, running_cluster
 # a known capacity (2 workers: 32 jobs/s) that a shared two-core machine sustains.
 MOCK_LATENCY = 1.0
 CONCURRENCY = 16
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

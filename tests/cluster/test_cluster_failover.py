@@ -24,8 +24,6 @@ from .conftest import (
 )
 from .harness import Cluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
-
 JOBS = int(os.environ.get("CW_CLUSTER_JOBS", "3000"))
 KILLS = 2
 

@@ -34,8 +34,6 @@ from .conftest import (
 )
 from .harness import Cluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
-
 OUTAGE = float(os.environ.get("CW_CLUSTER_OUTAGE", "120"))
 BASELINE = 30.0
 WINDOW = 10.0

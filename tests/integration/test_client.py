@@ -26,8 +26,6 @@ from worker.producer.client import (
 from worker.service import Worker
 from worker.settings import Settings
 
-pytestmark = pytest.mark.integration
-
 WEATHER = [
     {
         "type": "function",

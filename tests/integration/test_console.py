@@ -13,15 +13,13 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiohttp import web
-from conftest import Replies, publish
 from pydantic import SecretStr
+from support.broker import Replies, publish
 
 from worker.console import ConsoleApp
 from worker.heartbeat import TYPE_HEARTBEAT
 from worker.service import Worker
 from worker.settings import Settings
-
-pytestmark = pytest.mark.integration
 
 TOKEN = "console-test-token-5f2c"
 

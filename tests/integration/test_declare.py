@@ -9,7 +9,7 @@ import aio_pika
 import httpx
 import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
+from support.broker import Replies, publish
 
 import worker.service
 from worker.amqp.connect import redact
@@ -17,8 +17,6 @@ from worker.amqp.topology import DELAY_TIERS, delay_queue_name
 from worker.health import HealthServer
 from worker.messages import JobResult
 from worker.service import Worker
-
-pytestmark = pytest.mark.integration
 
 BODY = {"body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
 

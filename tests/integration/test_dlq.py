@@ -8,15 +8,12 @@ import subprocess
 import sys
 
 import orjson
-import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
+from support.broker import Replies, publish
 
 from worker.amqp.dlq import list_dead_letters, replay_dead_letters
 from worker.messages import JobResult
 from worker.service import Worker
-
-pytestmark = pytest.mark.integration
 
 
 async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

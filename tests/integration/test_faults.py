@@ -11,13 +11,11 @@ from typing import Any
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, get_one, publish
+from support.broker import Replies, get_one, publish
 
 from worker.messages import JobDelta, JobResult
 from worker.mock.upstream import MockUpstream
 from worker.service import Worker
-
-pytestmark = pytest.mark.integration
 
 StartWorker = Callable[..., Awaitable[Worker]]
 

@@ -22,7 +22,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from amqp_proxy import AmqpProxy, publish_raw
-from conftest import Replies, fresh_telemetry, get_one, make_settings, publish
+from support.broker import Replies, fresh_telemetry, get_one, make_settings, publish
 
 from worker.amqp.dlq import ReplayFailed, list_dead_letters, replay_dead_letters
 from worker.amqp.publish import render_result
@@ -42,8 +42,6 @@ from worker.producer.client import ChatClient, UnreadableResult
 from worker.producer.submit import UNREADABLE_RESULT, journal_path, reply_queue_name, submit_file
 from worker.service import Worker
 from worker.settings import Settings
-
-pytestmark = pytest.mark.integration
 
 StartWorker = Callable[..., Awaitable[Worker]]
 

@@ -18,8 +18,8 @@ import orjson
 import prometheus_client
 import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, get_one, publish
 from pydantic import SecretStr
+from support.broker import Replies, get_one, publish
 
 from worker.amqp.dlq import list_dead_letters, replay_dead_letters
 from worker.amqp.topology import DELAY_TIERS, delay_queue_name
@@ -31,7 +31,6 @@ from worker.service import Worker
 
 QUEUE_TYPES = ("quorum", "classic")
 
-pytestmark = pytest.mark.integration
 
 # Each job takes this long upstream, so that jobs overlap and shares can be seen.
 LATENCY = 0.2

@@ -14,11 +14,11 @@ import pytest
 import structlog
 from aio_pika.abc import AbstractConnection
 from brokerctl import close_connections_of
-from conftest import Replies, make_settings, publish
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
+from support.broker import Replies, make_settings, publish
 
 from worker.health import HealthServer
 from worker.logs import configure_logging
@@ -26,8 +26,6 @@ from worker.messages import JobResult
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
 from worker.telemetry import Telemetry
-
-pytestmark = pytest.mark.integration
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PRODUCER_SPAN = "00f067aa0ba902b7"

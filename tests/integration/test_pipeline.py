@@ -8,14 +8,12 @@ from typing import Any
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
+from support.broker import Replies, publish
 
 from worker.messages import JobDelta, JobResult
 from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 from worker.settings import Settings
-
-pytestmark = pytest.mark.integration
 
 
 def chat(content: str = "Hello there", **body: Any) -> dict[str, Any]:

@@ -11,16 +11,14 @@ from typing import Any
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
-from conftest import get_one, make_settings, publish
-from test_process import WorkerProcess
+from support.broker import get_one, make_settings, publish
+from support.process import WorkerProcess
 
 from worker.amqp.topology import declare
 from worker.limits.configured import ConfiguredLimits, RedisQuota
 from worker.mock.budget import BudgetConfig
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.settings import Settings
-
-pytestmark = pytest.mark.integration
 
 
 class Collected:

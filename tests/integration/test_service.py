@@ -7,14 +7,12 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, make_settings, publish
+from support.broker import Replies, make_settings, publish
 
 import worker.service
 from worker.messages import JobResult
 from worker.mock.upstream import MockUpstream
 from worker.service import BrokerUnavailable, Worker
-
-pytestmark = pytest.mark.integration
 
 BODY = {"body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
 

@@ -18,8 +18,8 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiohttp import web
-from conftest import Replies, publish
 from pamqp.commands import Basic
+from support.broker import Replies, publish
 
 from worker.amqp.outbox import Outbox, PreparedPublish
 from worker.amqp.topology import DELTA
@@ -27,8 +27,6 @@ from worker.messages import JobDelta, JobResult
 from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 from worker.upstream.client import Upstream
-
-pytestmark = pytest.mark.integration
 
 StartWorker = Callable[..., Awaitable[Worker]]
 

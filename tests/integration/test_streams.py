@@ -11,17 +11,15 @@ from typing import Any
 import aiormq
 import pytest
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
 from openai import AsyncOpenAI
 from pamqp.commands import Basic
+from support.broker import Replies, publish
 
 from worker.job import Job, JobOutcome
 from worker.messages import JobDelta, JobResult
 from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 from worker.stream.relay import DeltaSink
-
-pytestmark = pytest.mark.integration
 
 StartWorker = Callable[..., Awaitable[Worker]]
 WEATHER = [

@@ -17,7 +17,7 @@ import aiormq
 import orjson
 import pytest
 import structlog
-from conftest import make_settings
+from support.broker import make_settings
 
 from worker.mock.upstream import MockUpstream
 from worker.producer.progress import PlainReporter, Tally
@@ -31,8 +31,6 @@ from worker.producer.submit import (
 )
 from worker.service import Worker
 from worker.settings import Settings
-
-pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "batch.jsonl"
 

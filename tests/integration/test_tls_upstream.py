@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import trustme
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
-from test_process import WorkerProcess
+from support.broker import Replies, publish
+from support.process import WorkerProcess
 
 from worker.amqp.topology import declare
 from worker.messages import JobDelta, JobResult
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.settings import Settings
-
-pytestmark = pytest.mark.integration
 
 CHUNKS = 60
 CHUNK_INTERVAL = 0.005  # 60 chunks in about 0.3 s: a dozen 20 ms flushes at most

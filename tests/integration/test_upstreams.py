@@ -12,14 +12,12 @@ import orjson
 import pytest
 import yaml
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
 from structlog.testing import capture_logs
+from support.broker import Replies, publish
 
 from worker.messages import JobResult
 from worker.mock.upstream import MockConfig, MockUpstream
 from worker.service import Worker
-
-pytestmark = pytest.mark.integration
 
 BACKUP_KEY = "sk-backup-0123456789"
 ALWAYS_500 = MockConfig(fault_rate=1.0, random_faults=("500",))

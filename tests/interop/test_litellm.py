@@ -7,7 +7,6 @@ is ``litellm.InternalServerError`` makes the proxy answer 5xx, so the job falls 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,24 +17,16 @@ import httpx
 import pytest
 import yaml
 from aio_pika.abc import AbstractConnection
-from conftest import Replies, publish
+from support.broker import Replies, publish
+from support.process import free_port
 
 from worker.messages import JobResult
 from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 
-pytestmark = pytest.mark.integration
-
 MASTER_KEY = "sk-litellm-interop-0123"
 STARTUP_LIMIT = 240.0  # LiteLLM imports a lot; a shared 2-core machine takes about a minute
 GREETING = "Hello from LiteLLM"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

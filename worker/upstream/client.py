@@ -25,10 +25,10 @@ import orjson
 import yarl
 from httpx_aiohttp import AiohttpTransport
 
-from worker import __version__
 from worker.errors import JobError, QuotaExceeded, UpstreamError, error_for_status
 from worker.limits.headers import retry_after_seconds
 from worker.upstream.chunks import TRANSPORT_ERRORS, ChunkStream
+from worker.version import __version__
 
 __all__ = [
     "AuthStyle",
