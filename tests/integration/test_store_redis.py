@@ -52,8 +52,8 @@ async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
     await backend.aclose()
 
 
-def results(backend: RedisBackend, prefix: str, **options: float) -> ResultStore:
-    return ResultStore(backend, Circuit(errors=backend.errors), prefix=prefix, **options)
+def results(backend: RedisBackend, prefix: str, ttl: float = 60) -> ResultStore:
+    return ResultStore(backend, Circuit(errors=backend.errors), prefix=prefix, ttl=ttl)
 
 
 def free_port() -> int:

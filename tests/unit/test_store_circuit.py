@@ -44,7 +44,7 @@ async def test_a_call_that_answers_passes_its_value() -> None:
 
 
 async def test_an_error_is_skipped_and_opens_the_circuit_once() -> None:
-    clock, changes = Clock(), []
+    clock, changes = Clock(), list[tuple[str, str]]()
     circuit = breaker(clock, changes)
     outcome = await circuit.call("get", down)
     assert isinstance(outcome, Skipped)
@@ -81,7 +81,7 @@ async def test_a_slow_call_is_skipped_within_the_timeout() -> None:
 
 
 async def test_backoff_doubles_to_thirty_seconds_and_a_probe_closes_it() -> None:
-    clock, changes = Clock(), []
+    clock, changes = Clock(), list[tuple[str, str]]()
     circuit = breaker(clock, changes)
     await circuit.call("get", down)
     waits = []
