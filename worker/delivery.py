@@ -35,6 +35,7 @@ from worker.amqp.publish import Publisher, render_result
 from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES
 from worker.heartbeat import JobStats
 from worker.job import Deferral, Envelope, JobOutcome, Rejection, decode_job
+from worker.payonce import PayOnce, Ticket, stored_outcome
 from worker.runner import JobRunner
 from worker.settings import Settings
 from worker.telemetry import Telemetry
@@ -62,7 +63,9 @@ class DeliveryHandler:
         stats: JobStats,
         blocking: BlockedState,
         identity: str,
+        once: PayOnce | None = None,
     ) -> None:
+        self.once = once  # the result store and the cache, with Redis (§16)
         self.settings = settings
         self.runner = runner
         self.telemetry = telemetry
@@ -112,6 +115,7 @@ class DeliveryHandler:
         ) as span:
             decoded = decode_job(message.body, envelope, self.settings)
             trace = self.telemetry.outgoing_headers()
+            ticket: Ticket | None = None
             if isinstance(decoded, Rejection):
                 custom_id, model = decoded.custom_id, None
                 outcome: JobOutcome | Deferral = JobOutcome(
@@ -121,12 +125,32 @@ class DeliveryHandler:
                 custom_id, model = decoded.custom_id, decoded.model
                 structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
                 deltas = publisher.deltas(envelope, custom_id, trace, self.blocking)
+                if self.once is not None:
+                    ticket = self.once.ticket(envelope.job_id)
                 try:
-                    outcome = await self.runner.run(decoded, deltas)
+                    if ticket is None or self.once is None:
+                        outcome = await self.runner.run(decoded, deltas)
+                    elif (paid := await self.once.run(decoded, deltas, ticket)) is not None:
+                        outcome = paid
+                    else:  # answered from the result store (§16): publish it again
+                        assert ticket.stored is not None
+                        outcome = stored_outcome(ticket.stored)
                     await deltas.settle()  # the result is the job's last message
                 finally:
                     deltas.discard()
-            await self._settle(publisher, message, envelope, custom_id, model, outcome, trace)
+            try:
+                if ticket is not None and ticket.stored is not None:
+                    assert isinstance(outcome, JobOutcome)
+                    await publisher.result(envelope, custom_id, outcome, ticket.stored, trace)
+                    await message.ack()
+                    log.info("job answered from the result store", cache="stored")
+                else:
+                    await self._settle(
+                        publisher, message, envelope, custom_id, model, outcome, trace, ticket
+                    )
+            finally:
+                if ticket is not None and self.once is not None:
+                    await self.once.done(ticket)
             if isinstance(outcome, JobOutcome):
                 self.telemetry.record_job(
                     span,
@@ -154,6 +178,7 @@ class DeliveryHandler:
         model: str | None,
         outcome: JobOutcome | Deferral,
         trace: dict[str, str],
+        ticket: Ticket | None = None,
     ) -> None:
         if isinstance(outcome, Deferral):
             tier = await publisher.defer(message, envelope, outcome)
@@ -166,6 +191,8 @@ class DeliveryHandler:
             )
             return
         document = render_result(envelope, custom_id, model, outcome, self.identity)
+        if ticket is not None and self.once is not None:
+            await self.once.keep(ticket, document)  # before it is published (§16)
         error = outcome.error
         if error is None:
             await publisher.result(envelope, custom_id, outcome, document, trace)

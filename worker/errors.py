@@ -8,7 +8,9 @@ JobError
 │   ├── ForbiddenReplyTo            forbidden_reply_to
 │   ├── AuthenticationFailed        authentication_error  (upstream 401/403)
 │   ├── NotFound                    not_found             (upstream 404)
-│   └── Expired                     expired
+│   ├── Expired                     expired
+│   ├── BudgetExceeded              budget_exceeded       (the tenant's spending limit, §17)
+│   └── Cancelled                   cancelled             (the job's batch was cancelled, §15)
 └── RetryableError                  (retried with backoff, then final)
     ├── BudgetError                 (waits for budget, not an attempt: contract §11)
     │   ├── RateLimited             rate_limited          (upstream 429)
@@ -26,6 +28,8 @@ from worker.messages import ErrorCode, ErrorInfo
 __all__ = [
     "AuthenticationFailed",
     "BudgetError",
+    "BudgetExceeded",
+    "Cancelled",
     "Expired",
     "ForbiddenReplyTo",
     "InvalidMessage",
@@ -39,6 +43,7 @@ __all__ = [
     "RetryableError",
     "UpstreamError",
     "UpstreamTimeout",
+    "error_for_code",
     "error_for_status",
 ]
 
@@ -106,6 +111,14 @@ class Expired(PermanentError):
     code = ErrorCode.EXPIRED
 
 
+class BudgetExceeded(PermanentError):
+    code = ErrorCode.BUDGET_EXCEEDED
+
+
+class Cancelled(PermanentError):
+    code = ErrorCode.CANCELLED
+
+
 class BudgetError(RetryableError):
     """The upstream refused the call for budget: the job waits for it (§11), and the
     refused call does not count toward WORKER_MAX_ATTEMPTS."""
@@ -145,3 +158,22 @@ def error_for_status(status_code: int) -> type[JobError]:
         return _BY_STATUS[status_code]
     # Other 4xx are the request's fault; 5xx and anything odd may pass on a retry.
     return InvalidRequest if 400 <= status_code < 500 else UpstreamError
+
+
+def _leaves(cls: type[JobError]) -> list[type[JobError]]:
+    found = [cls] if "code" in cls.__dict__ else []
+    for sub in cls.__subclasses__():
+        found += _leaves(sub)
+    return found
+
+
+_BY_CODE: dict[ErrorCode, type[JobError]] = {cls.code: cls for cls in _leaves(JobError)}
+
+
+def error_for_code(code: str | None, message: str, status_code: int | None = None) -> JobError:
+    """The error a result document names (a stored result read back, §16)."""
+    try:
+        cls = _BY_CODE[ErrorCode(code or "")]
+    except ValueError:
+        cls = UpstreamError
+    return cls(message, status_code=status_code)

@@ -49,6 +49,7 @@ class Envelope:
     lane: str | None = None  # the request queue it came from (§12)
     rate_limit_wait_ms: float = 0.0  # waited for rate-limit budget on earlier deliveries
     tenant: str | None = None  # who the job belongs to (§12)
+    prior_calls: int = 0  # upstream calls made on earlier deliveries (§4 metadata.calls)
 
 
 @dataclass(slots=True)
@@ -132,6 +133,9 @@ class JobOutcome:
     finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     upstream: str | None = None  # name of the upstream of the last attempt (§11)
     rate_limit_wait_ms: float = 0.0  # time waited for rate-limit budget, across deliveries
+    calls: int = 0  # upstream HTTP calls, 429s included, across deliveries (§4)
+    cache: str | None = None  # "hit", "miss" or "stored" (§16)
+    cost: dict[str, Any] | None = None  # §17, None when no price is known
 
     @property
     def ok(self) -> bool:
@@ -146,6 +150,7 @@ class Deferral:
     attempts: int
     error: JobError
     rate_limit_wait_ms: float = 0.0  # waited for budget so far, the delay included if for it
+    calls: int = 0  # upstream calls so far, across deliveries
 
 
 def failed(exc: JobError, attempts: int) -> JobOutcome:

@@ -51,6 +51,8 @@ class ErrorCode(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     UPSTREAM_ERROR = "upstream_error"
     TIMEOUT = "timeout"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    CANCELLED = "cancelled"
 
 
 class _Open(BaseModel):
@@ -177,6 +179,14 @@ class UpstreamResponse(BaseModel):
     body: dict[str, Any] | None = None
 
 
+class Cost(_Open):
+    input: float
+    output: float
+    total: float
+    currency: Literal["USD"] = "USD"
+    source: str = Field(description="upstreams-file, genai-prices, or cache (a hit costs 0)")
+
+
 class ResultMetadata(_Open):
     attempts: int
     model: str | None = None
@@ -188,6 +198,11 @@ class ResultMetadata(_Open):
     lane: str | None = Field(None, description="the request queue the job came from (§12)")
     tenant: str | None = Field(None, description="AMQP user_id, or trusted x-tenant (§12)")
     rate_limit_wait_ms: float = Field(0, description="time the job waited for budget (§11)")
+    calls: int = Field(0, description="upstream HTTP calls made for the job, 429s included (§4)")
+    cache: Literal["hit", "miss", "stored"] | None = Field(
+        None, description="answered from the cache, called on a miss, or from the result store"
+    )
+    cost: Cost | None = Field(None, description="what the job cost, null when unknown (§17)")
 
 
 class JobResult(BaseModel):

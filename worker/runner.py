@@ -98,6 +98,16 @@ class JobRunner:
             await _gate_of(member).aclose()
 
     async def run(self, job: Job, send_delta: DeltaSink) -> JobOutcome | Deferral:
+        """The job's outcome, or its deferral; either counts the upstream calls made for it,
+        429s included, across deliveries (``metadata.calls``, §4)."""
+        calls = [job.envelope.prior_calls]
+        concluded = await self._run(job, send_delta, calls)
+        concluded.calls = calls[0]
+        return concluded
+
+    async def _run(
+        self, job: Job, send_delta: DeltaSink, calls: list[int]
+    ) -> JobOutcome | Deferral:
         attempt = job.envelope.prior_attempts
         waited = job.envelope.rate_limit_wait_ms / 1000  # seconds, across deliveries
         if attempt >= self.settings.max_attempts:
@@ -141,6 +151,7 @@ class JobRunner:
                 used: int | None = None
                 quota_spent = False
                 try:
+                    calls[0] += 1
                     outcome = await self._attempt(job, member, bodies, attempt, send_delta)
                     used = _total_tokens(outcome.usage)
                     self.pool.report(member, None, probe=probe)

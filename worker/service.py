@@ -33,6 +33,7 @@ from worker.amqp.publish import Publisher
 from worker.amqp.topology import TopologyUnavailable, declare
 from worker.delivery import DeliveryHandler, release
 from worker.heartbeat import Heartbeat, JobStats
+from worker.payonce import open_pay_once
 from worker.runner import JobRunner
 from worker.settings import Settings
 from worker.telemetry import Telemetry
@@ -96,8 +97,17 @@ class Worker:
         self._redeclare: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
         self.stats = JobStats()
+        self.once = open_pay_once(settings, self.runner)
+        if self.once is not None:
+            self.telemetry.watch_store(self.once.store.metrics)
         self.delivery = DeliveryHandler(
-            settings, self.runner, self.telemetry, self.stats, self.blocking, self.identity
+            settings,
+            self.runner,
+            self.telemetry,
+            self.stats,
+            self.blocking,
+            self.identity,
+            self.once,
         )
         self.heartbeat = Heartbeat(
             settings,
@@ -191,6 +201,8 @@ class Worker:
         finally:
             await self.upstreams.aclose()
             await self.runner.aclose()
+            if self.once is not None:
+                await self.once.store.aclose()
         log.info("worker stopped")
 
     def _check_deadline(self, problem: object) -> None:

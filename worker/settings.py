@@ -182,6 +182,22 @@ class Settings(BaseSettings):
     events: bool = True
     events_exchange: str = Field("chat.events", min_length=1)
     console_token: SecretStr | None = None
+    # §16: pay once (with redis_url)
+    result_ttl: float = Field(86400.0, ge=0)
+    cache: bool = False  # "on"/"off" (and true/false) read as a switch
+    cache_ttl: float = Field(3600.0, ge=0)
+    # §17: cost and budgets
+    budgets_file: Path | None = None
+    upstream_provider: str | None = Field(None, min_length=1)
+    # §15: the gateway
+    database_url: str = Field("sqlite:///chat-worker.db", min_length=1)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8000, ge=0, le=65535)
+    gateway_keys_file: Path | None = None
+    gateway_batch_lane: str | None = None
+    gateway_lane: str | None = None
+    gateway_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    gateway_max_file_lines: int = Field(50_000, ge=1)
 
     @field_validator("amqp_url")
     @classmethod

@@ -148,7 +148,7 @@ class Telemetry:
                 ),
             ],
         )
-        meter = self._meter_provider.get_meter("worker")
+        meter = self._meter = self._meter_provider.get_meter("worker")
         self.token_usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}", description="Tokens used per call"
         )
@@ -212,6 +212,43 @@ class Telemetry:
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         """Read the in-flight gauge from ``count`` at scrape time (free on the hot path)."""
         self._in_flight = count
+
+    def watch_store(self, metrics: Any) -> None:
+        """Report a :class:`worker.store.StoreMetrics` (result store and cache, §16) at
+        scrape time: counted in the store, read here, free on the hot path."""
+
+        def events(_: CallbackOptions) -> list[Observation]:
+            snap = metrics.snapshot()
+            found = [
+                Observation(snap[name], {"event": name})
+                for name in (
+                    "cache_hits",
+                    "cache_misses",
+                    "cache_stored",
+                    "results_stored",
+                    "results_served",
+                )
+            ]
+            found += [
+                Observation(n, {"event": "skipped", "op": op}) for op, n in snap["skipped"].items()
+            ]
+            found += [
+                Observation(n, {"event": "too_large", "kind": kind})
+                for kind, n in snap["too_large"].items()
+            ]
+            return found
+
+        self._meter.create_observable_counter(
+            "chat_worker.store.events",
+            callbacks=[events],
+            unit="{event}",
+            description="Result store and cache: hits, misses, stored, served, skipped",
+        )
+        self._meter.create_observable_gauge(
+            "chat_worker.store.circuit",
+            callbacks=[lambda _: [Observation(metrics.snapshot()["circuit"])]],
+            description="The store's Redis circuit: 0 closed, 1 half-open, 2 open",
+        )
 
     def watch_gate(self, gate: Any) -> None:
         """Report a :class:`worker.limits.gate.Gate`'s state and budget at scrape time."""

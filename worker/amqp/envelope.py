@@ -9,6 +9,7 @@ from typing import Any
 
 from worker.amqp.topology import (
     H_ATTEMPTS,
+    H_CALLS,
     H_DEADLINE,
     H_DELIVERY_COUNT,
     H_RATE_LIMIT_WAIT,
@@ -53,6 +54,7 @@ def read_envelope(
         lane=lane,
         rate_limit_wait_ms=float(_int(headers.get(H_RATE_LIMIT_WAIT))),
         tenant=tenant,
+        prior_calls=_int(headers.get(H_CALLS)) + _redeliveries(headers),
     )
 
 

@@ -32,6 +32,7 @@ from worker.amqp.topology import (
     APP_ID,
     DELTA,
     H_ATTEMPTS,
+    H_CALLS,
     H_CUSTOM_ID,
     H_DELIVERY_COUNT,
     H_ERROR_CODE,
@@ -124,6 +125,9 @@ def render_result(
             "lane": envelope.lane,
             "tenant": envelope.tenant,
             "rate_limit_wait_ms": outcome.rate_limit_wait_ms,
+            "calls": outcome.calls,
+            "cache": outcome.cache,
+            "cost": outcome.cost,
         },
     }
     return orjson.dumps(document, option=orjson.OPT_UTC_Z)
@@ -334,6 +338,7 @@ class Publisher:
         tier = delay_tier(deferral.wait)
         headers = _carried_headers(message)
         headers[H_ATTEMPTS] = deferral.attempts
+        headers[H_CALLS] = deferral.calls
         if deferral.rate_limit_wait_ms:
             headers[H_RATE_LIMIT_WAIT] = round(deferral.rate_limit_wait_ms)
         queue = delay_queue_name(self._lane(envelope), tier, self._settings.queue_type)

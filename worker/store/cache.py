@@ -86,8 +86,10 @@ class CachedAnswer:
 
     @property
     def succeeded(self) -> bool:
-        """A 2xx answer with choices: the only kind worth serving again."""
-        return 200 <= self.status_code < 300 and isinstance(self.body.get("choices"), list)
+        """A 2xx answer with choices (or embeddings' data): the only kind worth serving again."""
+        return 200 <= self.status_code < 300 and (
+            isinstance(self.body.get("choices"), list) or isinstance(self.body.get("data"), list)
+        )
 
     @property
     def usage(self) -> dict[str, Any] | None:

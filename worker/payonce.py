@@ -1,0 +1,219 @@
+"""Pay once (contract §16): answer a job from the result store or the cache, else run it.
+
+Between :mod:`worker.delivery` and :class:`~worker.runner.JobRunner`, for a job that passed
+its checks:
+
+1. The job id's lease, in one round trip that looks up a stored result first. A stored
+   result is published again (``metadata.cache: "stored"``) without a call; a lease held
+   by another delivery is waited for (at most the call's timeout), then the job goes round
+   a delay queue; a dead letter replayed on purpose (``x-replayed``) ignores the store.
+2. With the cache on for the job (``WORKER_CACHE`` or its ``x-cache`` header), a stored
+   answer to the same tenant, model and body is served (``"hit"``: no call, cost 0; a
+   streamed job gets its deltas); a miss is called and its successful answer kept.
+3. :meth:`PayOnce.keep` stores the final result before it is published, and
+   :meth:`PayOnce.done` ends the lease after the job settled.
+
+Redis away or slow: the store's circuit skips every step within its timeout and the job is
+called as if there were no store (the metrics count what was skipped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from worker.errors import UpstreamError, error_for_code
+from worker.job import Deferral, Job, JobOutcome
+from worker.runner import JobRunner
+from worker.settings import Settings
+from worker.store import (
+    H_CACHE,
+    Acquired,
+    CachedAnswer,
+    Held,
+    Skipped,
+    Store,
+    StoreConfig,
+    Stored,
+    cache_key,
+    deltas_from_completion,
+    enabled_for,
+    open_store,
+    restamp,
+)
+from worker.stream.relay import DeltaSink
+
+__all__ = ["H_CACHE", "H_REPLAYED", "PayOnce", "Ticket", "open_pay_once", "stored_outcome"]
+
+log = structlog.get_logger(__name__)
+
+H_REPLAYED = "x-replayed"  # set by `dlq replay` and the console: run again, do not answer
+LEASE_MARGIN = 30.0  # seconds a lease outlives the call it covers
+RENEW_EVERY = 1 / 3  # of the lease's time to live
+HELD_RETRY = 5.0  # seconds a job whose lease another delivery still holds waits in a delay queue
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One delivery's hold on its job id: what :meth:`PayOnce.done` gives back."""
+
+    job_id: str
+    holder: str
+    renewal: asyncio.Task[None] | None = None
+    stored: bytes | None = None  # the stored result to publish again, when there is one
+    leased: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PayOnce:
+    """The result store and the cache around one process's runner (see the module)."""
+
+    def __init__(self, store: Store, runner: JobRunner, settings: Settings) -> None:
+        self.store = store
+        self.runner = runner
+        self.settings = settings
+        self.cache_default = settings.cache
+        self.lease_ttl = max(settings.request_timeout, settings.stream_idle_timeout) + LEASE_MARGIN
+        self._holder = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._deliveries = 0
+
+    async def run(
+        self, job: Job, deltas: DeltaSink, ticket: Ticket
+    ) -> JobOutcome | Deferral | None:
+        """The job's outcome (called, or served from the cache), a deferral, or None when
+        ``ticket.stored`` holds a stored result to publish again instead."""
+        results = self.store.results
+        if results is not None:
+            replayed = _truthy(job.envelope.headers.get(H_REPLAYED))
+            lease = await results.acquire(
+                ticket.job_id, ticket.holder, self.lease_ttl, reuse=not replayed
+            )
+            if isinstance(lease, Held):
+                lease = await results.wait_for(
+                    ticket.job_id,
+                    ticket.holder,
+                    self.lease_ttl,
+                    within=min(lease.remaining, self.lease_ttl),
+                    reuse=not replayed,
+                )
+            if isinstance(lease, Stored):
+                ticket.stored = restamp(lease.body, "stored")
+                return None
+            if isinstance(lease, Held):
+                log.info("another delivery still calls for this job; deferring")
+                return Deferral(
+                    wait=HELD_RETRY,
+                    attempts=job.envelope.prior_attempts,
+                    error=UpstreamError("another delivery of this job is still being called"),
+                    rate_limit_wait_ms=job.envelope.rate_limit_wait_ms,
+                )
+            if isinstance(lease, Acquired):
+                ticket.leased = True
+                ticket.renewal = asyncio.create_task(self._renew(ticket))
+        cache = self.store.cache
+        digest = None
+        if cache is not None and enabled_for(job.envelope.headers.get(H_CACHE), self.cache_default):
+            digest = cache_key(job.envelope.tenant, job.body)
+            hit = await cache.get(digest)
+            if isinstance(hit, CachedAnswer):
+                return await self._serve(job, hit, deltas)
+            if isinstance(hit, Skipped):
+                digest = None  # Redis away: neither a hit nor a miss
+        outcome = await self.runner.run(job, deltas)
+        if digest is not None and cache is not None and isinstance(outcome, JobOutcome):
+            outcome.cache = "miss"
+            answer = _answer_of(outcome)
+            if answer is not None:
+                await cache.put(digest, answer)
+        return outcome
+
+    async def keep(self, ticket: Ticket, document: bytes) -> None:
+        """Store a final result under its job id, before it is published."""
+        if self.store.results is not None and ticket.leased:
+            await self.store.results.store(ticket.job_id, document)
+
+    async def done(self, ticket: Ticket) -> None:
+        """End the delivery's lease (the job settled, or will be delivered again)."""
+        if ticket.renewal is not None:
+            ticket.renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticket.renewal
+        if ticket.leased and self.store.results is not None:
+            await self.store.results.release(ticket.job_id, ticket.holder)
+
+    def ticket(self, job_id: str) -> Ticket:
+        """A holder name of this delivery's own: two copies in one process are two holders."""
+        self._deliveries += 1
+        return Ticket(job_id, f"{self._holder}-{self._deliveries}")
+
+    async def _renew(self, ticket: Ticket) -> None:
+        """Keep the lease while the call runs (a stream may outlast one time to live)."""
+        assert self.store.results is not None
+        while True:
+            await asyncio.sleep(self.lease_ttl * RENEW_EVERY)
+            await self.store.results.renew(ticket.job_id, ticket.holder, self.lease_ttl)
+
+    async def _serve(self, job: Job, answer: CachedAnswer, deltas: DeltaSink) -> JobOutcome:
+        """A cache hit: the stored answer as this job's outcome, with its deltas if asked."""
+        if job.stream:
+            await deltas.send(1, 0, deltas_from_completion(answer.body))
+        return JobOutcome(
+            attempts=0,
+            status_code=answer.status_code,
+            request_id=answer.request_id,
+            body=answer.body,
+            usage=answer.usage,
+            latency_ms=0.0,
+            calls=0,
+            cache="hit",
+            cost={"input": 0.0, "output": 0.0, "total": 0.0, "currency": "USD", "source": "cache"},
+        )
+
+
+def open_pay_once(settings: Settings, runner: JobRunner) -> PayOnce | None:
+    """The result store and the cache for these settings; None without Redis (§16)."""
+    if settings.redis_url is None or (settings.result_ttl <= 0 and settings.cache_ttl <= 0):
+        return None
+    store = open_store(
+        settings.redis_url.get_secret_value(),
+        StoreConfig(result_ttl=settings.result_ttl, cache_ttl=settings.cache_ttl),
+    )
+    return None if store is None else PayOnce(store, runner, settings)
+
+
+def stored_outcome(document: bytes) -> JobOutcome:
+    """The parts of a stored result the publisher needs for its headers."""
+    value = orjson.loads(document)
+    error = value.get("error")
+    response = value.get("response") or {}
+    metadata = value.get("metadata") or {}
+    return JobOutcome(
+        attempts=int(metadata.get("attempts") or 0),
+        error=None
+        if not error
+        else error_for_code(
+            error.get("code"), error.get("message") or "", error.get("status_code")
+        ),
+        status_code=response.get("status_code"),
+        request_id=response.get("request_id"),
+        usage=value.get("usage"),
+    )
+
+
+def _answer_of(outcome: JobOutcome) -> CachedAnswer | None:
+    if outcome.error is not None or outcome.status_code is None or outcome.body is None:
+        return None
+    answer = CachedAnswer(outcome.status_code, outcome.request_id, outcome.body)
+    return answer if answer.succeeded else None
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value is True or (isinstance(value, str) and value.lower() in ("true", "1", "yes"))
