@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import genai_prices
+from genai_prices import data_snapshot
 from genai_prices.types import PriceCalculation, TieredPrices
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +43,8 @@ __all__ = [
     "PriceSpec",
     "TokenCounts",
     "infer_provider",
+    "known_provider",
+    "provider_of",
 ]
 
 Source = Literal["upstreams-file", "genai-prices"]
@@ -164,6 +167,16 @@ class TokenCounts:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def known_provider(provider: str) -> bool:
+    """Whether genai-prices has the provider id (for a start-time check of ``provider``)."""
+    return any(p.id == provider for p in data_snapshot.get_snapshot().providers)
+
+
+def provider_of(provider: str | None, base_url: str) -> str | None:
+    """An upstream's provider: the one it names, else the one its base URL's host is."""
+    return provider or infer_provider(base_url)
 
 
 def infer_provider(base_url: str) -> str | None:

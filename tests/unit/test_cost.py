@@ -20,6 +20,8 @@ from worker.cost import (
     PriceSpec,
     TokenCounts,
     infer_provider,
+    known_provider,
+    provider_of,
 )
 from worker.messages import Usage
 
@@ -310,3 +312,10 @@ def test_every_inferred_provider_is_a_genai_prices_provider() -> None:
         assert re.match(by_id[provider].api_pattern, f"https://{host}/v1"), host
     for suffix, provider in PROVIDER_HOST_SUFFIXES.items():
         assert re.match(by_id[provider].api_pattern, f"https://x{suffix}/v1"), suffix
+
+
+def test_named_provider_wins_and_is_checked_against_genai_prices() -> None:
+    assert provider_of("groq", "https://api.openai.com/v1") == "groq"
+    assert provider_of(None, "https://api.openai.com/v1") == "openai"
+    assert known_provider("anthropic")
+    assert not known_provider("opneai")
