@@ -22,6 +22,7 @@ boundary, and stopping every tenant's work because the ledger is down is the wor
 from __future__ import annotations
 
 import calendar
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -223,7 +224,8 @@ class Spend:
 
 # KEYS: the day hash, the month hash. ARGV: usd, tokens, then the limits in LIMITS order
 # (-1: none), then the seconds each hash lives (day, month). Returns {'ok'} or
-# {limit name, spent} for the first limit (in LIMITS order) the reservation would pass.
+# {limit name, spent} for the first limit (in LIMITS order) the reservation would pass or
+# that is already reached (so a job of unknown price, reserved at $0, stops there too).
 _RESERVE = """
 local usd, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
 local d = redis.call('HMGET', KEYS[1], 'usd', 'tokens')
@@ -235,7 +237,7 @@ local checks = {
   {'tokens_per_day', tonumber(d[2]) or 0, tokens, tonumber(ARGV[6])},
 }
 for _, c in ipairs(checks) do
-  if c[4] >= 0 and c[2] + c[3] > c[4] then
+  if c[4] >= 0 and (c[2] >= c[4] or c[2] + c[3] > c[4]) then
     return {c[1], string.format('%.17g', c[2])}
   end
 end
@@ -271,13 +273,13 @@ def _utcnow() -> datetime:
 class Ledger:
     """Every tenant's spend, shared by all replicas through one Redis server.
 
-    ``redis`` is a URL or a ``redis.asyncio.Redis`` client (the ledger closes only a
+    ``client`` is a Redis URL or a ``redis.asyncio.Redis`` (the ledger closes only a
     client it made); ``clock`` gives the current time (aware, any zone) so tests can move it.
     """
 
     def __init__(
         self,
-        redis: Any,
+        client: Any,
         budgets: BudgetsFile,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -286,11 +288,11 @@ class Ledger:
     ) -> None:
         import redis.asyncio as aioredis  # only deployments with budgets need it
 
-        self._own = isinstance(redis, str)
+        self._own = isinstance(client, str)
         self._redis: Any = (
-            aioredis.Redis.from_url(redis, socket_timeout=timeout, socket_connect_timeout=timeout)
-            if isinstance(redis, str)
-            else redis
+            aioredis.Redis.from_url(client, socket_timeout=timeout, socket_connect_timeout=timeout)
+            if isinstance(client, str)
+            else client
         )
         self._errors: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError)
         self.budgets = budgets
@@ -312,7 +314,7 @@ class Ledger:
         its rule still holds with them, else refuse and say which limit and until when."""
         name = NO_TENANT if tenant is None else tenant
         rule = self.budgets.rule_for(tenant)
-        usd, tokens = max(float(est_usd), 0.0), max(int(est_tokens), 0)
+        usd, tokens = _usd(est_usd), max(int(est_tokens), 0)
         if rule is None:
             return Reservation(name, usd, tokens)
         now = now or self.clock()
@@ -350,7 +352,7 @@ class Ledger:
         given back) in the periods it was taken from."""
         if not reservation.recorded:
             return
-        usd = max(float(actual_usd), 0.0) - reservation.usd
+        usd = _usd(actual_usd) - reservation.usd
         tokens = max(int(actual_tokens), 0) - reservation.tokens
         if usd == 0 and tokens == 0:
             return
@@ -405,6 +407,12 @@ class Ledger:
             tenant=tenant,
             error=f"{type(exc).__name__}: {exc}",
         )
+
+
+def _usd(value: float) -> float:
+    """A non-negative finite amount; anything else (a NaN from a bad price) counts 0."""
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def _text(value: Any) -> str:

@@ -80,6 +80,8 @@ async def test_reserve_until_the_limit_then_refused_until_the_day_turns(
     assert refused.spent == pytest.approx(10)
     assert refused.on_exceed == "wait"
     assert refused.retry_at == datetime(2030, 2, 1, tzinfo=UTC)
+    # A job of unknown price (reserved at $0) does not slip through a spent budget.
+    assert isinstance(await ledger.reserve("team-a", 0.0, 0), Exceeded)
     spend = await ledger.spend("team-a")
     assert (spend.usd_day, spend.usd_month, spend.day.isoformat(), spend.month) == (
         pytest.approx(10),
