@@ -300,6 +300,14 @@ def console(host: str, port: int) -> None:
     run_async(serve_console(settings, host, port))
 
 
+@main.command()
+def budgets() -> None:
+    """Each tenant's spend and limits for the current UTC day and month (WORKER_BUDGETS_FILE)."""
+    from worker.budgets_cli import show_budgets
+
+    sys.exit(show_budgets(settings_or_exit()))
+
+
 @main.group()
 def upstreams() -> None:
     """The upstreams of WORKER_UPSTREAMS_FILE (or WORKER_UPSTREAM_BASE_URL)."""
