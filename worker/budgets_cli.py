@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ def show_budgets(
     does not answer. Reads ``settings.budgets_file`` (else ``WORKER_BUDGETS_FILE``) and
     ``settings.redis_url``."""
     console = console or Console(width=max(Console().width, 120))
-    path = getattr(settings, "budgets_file", None) or os.environ.get("WORKER_BUDGETS_FILE")
+    path = settings.budgets_file
     redis_url = getattr(settings, "redis_url", None)
     if not path:
         console.print("chat-worker: WORKER_BUDGETS_FILE is not set: no budgets", style="red")

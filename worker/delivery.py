@@ -34,10 +34,12 @@ from worker.amqp.envelope import read_envelope
 from worker.amqp.publish import Publisher, render_result
 from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES
 from worker.heartbeat import JobStats
-from worker.job import Deferral, Envelope, JobOutcome, Rejection, decode_job
+from worker.job import Deferral, Envelope, Job, JobOutcome, Rejection, decode_job
 from worker.payonce import PayOnce, Ticket, stored_outcome
 from worker.runner import JobRunner
 from worker.settings import Settings
+from worker.spend import Spending
+from worker.stream.relay import DeltaSink
 from worker.telemetry import Telemetry
 from worker.tenants import tenant_of
 
@@ -64,8 +66,10 @@ class DeliveryHandler:
         blocking: BlockedState,
         identity: str,
         once: PayOnce | None = None,
+        spending: Spending | None = None,
     ) -> None:
         self.once = once  # the result store and the cache, with Redis (§16)
+        self.spending = spending  # prices and budgets (§17)
         self.settings = settings
         self.runner = runner
         self.telemetry = telemetry
@@ -129,8 +133,8 @@ class DeliveryHandler:
                     ticket = self.once.ticket(envelope.job_id)
                 try:
                     if ticket is None or self.once is None:
-                        outcome = await self.runner.run(decoded, deltas)
-                    elif (paid := await self.once.run(decoded, deltas, ticket)) is not None:
+                        outcome = await self._call(decoded, deltas)
+                    elif paid := await self.once.run(decoded, deltas, ticket, self._call):
                         outcome = paid
                     else:  # answered from the result store (§16): publish it again
                         assert ticket.stored is not None
@@ -152,6 +156,9 @@ class DeliveryHandler:
                 if ticket is not None and self.once is not None:
                     await self.once.done(ticket)
             if isinstance(outcome, JobOutcome):
+                # A stored result was paid for by the delivery that stored it.
+                stored = ticket is not None and ticket.stored is not None
+                cost = None if stored or not outcome.cost else float(outcome.cost["total"])
                 self.telemetry.record_job(
                     span,
                     model=model,
@@ -160,14 +167,23 @@ class DeliveryHandler:
                     lane=lane,
                     tenant=envelope.tenant,
                     usage=outcome.usage,
+                    cost=cost,
+                    upstream=outcome.upstream,
                 )
                 self.stats.record(
                     error_code=outcome.error.code.value if outcome.error else None,
                     model=model,
                     usage=outcome.usage,
                     tenant=envelope.tenant,
+                    cost=cost,
                 )
             self.telemetry.flush_deferred()  # the job has settled: its attempts' measurements
+
+    async def _call(self, job: Job, deltas: DeltaSink) -> JobOutcome | Deferral:
+        """The upstream calls of a job, within its tenant's budget and priced (§17)."""
+        if self.spending is None:
+            return await self.runner.run(job, deltas)
+        return await self.spending.run(job, deltas, self.runner.run)
 
     async def _settle(
         self,

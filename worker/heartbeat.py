@@ -49,7 +49,8 @@ class JobStats:
         self.jobs = {"ok": 0, "error": 0}
         self.errors: dict[str, int] = {}
         self.tokens: dict[str, dict[str, int]] = {}
-        self.tenants: dict[str, dict[str, int]] = {}
+        # jobs, input and output tokens; cost_usd once a job of the tenant had a price (§17)
+        self.tenants: dict[str, dict[str, float]] = {}
 
     def record(
         self,
@@ -58,6 +59,7 @@ class JobStats:
         model: str | None,
         usage: Mapping[str, Any] | None,
         tenant: str | None,
+        cost: float | None = None,
     ) -> None:
         """Count one finished job (ok or error; deferrals are not finished)."""
         if error_code is None:
@@ -82,6 +84,8 @@ class JobStats:
             if counts is None:
                 counts = self.tenants[tenant] = {"jobs": 0, "input": 0, "output": 0}
             counts["jobs"] += 1
+            if cost:
+                counts["cost_usd"] = round(counts.get("cost_usd", 0) + cost, 9)
             counts["input"] += prompt
             counts["output"] += completion
 

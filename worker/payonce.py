@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,6 @@ import structlog
 
 from worker.errors import UpstreamError, error_for_code
 from worker.job import Deferral, Job, JobOutcome
-from worker.runner import JobRunner
 from worker.settings import Settings
 from worker.store import (
     H_CACHE,
@@ -53,6 +53,8 @@ __all__ = ["H_CACHE", "H_REPLAYED", "PayOnce", "Ticket", "open_pay_once", "store
 
 log = structlog.get_logger(__name__)
 
+Call = Callable[[Job, DeltaSink], Awaitable[JobOutcome | Deferral]]
+
 H_REPLAYED = "x-replayed"  # set by `dlq replay` and the console: run again, do not answer
 LEASE_MARGIN = 30.0  # seconds a lease outlives the call it covers
 RENEW_EVERY = 1 / 3  # of the lease's time to live
@@ -74,9 +76,8 @@ class Ticket:
 class PayOnce:
     """The result store and the cache around one process's runner (see the module)."""
 
-    def __init__(self, store: Store, runner: JobRunner, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
-        self.runner = runner
         self.settings = settings
         self.cache_default = settings.cache
         self.lease_ttl = max(settings.request_timeout, settings.stream_idle_timeout) + LEASE_MARGIN
@@ -84,10 +85,10 @@ class PayOnce:
         self._deliveries = 0
 
     async def run(
-        self, job: Job, deltas: DeltaSink, ticket: Ticket
+        self, job: Job, deltas: DeltaSink, ticket: Ticket, call: Call
     ) -> JobOutcome | Deferral | None:
-        """The job's outcome (called, or served from the cache), a deferral, or None when
-        ``ticket.stored`` holds a stored result to publish again instead."""
+        """The job's outcome (``call(job, deltas)``, or served from the cache), a deferral,
+        or None when ``ticket.stored`` holds a stored result to publish again instead."""
         results = self.store.results
         if results is not None:
             replayed = _truthy(job.envelope.headers.get(H_REPLAYED))
@@ -125,7 +126,7 @@ class PayOnce:
                 return await self._serve(job, hit, deltas)
             if isinstance(hit, Skipped):
                 digest = None  # Redis away: neither a hit nor a miss
-        outcome = await self.runner.run(job, deltas)
+        outcome = await call(job, deltas)
         if digest is not None and cache is not None and isinstance(outcome, JobOutcome):
             outcome.cache = "miss"
             answer = _answer_of(outcome)
@@ -176,7 +177,7 @@ class PayOnce:
         )
 
 
-def open_pay_once(settings: Settings, runner: JobRunner) -> PayOnce | None:
+def open_pay_once(settings: Settings) -> PayOnce | None:
     """The result store and the cache for these settings; None without Redis (§16)."""
     if settings.redis_url is None or (settings.result_ttl <= 0 and settings.cache_ttl <= 0):
         return None
@@ -184,7 +185,7 @@ def open_pay_once(settings: Settings, runner: JobRunner) -> PayOnce | None:
         settings.redis_url.get_secret_value(),
         StoreConfig(result_ttl=settings.result_ttl, cache_ttl=settings.cache_ttl),
     )
-    return None if store is None else PayOnce(store, runner, settings)
+    return None if store is None else PayOnce(store, settings)
 
 
 def stored_outcome(document: bytes) -> JobOutcome:

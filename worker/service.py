@@ -36,6 +36,7 @@ from worker.heartbeat import Heartbeat, JobStats
 from worker.payonce import open_pay_once
 from worker.runner import JobRunner
 from worker.settings import Settings
+from worker.spend import Spending
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
 from worker.upstream.pool import UpstreamPool
@@ -97,7 +98,8 @@ class Worker:
         self._redeclare: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
         self.stats = JobStats()
-        self.once = open_pay_once(settings, self.runner)
+        self.once = open_pay_once(settings)
+        self.spending = Spending(settings, self.runner.pool)
         if self.once is not None:
             self.telemetry.watch_store(self.once.store.metrics)
         self.delivery = DeliveryHandler(
@@ -108,6 +110,7 @@ class Worker:
             self.blocking,
             self.identity,
             self.once,
+            self.spending,
         )
         self.heartbeat = Heartbeat(
             settings,
@@ -203,6 +206,7 @@ class Worker:
             await self.runner.aclose()
             if self.once is not None:
                 await self.once.store.aclose()
+            await self.spending.aclose()
         log.info("worker stopped")
 
     def _check_deadline(self, problem: object) -> None:

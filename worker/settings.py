@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.cost import PriceSpec, known_provider, provider_of
+
 __all__ = [
     "CooldownSpec",
     "Lane",
@@ -79,6 +81,11 @@ class UpstreamSpec(_Strict):
     weight: float = Field(1.0, gt=0)
     limits: LimitsSpec = LimitsSpec()
     cooldown: CooldownSpec = CooldownSpec()
+    # §17: prices and cheaper tiers
+    provider: str | None = Field(None, min_length=1)  # a genai-prices id; else from the host
+    prices: dict[str, PriceSpec] = {}  # model sent upstream -> USD per million tokens
+    defaults: dict[str, Any] = {}  # body fields sent when the request does not set them
+    lanes: list[str] = Field(default_factory=list)  # request queues it serves; empty: all
     api_key: SecretStr | None = Field(None, exclude=True, repr=False)
 
     @model_validator(mode="before")
@@ -94,6 +101,28 @@ class UpstreamSpec(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str | None) -> str | None:
+        if value is not None and not known_provider(value):
+            raise ValueError(f"{value!r} is not a genai-prices provider id (openai, anthropic, …)")
+        return value
+
+    @field_validator("defaults")
+    @classmethod
+    def _defaults_not_the_job(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if bad := {"model", "messages", "input", "stream", "stream_options"} & value.keys():
+            raise ValueError(f"defaults cannot set {', '.join(sorted(bad))}")
+        return value
+
+    @property
+    def price_provider(self) -> str | None:
+        """The genai-prices provider of this upstream: its own, else by its host."""
+        return provider_of(self.provider, self.base_url)
+
+    def serves_lane(self, lane: str | None) -> bool:
+        return not self.lanes or lane is None or lane in self.lanes
 
     @field_validator("headers")
     @classmethod
@@ -210,6 +239,33 @@ class Settings(BaseSettings):
                 raise ValueError("each URL must start with amqp:// or amqps://")
         return value
 
+    @field_validator(
+        "budgets_file",
+        "upstream_provider",
+        "gateway_keys_file",
+        "gateway_batch_lane",
+        "gateway_lane",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("upstream_provider")
+    @classmethod
+    def _known_upstream_provider(cls, value: str | None) -> str | None:
+        if value is not None and not known_provider(value):
+            raise ValueError(f"{value!r} is not a genai-prices provider id (openai, anthropic, …)")
+        return value
+
+    @model_validator(mode="after")
+    def _budgets_need_redis(self) -> Settings:
+        if self.budgets_file is not None and self.redis_url is None:
+            raise ValueError(
+                "WORKER_BUDGETS_FILE needs WORKER_REDIS_URL (every replica shares one ledger)"
+            )
+        return self
+
     @field_validator("request_queue")
     @classmethod
     def _lanes_syntax(cls, value: str) -> str:
@@ -315,6 +371,7 @@ class Settings(BaseSettings):
                 name=DEFAULT_UPSTREAM,
                 base_url=self.upstream_base_url,
                 models=["*"],
+                provider=self.upstream_provider,
                 limits=LimitsSpec(
                     rpm=self.upstream_rpm,
                     tpm=self.upstream_tpm,

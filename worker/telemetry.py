@@ -165,6 +165,9 @@ class Telemetry:
         self.tokens = Tally(
             meter, "chat_worker.tokens", "{token}", "Tokens of finished jobs, by tenant"
         )
+        self.cost_usd = Tally(
+            meter, "chat_worker.cost", "USD", "What finished jobs cost, by model and tenant (§17)"
+        )
         self.tenant_labels = TenantLabels()
         self.job_duration = meter.create_histogram(
             "chat_worker.job.duration", unit="s", description="Time from delivery to result"
@@ -450,6 +453,8 @@ class Telemetry:
         lane: str = "",
         tenant: str | None = None,
         usage: Mapping[str, Any] | None = None,
+        cost: float | None = None,
+        upstream: str | None = None,
     ) -> None:
         # Lane and tenant label jobs and tokens (§12); tenants bounded to 100 per process.
         owner = {"lane": lane, "tenant": self.tenant_labels.label(tenant)}
@@ -471,6 +476,11 @@ class Telemetry:
                     },
                 )
         self.job_duration.record(seconds, {"outcome": attributes["outcome"], "lane": lane})
+        if cost:
+            self.cost_usd.add(
+                cost,
+                {"model": attributes["gen_ai.request.model"], "upstream": upstream or "", **owner},
+            )
         if error_code:
             span.set_attribute("error.type", error_code)
             span.set_status(Status(StatusCode.ERROR))

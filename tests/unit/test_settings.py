@@ -112,6 +112,18 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_EVENTS", "false", "events", False),
     ("WORKER_EVENTS_EXCHANGE", "ops.events", "events_exchange", "ops.events"),
     ("WORKER_CONSOLE_TOKEN", " s3cret\n", "console_token", "s3cret"),
+    ("WORKER_RESULT_TTL", "0", "result_ttl", 0.0),
+    ("WORKER_CACHE", "on", "cache", True),
+    ("WORKER_CACHE_TTL", "60", "cache_ttl", 60.0),
+    ("WORKER_UPSTREAM_PROVIDER", "anthropic", "upstream_provider", "anthropic"),
+    ("WORKER_DATABASE_URL", "postgresql://db/gw", "database_url", "postgresql://db/gw"),
+    ("WORKER_GATEWAY_HOST", "0.0.0.0", "gateway_host", "0.0.0.0"),
+    ("WORKER_GATEWAY_PORT", "9000", "gateway_port", 9000),
+    ("WORKER_GATEWAY_KEYS_FILE", "/etc/keys.yaml", "gateway_keys_file", Path("/etc/keys.yaml")),
+    ("WORKER_GATEWAY_BATCH_LANE", "chat.batch", "gateway_batch_lane", "chat.batch"),
+    ("WORKER_GATEWAY_LANE", "chat.interactive", "gateway_lane", "chat.interactive"),
+    ("WORKER_GATEWAY_MAX_FILE_BYTES", "1000", "gateway_max_file_bytes", 1000),
+    ("WORKER_GATEWAY_MAX_FILE_LINES", "10", "gateway_max_file_lines", 10),
 ]
 
 
@@ -127,8 +139,20 @@ def test_variable_from_environment(
 
 
 def test_every_setting_is_covered_by_a_test() -> None:
-    tested = {variable for variable, *_ in FROM_ENV} | {"WORKER_REPLY_TO_PATTERN"}
+    # WORKER_BUDGETS_FILE needs WORKER_REDIS_URL: tested with it below.
+    tested = {variable for variable, *_ in FROM_ENV} | {
+        "WORKER_REPLY_TO_PATTERN",
+        "WORKER_BUDGETS_FILE",
+    }
     assert tested == {f"WORKER_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_a_budgets_file_needs_redis(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WORKER_BUDGETS_FILE", str(tmp_path / "budgets.yaml"))
+    with pytest.raises(SettingsError, match="needs WORKER_REDIS_URL"):
+        load_settings()
+    monkeypatch.setenv("WORKER_REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert load_settings().budgets_file == tmp_path / "budgets.yaml"
 
 
 def test_lanes_from_the_request_queue_list(monkeypatch: pytest.MonkeyPatch) -> None:

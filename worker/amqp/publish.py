@@ -33,6 +33,7 @@ from worker.amqp.topology import (
     DELTA,
     H_ATTEMPTS,
     H_CALLS,
+    H_COST,
     H_CUSTOM_ID,
     H_DELIVERY_COUNT,
     H_ERROR_CODE,
@@ -235,6 +236,8 @@ class Publisher:
             headers[H_CUSTOM_ID] = custom_id  # a longer one is in the body only
         if outcome.error is not None:
             headers[H_ERROR_CODE] = outcome.error.code.value
+        if outcome.cost is not None:
+            headers[H_COST] = f"{outcome.cost['total']:.10f}".rstrip("0").rstrip(".") or "0"
         usage = outcome.usage or {}
         for name, key in (
             (H_USAGE_PROMPT, "prompt_tokens"),

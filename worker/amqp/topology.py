@@ -46,6 +46,7 @@ H_STATUS = "x-status"
 H_ERROR_CODE = "x-error-code"
 H_ERROR_MESSAGE = "x-error-message"
 H_ATTEMPTS = "x-attempts"
+H_COST = "x-cost-usd"  # on a result: metadata.cost.total (§17)
 H_CALLS = "x-calls"  # upstream calls so far, set on a job sent round a delay queue
 H_DEADLINE = "x-deadline"
 H_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
