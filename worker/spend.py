@@ -102,8 +102,13 @@ class Spending:
 
     async def _reserve(self, job: Job) -> Reservation | Exceeded:
         assert self.ledger is not None
-        tokens = estimate_tokens(job.body)
-        output = _max_output(job.body)
+        # The prompt alone (estimate_tokens counts the allowed completion too), then the
+        # most output the request allows, per choice.
+        tokens = estimate_tokens({k: v for k, v in job.body.items() if k not in _OUTPUT_KEYS})
+        choices = job.body.get("n")
+        output = _max_output(job.body) * (
+            choices if isinstance(choices, int) and choices > 0 else 1
+        )
         usd = 0.0
         spec = self._first(job.model)
         if spec is not None:
@@ -122,11 +127,12 @@ class Spending:
         what = f"{refused.rule} limit {refused.limit:g} of tenant {refused.tenant!r}"
         waited = job.envelope.rate_limit_wait_ms / 1000
         if refused.on_exceed == "wait" and refused.retry_at is not None:
-            now = datetime.now(UTC)
+            now = self.ledger.clock() if self.ledger is not None else datetime.now(UTC)
             until = (refused.retry_at - now).total_seconds()
             left = self.settings.rate_limit_max_wait - waited
             if job.envelope.deadline is not None:
-                left = min(left, (job.envelope.deadline - now).total_seconds())
+                deadline_left = (job.envelope.deadline - datetime.now(UTC)).total_seconds()
+                left = min(left, deadline_left)
             if until <= left:
                 hop = float(min(max(until, 1.0), LONGEST_DELAY))
                 log.info("budget reached; waiting for the period to turn", limit=what)
@@ -160,8 +166,11 @@ class Spending:
             await self.ledger.aclose()
 
 
+_OUTPUT_KEYS = ("max_completion_tokens", "max_tokens")
+
+
 def _max_output(body: dict[str, Any]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in _OUTPUT_KEYS:
         value = body.get(key)
         if isinstance(value, int) and value > 0:
             return min(value, 1_000_000)

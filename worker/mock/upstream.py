@@ -344,6 +344,9 @@ class MockUpstream:
             stall = float(opts.get("stall", min(cfg.stall_seconds, _RANDOM_STALL_CAP)))
         chunks = max(1, int(opts.get("chunks", cfg.chunks)))
         choices, reasoning, usage = _compose(body, opts, digest, chunks)
+        if "cached_tokens" in opts:  # a prompt-cache hit upstream, for pricing tests
+            cached = min(int(opts["cached_tokens"]), usage["prompt_tokens"])
+            usage["prompt_tokens_details"]["cached_tokens"] = cached
         return _Plan(
             fault=fault,
             stall=stall,
