@@ -166,7 +166,10 @@ class Telemetry:
             meter, "chat_worker.tokens", "{token}", "Tokens of finished jobs, by tenant"
         )
         self.cost_usd = Tally(
-            meter, "chat_worker.cost", "USD", "What finished jobs cost, by model and tenant (§17)"
+            meter,
+            "chat_worker.cost_usd",
+            "{usd}",
+            "What finished jobs cost, by model and tenant (§17)",
         )
         self.tenant_labels = TenantLabels()
         self.job_duration = meter.create_histogram(
