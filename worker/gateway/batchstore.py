@@ -71,7 +71,7 @@ class BatchStore:
             row = (await connection.execute(query)).first()
         return None if row is None else row._mapping
 
-    async def list(
+    async def page(
         self, tenant: str | None, *, limit: int, after: str | None = None
     ) -> tuple[list[Record], bool]:
         """A page of the tenant's batches, newest first, and whether more follow."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, delete, event, func, insert, select, update
+from sqlalchemy import ColumnElement, Insert, RowMapping, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -18,7 +18,7 @@ from worker.gateway.schema import batches, file_lines, files
 
 __all__ = ["Record", "Store", "async_url", "insert_ignoring", "new_id", "now"]
 
-Record = Mapping[str, Any]
+Record = RowMapping
 """A row as a read-only mapping of column name to value."""
 
 #: rows a download reads per query: each page is its own short transaction
