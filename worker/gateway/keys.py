@@ -24,6 +24,8 @@ __all__ = ["OPEN_PATHS", "Keys", "auth_middleware", "load_keys", "tenant_of"]
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: where a request's tenant is kept (None: the open gateway)
+TENANT: web.RequestKey[str | None] = web.RequestKey("tenant")
 
 
 class _KeySpec(BaseModel):
@@ -125,7 +127,7 @@ def auth_middleware(keys: Keys | None) -> Middleware:
             tenant = keys.tenant_of(key.strip())
             if tenant is None:
                 raise Unauthorized("Incorrect API key provided", code="invalid_api_key")
-        request["tenant"] = tenant
+        request[TENANT] = tenant
         return await handler(request)
 
     return authenticate
@@ -133,5 +135,4 @@ def auth_middleware(keys: Keys | None) -> Middleware:
 
 def tenant_of(request: web.Request) -> str | None:
     """The tenant of the request's key (None on an open gateway)."""
-    tenant: str | None = request.get("tenant")
-    return tenant
+    return request.get(TENANT)
