@@ -49,7 +49,7 @@ async def test_a_gateway_killed_mid_batch_finishes_after_a_restart(
     mock: MockUpstream,
     tmp_path: Path,
 ) -> None:
-    total = 3000
+    total = 2000
     url = f"sqlite:///{tmp_path / 'restart.db'}"
     config = gateway_settings(url, names, gateway_publish_chunk=25, gateway_lease_seconds=1.0)
     port = free_port()
@@ -117,7 +117,7 @@ async def test_two_gateways_on_one_postgresql_database_finish_a_batch_exactly(
     start_worker: Callable[..., Awaitable[Worker]],
     mock: MockUpstream,
 ) -> None:
-    total = 1500
+    total = 500
     one, two = await asyncio.gather(
         start_gateway(database_url=postgres_url, gateway_publish_chunk=50),
         start_gateway(database_url=postgres_url, gateway_publish_chunk=50),
