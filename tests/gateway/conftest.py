@@ -32,7 +32,11 @@ def chat_line(custom_id: str, content: str = "Hello", **body: Any) -> dict[str, 
         "custom_id": custom_id,
         "method": "POST",
         "url": "/v1/chat/completions",
-        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **body},
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": content}],
+            **body,
+        },
     }
 
 

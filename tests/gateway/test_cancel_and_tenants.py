@@ -33,9 +33,7 @@ async def test_cancel_mid_batch_ends_every_line_and_tells_the_workers(
     settings: Settings,
 ) -> None:
     cancelled = CancelledBatches()
-    stop_following = await follow_cancellations(
-        connection, settings.events_exchange, cancelled
-    )
+    stop_following = await follow_cancellations(connection, settings.events_exchange, cancelled)
     gateway = await start_gateway()
     await start_worker(concurrency=4)
     lines = [chat_line(f"c-{n}", mock={"latency": 0.3}) for n in range(60)]

@@ -113,9 +113,7 @@ def test_line_accounting_matches_the_model(steps: list[tuple[str, int, bool, int
 
 def test_database_urls_get_their_async_drivers() -> None:
     assert async_url("sqlite:///chat-worker.db") == "sqlite+aiosqlite:///chat-worker.db"
-    assert (
-        async_url("postgresql://u:p@h:5432/db") == "postgresql+asyncpg://u:p@h:5432/db"
-    )
+    assert async_url("postgresql://u:p@h:5432/db") == "postgresql+asyncpg://u:p@h:5432/db"
     with pytest.raises(ValueError, match="unsupported"):
         async_url("mysql://h/db")
 

@@ -36,7 +36,9 @@ pytestmark = pytest.mark.integration
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 
-def check_every_line_once(output: list[dict[str, object]], errors: list[dict[str, object]], n: int) -> None:
+def check_every_line_once(
+    output: list[dict[str, object]], errors: list[dict[str, object]], n: int
+) -> None:
     ids = [line["custom_id"] for line in output + errors]
     assert len(ids) == n and set(ids) == {f"r-{k}" for k in range(n)}
 

@@ -75,8 +75,14 @@ def line(custom_id: Any = "a", **changes: Any) -> bytes:
         (line(method="GET"), "invalid_method"),
         (line(url="/v1/embeddings"), "invalid_url"),
         (line(body={"model": "m", "messages": []}), "invalid_request"),
-        (line(body={"model": "m", "messages": [{"role": "user"}], "temperature": 3}), "invalid_request"),
-        (line(body={"model": "m", "messages": [{"role": "user"}], "stream": True}), "invalid_request"),
+        (
+            line(body={"model": "m", "messages": [{"role": "user"}], "temperature": 3}),
+            "invalid_request",
+        ),
+        (
+            line(body={"model": "m", "messages": [{"role": "user"}], "stream": True}),
+            "invalid_request",
+        ),
     ],
 )
 def test_bad_lines_are_named_with_a_code(raw: bytes, code: str) -> None:
@@ -144,7 +150,9 @@ def test_a_result_becomes_an_output_line() -> None:
     assert parse_job_id("batch_a:b") is None
 
 
-def test_keys_from_digest_variable_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_from_digest_variable_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TEAM_B_KEY", "key-b\n")
     (tmp_path / "c.key").write_text("key-c\n")
     digest = hashlib.sha256(b"key-a").hexdigest()

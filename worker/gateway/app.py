@@ -17,7 +17,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from worker.broker import NoNodeAnswers, Nodes, redact
+from worker.broker import Nodes, NoNodeAnswers, redact
 from worker.gateway import batches as batch_routes
 from worker.gateway import files as file_routes
 from worker.gateway.batchstore import BatchStore

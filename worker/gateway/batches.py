@@ -18,6 +18,7 @@ __all__ = ["add_routes", "batch_object"]
 
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([hm])$")
 MAX_METADATA = 16
+CANCELLED = ("cancelling", "cancelled")
 _TIMES = (
     "created_at",
     "in_progress_at",
@@ -142,12 +143,13 @@ async def get_batch(request: web.Request) -> web.Response:
 async def cancel_batch(request: web.Request) -> web.Response:
     context = GatewayContext.of(request)
     row = await _batch(request)
-    if row["status"] not in ("cancelling", "cancelled"):
-        if not await context.lifecycle.cancel(row["id"]):
-            fresh = await context.batches.get(row["id"], any_tenant=True)
-            status = fresh["status"] if fresh is not None else row["status"]
-            if status not in ("cancelling", "cancelled"):
-                raise Conflict(f"a batch that is {status} cannot be cancelled", param="id")
+    # Cancelling twice is no error; cancelling a batch that has ended is.
+    already = row["status"] in CANCELLED
+    if not already and not await context.lifecycle.cancel(row["id"]):
+        fresh = await context.batches.get(row["id"], any_tenant=True)
+        status = fresh["status"] if fresh is not None else row["status"]
+        if status not in CANCELLED:
+            raise Conflict(f"a batch that is {status} cannot be cancelled", param="id")
     fresh = await context.batches.get(row["id"], any_tenant=True)
     return web.json_response(batch_object(fresh or row))
 

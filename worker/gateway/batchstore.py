@@ -61,9 +61,9 @@ class BatchStore:
             row = (await connection.execute(select(batches).where(batches.c.id == batch_id))).one()
         return row._mapping
 
-    async def get(self, batch_id: str, tenant: str | None = None, *, any_tenant: bool = False) -> (
-        Record | None
-    ):
+    async def get(
+        self, batch_id: str, tenant: str | None = None, *, any_tenant: bool = False
+    ) -> Record | None:
         query = select(batches).where(batches.c.id == batch_id)
         if not any_tenant:
             query = query.where(same_tenant(batches.c.tenant, tenant))

@@ -1,4 +1,4 @@
-"""The gateway's own settings (contract §2 rows of §15), read like :class:`worker.settings.Settings`."""
+"""The gateway's own settings (the §2 rows of §15), read as ``worker.settings`` reads its own."""
 
 from __future__ import annotations
 

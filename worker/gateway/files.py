@@ -104,9 +104,7 @@ async def _receive(context: GatewayContext, tenant: str | None, part: BodyPartRe
         while chunk := await part.read_chunk(READ_CHUNK):
             await upload.feed(chunk)
         await upload.end()
-        return await context.store.finish_upload(
-            file_id, upload.size, upload.lines, upload.line_no
-        )
+        return await context.store.finish_upload(file_id, upload.size, upload.lines, upload.line_no)
     except BaseException:
         await context.store.discard_upload(file_id)
         raise

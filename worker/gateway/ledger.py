@@ -138,7 +138,9 @@ class Ledger:
         async with self.engine.begin() as connection:
             batch = (
                 await connection.execute(
-                    select(batches).where(batches.c.id == batch_id, batches.c.status == "finalizing")
+                    select(batches).where(
+                        batches.c.id == batch_id, batches.c.status == "finalizing"
+                    )
                 )
             ).first()
             if batch is None:
@@ -210,7 +212,9 @@ async def _bump(
     return result.one()
 
 
-async def iter_outcome_lines(engine: AsyncEngine, batch_id: str, status: str) -> AsyncIterator[bytes]:
+async def iter_outcome_lines(
+    engine: AsyncEngine, batch_id: str, status: str
+) -> AsyncIterator[bytes]:
     """The output lines of one status, in input order, page by page."""
     after = 0
     while True:

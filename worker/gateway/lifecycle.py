@@ -47,10 +47,10 @@ class Lifecycle:
     async def finalize(self, batch_id: str, end_status: str = "completed") -> None:
         """Every line has its outcome: finalizing, then the end status with its files."""
         started = time.perf_counter()
-        if await self.ledger.begin_finalizing(batch_id, end_status):
-            if await self.ledger.finish(batch_id):
-                self.metrics.finalize_seconds.observe(time.perf_counter() - started)
-                log.info("batch finished", batch_id=batch_id)
+        begun = await self.ledger.begin_finalizing(batch_id, end_status)
+        if begun and await self.ledger.finish(batch_id):
+            self.metrics.finalize_seconds.observe(time.perf_counter() - started)
+            log.info("batch finished", batch_id=batch_id)
 
     async def cancel(self, batch_id: str) -> bool:
         """``cancelling`` at once, and the workers told."""

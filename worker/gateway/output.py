@@ -120,7 +120,9 @@ def outcome_from_result(body: bytes, fallback_job_id: Any = None) -> Outcome | N
     response = response if isinstance(response, dict) else None
     error = document.get("error")
     if error is None and response is None:
-        return _unreadable(batch_id, line_no, custom_id, "the result has neither response nor error")
+        return _unreadable(
+            batch_id, line_no, custom_id, "the result has neither response nor error"
+        )
     inputs, outputs, cached, reasoning = _usage_counts(document.get("usage"))
     if error is not None:
         error = error if isinstance(error, dict) else {}

@@ -13,7 +13,9 @@ from worker.gateway.store import Record
 __all__ = ["int_param", "page"]
 
 
-def page(rows: list[Record], more: bool, render: Callable[[Record], dict[str, Any]]) -> dict[str, Any]:
+def page(
+    rows: list[Record], more: bool, render: Callable[[Record], dict[str, Any]]
+) -> dict[str, Any]:
     data = [render(row) for row in rows]
     return {
         "object": "list",

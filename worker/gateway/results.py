@@ -61,7 +61,9 @@ class ResultConsumer:
 
     @property
     def consuming(self) -> bool:
-        return self._tag is not None and self._queue is not None and not self._queue.channel.is_closed
+        return (
+            self._tag is not None and self._queue is not None and not self._queue.channel.is_closed
+        )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._buffer.append(message)

@@ -7,7 +7,17 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, RowMapping, delete, event, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    RowMapping,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -164,7 +174,9 @@ class Store:
 
     async def get_file(self, file_id: str, tenant: str | None) -> Record | None:
         query = select(files).where(
-            files.c.id == file_id, same_tenant(files.c.tenant, tenant), files.c.status != "uploading"
+            files.c.id == file_id,
+            same_tenant(files.c.tenant, tenant),
+            files.c.status != "uploading",
         )
         async with self.engine.connect() as connection:
             row = (await connection.execute(query)).first()
