@@ -133,3 +133,65 @@ async def test_the_migrations_build_the_tables_of_the_schema(tmp_path: Path) -> 
     finally:
         await store.close()
     assert differences == []
+
+
+async def test_lines_unfinished_at_expires_at_end_expired(tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    from worker.gateway.config import GatewaySettings
+    from worker.gateway.lifecycle import Lifecycle
+    from worker.gateway.metrics import GatewayMetrics
+    from worker.gateway.schema import batches as table
+
+    store = await Store.open(f"sqlite:///{tmp_path / 'expiry.db'}")
+    try:
+        file_id = await store.begin_upload(None, "in.jsonl", "batch")
+        await store.add_lines(
+            file_id, [(n, f'{{"custom_id":"c-{n}"}}\n'.encode()) for n in (1, 2, 3)]
+        )
+        file = await store.finish_upload(file_id, 0, 3, 3)
+        batches, ledger = BatchStore(store.engine), Ledger(store.engine)
+        batch = await batches.create(
+            tenant=None,
+            endpoint="/v1/chat/completions",
+            input_file=file,
+            completion_window="1m",
+            window_seconds=60,
+            metadata=None,
+        )
+        assert await batches.claim(batch["id"], "me", 60)
+        assert await batches.start(batch["id"], "me", None)
+        await ledger.record([result(batch["id"], 2, True, 3)])
+        async with store.engine.begin() as connection:
+            await connection.execute(
+                update(table).where(table.c.id == batch["id"]).values(expires_at=0)
+            )
+        settings = GatewaySettings(_env_file=None)  # type: ignore[call-arg]
+        lifecycle = Lifecycle(
+            store,
+            ledger,
+            batches,
+            None,
+            settings,
+            "unused",
+            GatewayMetrics(),  # type: ignore[arg-type]
+        )
+        await lifecycle.sweep()
+        final = await batches.get(batch["id"])
+        assert final is not None
+        assert (final["status"], final["completed"], final["failed"]) == ("expired", 1, 2)
+        assert final["expired_at"] is not None
+        errors = await store.get_file(final["error_file_id"], None)
+        assert errors is not None
+        content = b"".join([chunk async for chunk in store.content(errors)])
+        assert [orjson_loads(line)["custom_id"] for line in content.splitlines()] == ["c-1", "c-3"]
+        assert {orjson_loads(line)["error"]["code"] for line in content.splitlines()} == {"expired"}
+    finally:
+        await store.close()
+
+
+def orjson_loads(data: bytes) -> dict[str, object]:
+    import orjson
+
+    document: dict[str, object] = orjson.loads(data)
+    return document
