@@ -209,5 +209,7 @@ KINDS = ("unit", "integration", "cluster", "browser", "deploy", "interop", "soak
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if any(item.get_closest_marker(kind) for kind in KINDS):
+            continue  # a module of another folder that says its kind (tests/gateway/test_units)
         folder = item.path.parent.name
         item.add_marker(folder if folder in KINDS else "integration")
