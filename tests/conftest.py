@@ -154,6 +154,7 @@ async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[Abst
             )
     await channel.exchange_delete(names["result_exchange"])
     await channel.exchange_delete(names["events_exchange"])
+    await channel.exchange_delete(names["events_exchange"] + ".batch-cancel")
     await conn.close()
 
 

@@ -30,11 +30,14 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker.amqp.blocked import BlockedState
+from worker.amqp.cancellations import H_BATCH_ID, CancelledBatches
 from worker.amqp.envelope import read_envelope
 from worker.amqp.publish import Publisher, render_result
 from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES
+from worker.errors import Cancelled
 from worker.heartbeat import JobStats
-from worker.job import Deferral, Envelope, Job, JobOutcome, Rejection, decode_job
+from worker.job import Deferral, Envelope, Job, JobOutcome, Rejection, decode_job, failed
+from worker.messages import ErrorCode
 from worker.payonce import PayOnce, Ticket, stored_outcome
 from worker.runner import JobRunner
 from worker.settings import Settings
@@ -69,6 +72,7 @@ class DeliveryHandler:
         spending: Spending | None = None,
     ) -> None:
         self.once = once  # the result store and the cache, with Redis (§16)
+        self.cancelled = CancelledBatches()  # filled from the gateway's announcements (§15)
         self.spending = spending  # prices and budgets (§17)
         self.settings = settings
         self.runner = runner
@@ -125,6 +129,11 @@ class DeliveryHandler:
                 outcome: JobOutcome | Deferral = JobOutcome(
                     attempts=envelope.prior_attempts, error=decoded.error
                 )
+            elif (batch := envelope.headers.get(H_BATCH_ID)) and _text(batch) in self.cancelled:
+                custom_id, model = decoded.custom_id, decoded.model
+                error = Cancelled(f"batch {_text(batch)} was cancelled before this line's call")
+                outcome = failed(error, envelope.prior_attempts)
+                outcome.calls = envelope.prior_calls
             else:
                 custom_id, model = decoded.custom_id, decoded.model
                 structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
@@ -210,7 +219,9 @@ class DeliveryHandler:
         if ticket is not None and self.once is not None:
             await self.once.keep(ticket, document)  # before it is published (§16)
         error = outcome.error
-        if error is None:
+        if error is None or error.code is ErrorCode.CANCELLED:
+            # A cancelled line is no failure to look into: its result says so, and a dead
+            # letter for each line of a cancelled batch would only bury the real ones.
             await publisher.result(envelope, custom_id, outcome, document, trace)
         else:
             await asyncio.gather(
@@ -248,3 +259,7 @@ async def release(message: AbstractIncomingMessage, stopping: asyncio.Event) -> 
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -27,6 +27,7 @@ from aio_pika.abc import (
 )
 
 from worker.amqp.blocked import BlockedState, follow_blocking
+from worker.amqp.cancellations import follow_cancellations
 from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
 from worker.amqp.lanes import LaneConsumer
 from worker.amqp.publish import Publisher
@@ -251,6 +252,10 @@ class Worker:
             # up and the consumer silently gone: treat it as a loss and start again.
             underlay.on_consumer_cancel_callbacks.add(lambda *_: interrupted.set())
             self._publisher = await Publisher.open(channel, self.settings)
+            # Batch cancellations (§15): jobs of a cancelled batch are not called.
+            await follow_cancellations(
+                connection, self.settings.events_exchange, self.delivery.cancelled
+            )
             await self._consume(connection, channel, interrupted)
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError, TopologyUnavailable) as exc:
             log.warning("could not start consuming", error=repr(exc))

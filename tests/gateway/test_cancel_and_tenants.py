@@ -11,8 +11,8 @@ import openai
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from worker.amqp.cancellations import CancelledBatches, follow_cancellations
 from worker.gateway.app import Gateway
-from worker.gateway.cancel import CancelledBatches, follow_cancellations
 from worker.gateway.keys import Keys
 from worker.mock.upstream import MockUpstream
 from worker.service import Worker
@@ -65,6 +65,9 @@ async def test_cancel_mid_batch_ends_every_line_and_tells_the_workers(
     assert counts.failed > 0 and counts.completed >= 4
     assert len(output) == counts.completed and len(errors) == counts.failed
     assert {line["error"]["code"] for line in errors} == {"cancelled"}
+    # The workers skipped the lines not yet called: every call made is a completed line.
+    calls = sum(1 for r in mock.requests if r.path.endswith("/chat/completions"))
+    assert calls == counts.completed
     everything = sorted(
         (line["custom_id"] for line in output + errors), key=lambda c: int(c.split("-")[1])
     )

@@ -10,7 +10,7 @@ import aio_pika
 import orjson
 import pytest
 
-from worker.gateway.cancel import CancelledBatches, cancel_message
+from worker.amqp.cancellations import CancelledBatches, cancel_message
 from worker.gateway.embeddings import EmbeddingsRequest
 from worker.gateway.keys import load_keys
 from worker.gateway.lines import LineCheck

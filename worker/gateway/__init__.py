@@ -6,20 +6,14 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "CancelledBatches",
     "Gateway",
     "GatewaySettings",
-    "follow_cancellations",
     "load_gateway_settings",
-    "publish_cancel",
     "serve_gateway",
 ]
 
-# Lazy: a worker following cancellations imports worker.gateway.cancel without the server.
+# Lazy: importing the package does not load the server.
 _LAZY = {
-    "CancelledBatches": "worker.gateway.cancel",
-    "follow_cancellations": "worker.gateway.cancel",
-    "publish_cancel": "worker.gateway.cancel",
     "Gateway": "worker.gateway.app",
     "serve_gateway": "worker.gateway.app",
     "GatewaySettings": "worker.gateway.config",

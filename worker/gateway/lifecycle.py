@@ -9,8 +9,8 @@ import structlog
 from aio_pika.abc import AbstractChannel
 from sqlalchemy import select
 
+from worker.amqp.cancellations import publish_cancel
 from worker.gateway.batchstore import BatchStore
-from worker.gateway.cancel import publish_cancel
 from worker.gateway.config import GatewaySettings
 from worker.gateway.ledger import OPEN, Ledger
 from worker.gateway.metrics import GatewayMetrics

@@ -11,8 +11,8 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
 
+from worker.amqp.cancellations import H_BATCH_ID
 from worker.amqp.topology import H_DEADLINE
-from worker.gateway.cancel import H_BATCH_ID
 from worker.gateway.output import job_id
 from worker.gateway.store import Record
 from worker.tenants import H_TENANT

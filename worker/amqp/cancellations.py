@@ -1,11 +1,12 @@
 """Batch cancellations on the events exchange: the gateway announces, workers follow.
 
 The gateway publishes ``{"type": "batch_cancel", "batch_id": …}`` (AMQP type
-``chat.batch-cancel``) on the fanout exchange ``WORKER_EVENTS_EXCHANGE`` when a batch is
-cancelled, and again every few seconds while it is ``cancelling`` (a worker started later
-learns of it too). A worker runs :func:`follow_cancellations` into a
+``chat.batch-cancel``) on the fanout exchange ``<WORKER_EVENTS_EXCHANGE>.batch-cancel`` (the
+heartbeats' exchange stays free of consumers: a worker binds no queue to it, §14) when a
+batch is cancelled, and again every few seconds while it is ``cancelling`` (a worker started
+later learns of it too). A worker runs :func:`follow_cancellations` into a
 :class:`CancelledBatches` and skips a job whose ``x-batch-id`` is in it, answering it with
-a ``cancelled`` error result.
+a ``cancelled`` error result without a call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "H_BATCH_ID",
     "TYPE_BATCH_CANCEL",
     "CancelledBatches",
+    "cancel_exchange",
     "cancel_message",
     "follow_cancellations",
     "publish_cancel",
@@ -37,6 +39,11 @@ TYPE_BATCH_CANCEL = "chat.batch-cancel"
 EVENT_BATCH_CANCEL = "batch_cancel"
 # An announcement is worth nothing after a few rounds: the broker drops stale ones.
 CANCEL_TTL_MS = 30_000
+
+
+def cancel_exchange(events_exchange: str) -> str:
+    """The fanout exchange of batch cancellations, named after the events exchange."""
+    return f"{events_exchange}.batch-cancel"
 
 
 class CancelledBatches:
@@ -106,18 +113,22 @@ def cancel_message(batch_id: str) -> aio_pika.Message:
 
 
 async def publish_cancel(channel: AbstractChannel, exchange: str, batch_id: str) -> None:
-    """Announce that ``batch_id`` is cancelled on the fanout ``exchange``."""
-    target = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+    """Announce that ``batch_id`` is cancelled (``exchange``: the events exchange)."""
+    target = await channel.declare_exchange(
+        cancel_exchange(exchange), aio_pika.ExchangeType.FANOUT, durable=True
+    )
     await target.publish(cancel_message(batch_id), routing_key="")
 
 
 async def follow_cancellations(
     connection: AbstractConnection, exchange: str, cancelled: CancelledBatches
 ) -> Callable[[], Awaitable[None]]:
-    """Fill ``cancelled`` from the events exchange through a private queue bound to it;
-    returns the coroutine function that stops following."""
+    """Fill ``cancelled`` from the cancellations of ``exchange`` (the events exchange) through
+    a private queue; returns the coroutine function that stops following."""
     channel = await connection.channel(publisher_confirms=False)
-    source = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+    source = await channel.declare_exchange(
+        cancel_exchange(exchange), aio_pika.ExchangeType.FANOUT, durable=True
+    )
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
     await queue.bind(source)
 
