@@ -10,12 +10,12 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 # The package alone: what the demo needs (under 30 s on a warm pip cache).
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e . 2>&1 | grep -v -i -E 'deprecat|license|^ *!!|^\s*$$|\*{8}' || true
+	$(PIP) -e . 2>&1 | grep -v -i -E 'deprecat|license|^ *!!|^\s*$$|\*{8}|WARNING: Location' || true
 	touch $@
 
 # Everything the tests, the docs and the benchmarks use.
 $(VENV)/.installed: $(VENV)/.base
-	$(PIP) -e '.[dev,bench]' 2>&1 | grep -v -i -E 'deprecat|license|^ *!!|^\s*$$|\*{8}' || true
+	$(PIP) -e '.[dev,bench]' 2>&1 | grep -v -i -E 'deprecat|license|^ *!!|^\s*$$|\*{8}|WARNING: Location' || true
 	touch $@
 
 demo: $(VENV)/.base
