@@ -119,7 +119,9 @@ class DeliveryHandler:
                 )
             else:
                 custom_id, model = decoded.custom_id, decoded.model
-                structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
+                structlog.contextvars.bind_contextvars(
+                    custom_id=custom_id, model=model, endpoint=decoded.endpoint
+                )
                 deltas = publisher.deltas(envelope, custom_id, trace, self.blocking)
                 try:
                     outcome = await self.runner.run(decoded, deltas)
