@@ -136,7 +136,9 @@ class DeliveryHandler:
                 outcome.calls = envelope.prior_calls
             else:
                 custom_id, model = decoded.custom_id, decoded.model
-                structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
+                structlog.contextvars.bind_contextvars(
+                    custom_id=custom_id, model=model, endpoint=decoded.endpoint
+                )
                 deltas = publisher.deltas(envelope, custom_id, trace, self.blocking)
                 if self.once is not None:
                     ticket = self.once.ticket(envelope.job_id)

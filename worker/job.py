@@ -18,7 +18,7 @@ from worker.errors import (
     JobError,
     ModelNotAllowed,
 )
-from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
+from worker.messages import CHAT_COMPLETIONS_PATHS, EMBEDDINGS_PATHS, BatchRequest, Endpoint
 from worker.settings import Settings
 
 __all__ = [
@@ -61,6 +61,7 @@ class Job:
     model: str
     stream: bool
     body: dict[str, Any]  # exactly as received: unknown fields pass through untouched
+    endpoint: Endpoint = "chat"  # which upstream call: by the request's url (§18)
 
 
 @dataclass(slots=True)
@@ -98,8 +99,10 @@ def decode_job(data: bytes, envelope: Envelope, settings: Settings) -> Job | Rej
             raise InvalidMessage(_first_error(exc)) from None
         if request.method is not None and request.method.upper() != "POST":
             raise InvalidRequest(f"method must be POST, not {request.method!r}")
-        if request.url is not None and request.url not in CHAT_COMPLETIONS_PATHS:
-            raise InvalidRequest(f"url must be /v1/chat/completions, not {request.url!r}")
+        if request.url is not None and request.url not in CHAT_COMPLETIONS_PATHS | EMBEDDINGS_PATHS:
+            raise InvalidRequest(
+                f"url must be /v1/chat/completions or /v1/embeddings, not {request.url!r}"
+            )
         model = request.body.model
         if settings.allowed_models and model not in settings.allowed_models:
             raise ModelNotAllowed(f"model {model!r} is not in WORKER_ALLOWED_MODELS")
@@ -109,7 +112,8 @@ def decode_job(data: bytes, envelope: Envelope, settings: Settings) -> Job | Rej
             raise Expired(f"x-deadline {envelope.deadline.isoformat()} passed before the call")
     except JobError as exc:
         return Rejection(custom_id, exc)
-    return Job(envelope, custom_id, model, bool(request.body.stream), raw["body"])
+    stream = bool(request.body.stream)
+    return Job(envelope, custom_id, model, stream, raw["body"], request.endpoint)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "MAX_CUSTOM_ID",
@@ -21,6 +29,8 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "DeltaChoice",
+    "EmbeddingsRequest",
+    "Endpoint",
     "ErrorCode",
     "ErrorInfo",
     "JobDelta",
@@ -32,6 +42,10 @@ __all__ = [
 ]
 
 CHAT_COMPLETIONS_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+EMBEDDINGS_PATHS = frozenset({"/v1/embeddings", "/embeddings"})  # contract §18
+Endpoint = Literal["chat", "embeddings"]
+"""The upstream endpoint a job calls (``gen_ai.operation.name`` too), chosen by its ``url``."""
+ENDPOINTS: tuple[Endpoint, ...] = ("chat", "embeddings")
 #: longest ``custom_id`` accepted (OpenAI's Batch API documents no limit; 512 keeps every
 #: header the worker writes small); a longer one fails ``invalid_message``.
 MAX_CUSTOM_ID = 512
@@ -140,15 +154,111 @@ class ChatCompletionRequest(_Open):
     audio: dict[str, Any] | None = None
 
 
+TokenId = Annotated[int, Field(ge=0, strict=True)]
+TokenArray = Annotated[list[TokenId], Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class EmbeddingsRequest(_Open):
+    """The ``body`` of an embeddings job (``url`` ``/v1/embeddings``, contract §18): an
+    OpenAI embeddings request; unknown fields pass through. Never streamed."""
+
+    model: str = Field(min_length=1)
+    input: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | TokenArray
+        | Annotated[list[TokenArray], Field(min_length=1)]
+    ) = Field(
+        description="a string, a list of strings, a token array or a list of token arrays; "
+        "nothing empty"
+    )
+    dimensions: Annotated[int, Field(ge=1, strict=True)] | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+    stream: Literal[False] | None = Field(None, description="embeddings are never streamed")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        # One error that names the item at fault, rather than one per member of the union.
+        if (problem := _input_problem(value)) is not None:
+            raise PydanticCustomError("embeddings_input", problem)
+        return value
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _not_streamed(cls, value: Any) -> Any:
+        # `false` is harmless (and `null` means absent); anything else asks for a stream.
+        if value is not None and value is not False:
+            raise PydanticCustomError(
+                "embeddings_stream", "embeddings are never streamed: leave stream out (or false)"
+            )
+        return value
+
+
+def _input_problem(value: Any) -> str | None:
+    """What is wrong with an embeddings ``input``, or None. A list holds items of one kind,
+    the kind of its first item."""
+    if isinstance(value, str):
+        return "must not be an empty string" if not value else None
+    if not isinstance(value, list) or not value:
+        return "must be a string or a non-empty list"
+    first = value[0]
+    if isinstance(first, str):
+        kind, fits = "a non-empty string", _is_text
+    elif isinstance(first, list):
+        kind, fits = "a non-empty token array (integers >= 0)", _is_token_array
+    elif isinstance(first, int) and not isinstance(first, bool):
+        kind, fits = "a token id (an integer >= 0)", _is_token
+    else:
+        return "must hold strings, token ids or token arrays"
+    bad = next((i for i, item in enumerate(value) if not fits(item)), None)
+    if bad is None:
+        return None
+    return f"item {bad} must be {kind}" + (", like item 0" if bad else "")
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _is_token(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_token_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(map(_is_token, value))
+
+
 class BatchRequest(BaseModel):
-    """A request message: one line of the OpenAI Batch API input format."""
+    """A request message: one line of the OpenAI Batch API input format. ``url`` decides
+    what ``body`` is: an embeddings request for ``/v1/embeddings``, else a chat completion."""
 
     model_config = ConfigDict(extra="ignore")
 
     custom_id: str | None = Field(None, max_length=MAX_CUSTOM_ID)
     method: str | None = Field(None, description="when present: POST")
-    url: str | None = Field(None, description="when present: /v1/chat/completions")
-    body: ChatCompletionRequest
+    url: str | None = Field(
+        None,
+        description="when present: /v1/chat/completions (or /chat/completions), or "
+        "/v1/embeddings (or /embeddings) for an embeddings body",
+    )
+    body: ChatCompletionRequest | EmbeddingsRequest = Field(
+        description="an embeddings request when url is /v1/embeddings, else a chat completion"
+    )
+
+    @field_validator("body", mode="wrap")
+    @classmethod
+    def _body_by_url(cls, value: Any, _: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        # By url, not by shape: the errors then speak of the body the producer meant (a
+        # ValidationError raised here keeps its locations, under "body").
+        by_url = info.data.get("url") in EMBEDDINGS_PATHS
+        return (EmbeddingsRequest if by_url else ChatCompletionRequest).model_validate(value)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return "embeddings" if isinstance(self.body, EmbeddingsRequest) else "chat"
 
 
 # --- results -----------------------------------------------------------------------------

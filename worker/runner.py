@@ -30,6 +30,7 @@ from worker.errors import (
 from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
 from worker.limits.gate import Gate, Permit, Wait, estimate_tokens
+from worker.messages import Endpoint
 from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
 from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
@@ -116,10 +117,10 @@ class JobRunner:
             )
             return self._finish(failed(error, attempt), waited, None)
         try:
-            member, probe = self._choose(job.model)
+            member, probe = self._choose(job)
         except ModelNotAllowed as unserved:
             return self._finish(failed(unserved, attempt), waited, None)
-        tokens = estimate_tokens(job.body)
+        tokens = estimate_tokens(job.body, job.endpoint)
         bodies: dict[str, bytes] = {}
         tried: list[Member] = []  # failed in a row since the last backoff
         short: list[Member] = []  # had no budget within the wait offered, this delivery
@@ -128,7 +129,7 @@ class JobRunner:
         while True:
             if member is None:
                 attempt += 1
-                exc: JobError = self._all_cooling(job.model)
+                exc: JobError = self._all_cooling(job)
             else:
                 gate = _gate_of(member)
                 left = self._wait_left(job, waited)
@@ -140,7 +141,7 @@ class JobRunner:
                     # No budget here soon: another upstream of the model may have some.
                     self.pool.report(member, None, probe=probe, cancelled=True)
                     short.append(closed := member)
-                    member, probe = self._choose(job.model, [*tried, *short], ready=True)
+                    member, probe = self._choose(job, [*tried, *short], ready=True)
                     if member is not None:
                         log.info("upstream has no budget", upstream=closed.name, to=member.name)
                         continue
@@ -168,7 +169,7 @@ class JobRunner:
                     self.telemetry.rate_limited.add(
                         1, {"upstream": gate.name, "error_code": budget.code.value}
                     )
-                    member, probe = self._choose(job.model)
+                    member, probe = self._choose(job)
                     continue
                 except JobError as error:
                     self.pool.report(member, error, probe=probe)
@@ -182,7 +183,7 @@ class JobRunner:
                 return self._finish(failed(exc, attempt), waited, last)
             if member is not None:
                 tried.append(member)
-                member, probe = self._choose(job.model, tried)
+                member, probe = self._choose(job, tried)
                 if member is not None:
                     self.telemetry.retries.add(
                         1, {"error_code": exc.code.value, "upstream": tried[-1].name}
@@ -204,23 +205,24 @@ class JobRunner:
                 )
             await asyncio.sleep(wait)
             tried.clear()
-            member, probe = self._choose(job.model)
+            member, probe = self._choose(job)
 
     def _choose(
-        self, model: str, exclude: list[Member] | None = None, *, ready: bool = False
+        self, job: Job, exclude: list[Member] | None = None, *, ready: bool = False
     ) -> tuple[Member | None, bool]:
-        """The pool's choice, and whether this job is its probe (read at once: another job
-        cannot take a member that is being probed, so the flag is this job's)."""
-        member = self.pool.choose(model, exclude or (), ready=ready)
+        """The pool's choice for the job's model and endpoint, and whether this job is its
+        probe (read at once: another job cannot take a member that is being probed, so the
+        flag is this job's)."""
+        member = self.pool.choose(job.model, exclude or (), ready=ready, endpoint=job.endpoint)
         return member, member is not None and member.probing
 
-    def _all_cooling(self, model: str) -> UpstreamError:
-        """The attempt that finds every upstream of ``model`` resting: it waits for the
-        first to come back (counted as an attempt, so a dead provider fails jobs after
+    def _all_cooling(self, job: Job) -> UpstreamError:
+        """The attempt that finds every upstream of the job's model resting: it waits for
+        the first to come back (counted as an attempt, so a dead provider fails jobs after
         ``WORKER_MAX_ATTEMPTS`` instead of holding them for ever)."""
-        wait = self.pool.cooling_wait(model)
+        wait = self.pool.cooling_wait(job.model, endpoint=job.endpoint)
         return UpstreamError(
-            f"every upstream of model {model!r} is cooling down",
+            f"every upstream of model {job.model!r} is cooling down",
             retry_after=wait or None,  # 0: another job is probing; back off as usual
         )
 
@@ -292,8 +294,14 @@ class JobRunner:
             dumped = stream_body(upstream_body) if job.stream else orjson.dumps(upstream_body)
             body = bodies[sent_model] = dumped
         client = member.client
+        operation = job.endpoint  # also its gen_ai.operation.name
         with self.telemetry.upstream_span(
-            client.url, upstream_body, attempt, upstream=member.name, provider=member.provider
+            client.url_for(job.endpoint),
+            upstream_body,
+            attempt,
+            upstream=member.name,
+            provider=member.provider,
+            operation=operation,
         ) as span:
             headers = self.telemetry.outgoing_headers()
             started = time.perf_counter()
@@ -301,7 +309,7 @@ class JobRunner:
                 if job.stream:
                     outcome = await self._stream_once(client, body, attempt, send_delta, headers)
                 else:
-                    outcome = await self._call_once(client, body, attempt, headers)
+                    outcome = await self._call_once(client, body, attempt, headers, job.endpoint)
             except JobError as exc:
                 self.telemetry.record_attempt(
                     span,
@@ -311,6 +319,7 @@ class JobRunner:
                     error_type=exc.code.value,
                     upstream=member.name,
                     provider=member.provider,
+                    operation=operation,
                 )
                 raise
             self.telemetry.record_attempt(
@@ -321,6 +330,7 @@ class JobRunner:
                 ttft_seconds=None if outcome.ttft_ms is None else outcome.ttft_ms / 1000,
                 upstream=member.name,
                 provider=member.provider,
+                operation=operation,
             )
             return outcome
 
@@ -352,12 +362,17 @@ class JobRunner:
         )
 
     async def _call_once(
-        self, client: Upstream, body: bytes, attempt: int, headers: Mapping[str, str]
+        self,
+        client: Upstream,
+        body: bytes,
+        attempt: int,
+        headers: Mapping[str, str],
+        endpoint: Endpoint = "chat",
     ) -> JobOutcome:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.request_timeout):
-                completion = await client.complete(body, headers)
+                completion = await client.complete(body, headers, endpoint=endpoint)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"no answer within WORKER_REQUEST_TIMEOUT ({self.settings.request_timeout:g}s)"
@@ -377,7 +392,7 @@ def _pool_of_one(client: Upstream, settings: Settings) -> UpstreamPool:
     limits of the ``WORKER_UPSTREAM_*`` variables."""
     spec = UpstreamSpec(
         name=DEFAULT_UPSTREAM,
-        base_url=client.url.removesuffix("/chat/completions"),
+        base_url=client.base_url,
         models=["*"],
         limits=LimitsSpec(
             rpm=settings.upstream_rpm,

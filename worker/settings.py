@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.cost import PriceSpec, known_provider, provider_of
+from worker.messages import ENDPOINTS, Endpoint
 
 __all__ = [
     "CooldownSpec",
@@ -77,6 +78,7 @@ class UpstreamSpec(_Strict):
     headers: dict[str, str] = {}
     models: list[str] = Field(default_factory=list)
     model_map: dict[str, str] = {}
+    endpoints: list[Endpoint] = Field(default_factory=lambda: list(ENDPOINTS), min_length=1)
     priority: int = 0
     weight: float = Field(1.0, gt=0)
     limits: LimitsSpec = LimitsSpec()
@@ -145,7 +147,9 @@ class UpstreamSpec(_Strict):
         """The chat-completions endpoint, without the fixed query parameters."""
         return f"{self.base_url}/chat/completions"
 
-    def serves(self, model: str) -> bool:
+    def serves(self, model: str, endpoint: Endpoint = "chat") -> bool:
+        if endpoint not in self.endpoints:
+            return False
         return model in self.model_map or model in self.models or "*" in self.models
 
     def upstream_model(self, model: str) -> str:

@@ -98,6 +98,7 @@ class Spending:
             usage,
             tier if isinstance(tier, str) else None,
             upstream=spec.name,
+            endpoint=job.endpoint,
         )
 
     async def _reserve(self, job: Job) -> Reservation | Exceeded:

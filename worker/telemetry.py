@@ -331,15 +331,17 @@ class Telemetry:
         *,
         upstream: str | None = None,
         provider: str = PROVIDER,
+        operation: str = "chat",
     ) -> Iterator[Span]:
         """The CLIENT span of one upstream attempt (GenAI conventions, no content);
-        ``upstream`` is the pool member's name, ``provider`` read from its host."""
+        ``upstream`` is the pool member's name, ``provider`` read from its host,
+        ``operation`` the ``gen_ai.operation.name`` (``chat``, ``embeddings``)."""
         if not self.recording:
             yield trace.get_current_span()
             return
         model = str(body.get("model"))
         attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
+            "gen_ai.operation.name": operation,
             "gen_ai.provider.name": provider,
             "gen_ai.request.model": model,
             "chat_worker.attempt": attempt,
@@ -358,8 +360,14 @@ class Telemetry:
         ):
             if isinstance(body.get(key), int | float):
                 attributes[name] = body[key]
+        if operation == "embeddings":
+            if isinstance(body.get("dimensions"), int):
+                attributes["gen_ai.embeddings.dimension.count"] = body["dimensions"]
+            attributes["gen_ai.request.encoding_formats"] = [
+                str(body.get("encoding_format") or "float")
+            ]
         with self.tracer.start_as_current_span(
-            f"chat {model}",
+            f"{operation} {model}",
             kind=SpanKind.CLIENT,
             attributes=attributes,
             record_exception=False,
@@ -388,9 +396,10 @@ class Telemetry:
         error_type: str | None = None,
         upstream: str | None = None,
         provider: str = PROVIDER,
+        operation: str = "chat",
     ) -> None:
         attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
+            "gen_ai.operation.name": operation,
             "gen_ai.provider.name": provider,
             "gen_ai.request.model": self.model_label(model),
         }
@@ -402,12 +411,13 @@ class Telemetry:
                 span.set_attribute("gen_ai.response.id", str(response_id))
             if response_model := body.get("model"):
                 span.set_attribute("gen_ai.response.model", str(response_model))
-            reasons = [
-                str(c.get("finish_reason"))
-                for c in body.get("choices") or ()
-                if isinstance(c, dict) and c.get("finish_reason")
-            ]
-            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+            if operation == "chat":
+                reasons = [
+                    str(c.get("finish_reason"))
+                    for c in body.get("choices") or ()
+                    if isinstance(c, dict) and c.get("finish_reason")
+                ]
+                span.set_attribute("gen_ai.response.finish_reasons", reasons)
             if isinstance(usage.get("prompt_tokens"), int):
                 span.set_attribute("gen_ai.usage.input_tokens", usage["prompt_tokens"])
             if isinstance(usage.get("completion_tokens"), int):

@@ -179,7 +179,13 @@ UPSTREAMS = {
             "weight": 2,
             "cooldown": {"failures": 5, "seconds": 10},
         },
-        {"name": "vllm", "base_url": "http://vllm:8000/v1", "auth": "none", "models": ["*"]},
+        {
+            "name": "vllm",
+            "base_url": "http://vllm:8000/v1",
+            "auth": "none",
+            "models": ["*"],
+            "endpoints": ["chat"],
+        },
     ],
     "upstreamKeys": [
         {"name": "OPENAI_API_KEY", "secretName": "llm-keys", "secretKey": "openai"},
@@ -431,6 +437,7 @@ def test_upstreams_render_to_a_mounted_file_the_worker_accepts(
     settings = Settings(_env_file=None, upstreams_file=tmp_path / "upstreams.yaml")  # type: ignore[call-arg]
     assert [u.name for u in settings.upstreams] == ["openai", "azure", "vllm"]
     assert settings.upstreams[1].query == {"api-version": "2024-10-21"}
+    assert settings.upstreams[2].endpoints == ["chat"]
 
     container = rendered.container()
     mount = next(m for m in container["volumeMounts"] if m["name"] == "upstreams")
@@ -718,6 +725,14 @@ def test_dashboard_configmap_carries_the_dashboard_for_the_sidecar() -> None:
         pytest.param(
             {"upstreams": [{"name": "a", "base_url": "https://x/v1", "auth": "basic"}]},
             id="upstream-auth",
+        ),
+        pytest.param(
+            {"upstreams": [{"name": "a", "base_url": "https://x/v1", "endpoints": ["images"]}]},
+            id="upstream-endpoint",
+        ),
+        pytest.param(
+            {"upstreams": [{"name": "a", "base_url": "https://x/v1", "endpoints": []}]},
+            id="upstream-no-endpoint",
         ),
         pytest.param({"upstreamKeys": [{"name": "K", "secretName": "s"}]}, id="key-ref-no-key"),
     ],

@@ -198,7 +198,8 @@ async def test_streamed_tool_call_arguments_are_merged(
         (b"{not json", "invalid_message"),
         ({"body": {"messages": [{"role": "user", "content": "no model"}]}}, "invalid_message"),
         ({"body": chat(temperature=3)}, "invalid_message"),
-        ({"url": "/v1/embeddings", "body": chat()}, "invalid_request"),
+        ({"url": "/v1/completions", "body": chat()}, "invalid_request"),
+        ({"url": "/v1/embeddings", "body": chat()}, "invalid_message"),  # §18: no input
         ({"method": "GET", "body": chat()}, "invalid_request"),
         ({"body": {"model": "m", "messages": "not a list"}}, "invalid_message"),
     ],

@@ -196,7 +196,7 @@ async def test_invalid_lines_are_reported_by_number_and_become_error_lines(
         orjson.dumps({"custom_id": "no-model", "body": {"messages": []}}),  # 4
         orjson.dumps(job(1)),  # 5: duplicate of line 1
         orjson.dumps({"body": job(6)["body"]}),  # 6: no custom_id
-        orjson.dumps({**job(7), "url": "/v1/embeddings"}),  # 7: the worker refuses it
+        orjson.dumps({**job(7), "url": "/v1/completions"}),  # 7: the worker refuses it
         b"[1, 2]",  # 8
         orjson.dumps({"custom_id": None, "body": job(9)["body"]}),  # 9
     ]

@@ -282,8 +282,9 @@ def test_too_large() -> None:
     [
         {"method": "GET"},
         {"method": "DELETE"},
-        {"url": "/v1/embeddings"},
+        {"url": "/v1/completions"},
         {"url": "https://evil.example/v1/chat/completions"},
+        {"url": "https://evil.example/v1/embeddings"},
         {"url": "/v1/chat/completions?x=1"},
     ],
 )
@@ -939,3 +940,101 @@ def test_a_deadline_sent_as_an_amqp_timestamp_is_read_as_utc() -> None:
     assert deadline.tzinfo is not None
     assert deadline.utcoffset() is not None
     assert deadline.replace(tzinfo=None) == naive
+
+
+# --- embeddings (contract §18) ------------------------------------------------------------------
+
+EMBED_BODY: dict[str, Any] = {
+    "model": "text-embedding-3-small",
+    "input": ["a cat", "a dog"],
+    "dimensions": 4,
+    "truncate": "END",  # not in OpenAI's reference: must reach the upstream unchanged
+}
+EMBEDDINGS = {
+    "object": "list",
+    "data": [
+        {"object": "embedding", "index": 0, "embedding": [0.5, 0.5, 0.5, 0.5]},
+        {"object": "embedding", "index": 1, "embedding": [1.0, 0.0, 0.0, 0.0]},
+    ],
+    "model": "text-embedding-3-small",
+    "usage": {"prompt_tokens": 4, "total_tokens": 4},
+}
+
+
+@pytest.mark.parametrize("url", ["/v1/embeddings", "/embeddings"])
+def test_an_embeddings_line_becomes_an_embeddings_job(url: str) -> None:
+    job = decode_job(request_line(EMBED_BODY, url=url), envelope(), make_settings())
+    assert isinstance(job, Job)
+    assert (job.endpoint, job.model, job.stream) == ("embeddings", "text-embedding-3-small", False)
+    assert job.body == EMBED_BODY  # unknown fields included, nothing added
+
+
+def test_a_chat_line_is_a_chat_job() -> None:
+    job = decode_job(request_line(), envelope(), make_settings())
+    assert isinstance(job, Job) and job.endpoint == "chat"
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({**EMBED_BODY, "stream": True}, "body.stream: embeddings are never streamed"),
+        ({**EMBED_BODY, "dimensions": 0}, "body.dimensions"),
+        ({**EMBED_BODY, "input": []}, "body.input"),
+        (BODY, "body.input: Field required"),  # the url decides: a chat body is not one
+    ],
+)
+def test_an_embeddings_line_off_schema_is_invalid_message(body: dict[str, Any], where: str) -> None:
+    rejection = _rejected(request_line(body, url="/v1/embeddings"))
+    assert type(rejection.error) is InvalidMessage
+    assert rejection.error.message.startswith(where), rejection.error.message
+    assert rejection.custom_id == "order-42"
+
+
+def test_an_embeddings_body_on_the_chat_url_is_invalid_message() -> None:
+    rejection = _rejected(request_line(EMBED_BODY, url="/v1/chat/completions"))
+    assert type(rejection.error) is InvalidMessage
+    assert "body.messages" in rejection.error.message
+
+
+def test_an_embeddings_model_is_checked_against_allowed_models() -> None:
+    settings = make_settings(allowed_models="gpt-4o-mini")
+    rejection = _rejected(request_line(EMBED_BODY, url="/v1/embeddings"), settings=settings)
+    assert type(rejection.error) is ModelNotAllowed
+
+
+async def test_an_embeddings_job_calls_the_embeddings_endpoint(
+    upstreams: Upstreams, sleeps: list[float]
+) -> None:
+    runner = upstreams.runner(respond(json=EMBEDDINGS, **{"x-request-id": "req-e"}))
+    settings = make_settings()
+    job = decode_job(request_line(EMBED_BODY, url="/v1/embeddings"), envelope(), settings)
+    assert isinstance(job, Job)
+    outcome = await run(runner, job)
+    assert isinstance(outcome, JobOutcome) and outcome.ok, outcome
+    assert (outcome.status_code, outcome.request_id) == (200, "req-e")
+    assert outcome.body == EMBEDDINGS
+    assert outcome.usage == {"prompt_tokens": 4, "total_tokens": 4}
+    assert outcome.ttft_ms is None
+    (request,) = upstreams.requests
+    assert str(request.url) == f"{BASE_URL}/embeddings"
+    assert request.headers["accept"] == "application/json"
+    assert orjson.loads(request.content) == EMBED_BODY  # never asked to stream
+    durations = {
+        sample.labels["gen_ai_operation_name"]
+        for metric in upstreams.telemetry.registry.collect()
+        for sample in metric.samples
+        if sample.name == "gen_ai_client_operation_duration_seconds_count"
+    }
+    assert durations == {"embeddings"}
+
+
+async def test_an_embeddings_answer_without_data_is_an_upstream_error(
+    upstreams: Upstreams, sleeps: list[float]
+) -> None:
+    runner = upstreams.runner(respond(json=COMPLETION), max_attempts=1)
+    job = decode_job(request_line(EMBED_BODY, url="/v1/embeddings"), envelope(), make_settings())
+    assert isinstance(job, Job)
+    outcome = await run(runner, job)
+    assert isinstance(outcome, JobOutcome) and outcome.error is not None
+    assert outcome.error.code is ErrorCode.UPSTREAM_ERROR
+    assert "not an embeddings list" in outcome.error.message

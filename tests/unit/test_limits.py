@@ -217,6 +217,21 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens({"messages": [], "max_tokens": "lots"}) == 0
 
 
+@pytest.mark.parametrize(
+    ("given", "tokens"),
+    [
+        ("x" * 400, 100),
+        ("hi", 1),  # a string is at least a token
+        (["x" * 40, "y" * 8], 10 + 2),
+        ([101, 2023, 102], 3),
+        ([[101, 2023], [7], [1, 2, 3, 4]], 7),
+    ],
+)
+def test_estimate_tokens_of_an_embeddings_input(given: Any, tokens: int) -> None:
+    body = {"model": "e5", "input": given, "max_tokens": 50}  # no completion to allow for
+    assert estimate_tokens(body, "embeddings") == tokens
+
+
 @pytest.mark.parametrize(("replicas", "retry_after"), [(2, True), (4, True), (4, False)])
 async def test_replicas_share_an_organisation_budget(replicas: int, retry_after: bool) -> None:
     """Gates that know nothing of each other, reading one simulated budget (tokens bind,

@@ -17,6 +17,7 @@ from worker.messages import (
     MAX_CUSTOM_ID,
     BatchRequest,
     ChatCompletionRequest,
+    EmbeddingsRequest,
     ErrorCode,
     JobDelta,
     JobResult,
@@ -476,3 +477,147 @@ def test_custom_id_limit() -> None:
 def test_result_usage_counts_may_be_null() -> None:
     usage = Usage.model_validate({"prompt_tokens": None, "completion_tokens": 2})
     assert usage.prompt_tokens is None and usage.completion_tokens == 2
+
+
+# --- embeddings (contract §18) ------------------------------------------------------------------
+
+
+def embeddings_line(**changes: Any) -> dict[str, Any]:
+    body = {"model": "text-embedding-3-small", "input": "a cat", **changes}
+    return {"custom_id": "e-1", "method": "POST", "url": "/v1/embeddings", "body": body}
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "a cat",
+        ["a cat", "a dog"],
+        [1, 2, 3],
+        [0],
+        [[1, 2], [3]],
+        ["x" * 10_000],
+    ],
+    ids=["string", "strings", "token-array", "token-zero", "token-arrays", "long-string"],
+)
+def test_every_embeddings_input_shape_accepted(given: Any) -> None:
+    request = BatchRequest.model_validate(embeddings_line(input=given))
+    assert isinstance(request.body, EmbeddingsRequest)
+    assert request.body.input == given
+    assert request.endpoint == "embeddings"
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("", "must not be an empty string"),
+        ([], "must be a string or a non-empty list"),
+        ({"text": "a"}, "must be a string or a non-empty list"),
+        (42, "must be a string or a non-empty list"),
+        (None, "must be a string or a non-empty list"),
+        ([""], "item 0 must be a non-empty string"),
+        (["a", ""], "item 1 must be a non-empty string, like item 0"),
+        (["a", 1], "item 1 must be a non-empty string, like item 0"),
+        ([1, -1], "item 1 must be a token id (an integer >= 0), like item 0"),
+        ([1, "a"], "item 1 must be a token id"),
+        ([1, 2.0], "item 1 must be a token id"),
+        ([[]], "item 0 must be a non-empty token array"),
+        ([[1], []], "item 1 must be a non-empty token array"),
+        ([[1], [True]], "item 1 must be a non-empty token array"),
+        ([[1], 2], "item 1 must be a non-empty token array"),
+        ([True], "must hold strings, token ids or token arrays"),
+        ([1.5], "must hold strings, token ids or token arrays"),
+        ([{"text": "a"}], "must hold strings, token ids or token arrays"),
+    ],
+)
+def test_embeddings_input_rejected_with_one_error(given: Any, problem: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        BatchRequest.model_validate(embeddings_line(input=given))
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("body", "input")
+    assert error["msg"].startswith(problem), error["msg"]
+
+
+def test_embeddings_input_is_required() -> None:
+    line = embeddings_line()
+    del line["body"]["input"]
+    with pytest.raises(ValidationError, match=r"body\.input"):
+        BatchRequest.model_validate(line)
+
+
+@pytest.mark.parametrize("stream", [True, "false", 0, 1, {}])
+def test_embeddings_are_never_streamed(stream: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        BatchRequest.model_validate(embeddings_line(stream=stream))
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("body", "stream")
+    assert "never streamed" in error["msg"]
+
+
+@pytest.mark.parametrize("stream", [False, None])
+def test_embeddings_stream_false_or_null_is_harmless(stream: Any) -> None:
+    request = BatchRequest.model_validate(embeddings_line(stream=stream))
+    assert isinstance(request.body, EmbeddingsRequest) and not request.body.stream
+
+
+@pytest.mark.parametrize(
+    ("changes", "ok"),
+    [
+        ({"dimensions": 1}, True),
+        ({"dimensions": 3072}, True),
+        ({"dimensions": 0}, False),
+        ({"dimensions": -8}, False),
+        ({"dimensions": 8.0}, False),
+        ({"dimensions": "8"}, False),
+        ({"dimensions": True}, False),
+        ({"encoding_format": "float"}, True),
+        ({"encoding_format": "base64"}, True),
+        ({"encoding_format": "int8"}, False),
+        ({"user": "u-1"}, True),
+        ({"user": 7}, False),
+        ({"model": ""}, False),
+    ],
+)
+def test_embeddings_parameters(changes: dict[str, Any], ok: bool) -> None:
+    try:
+        BatchRequest.model_validate(embeddings_line(**changes))
+    except ValidationError:
+        assert not ok
+    else:
+        assert ok
+
+
+def test_embeddings_unknown_fields_are_kept() -> None:
+    line = embeddings_line(input_type="query", truncate="END")
+    request = BatchRequest.model_validate(line)
+    assert request.body.model_extra == {"input_type": "query", "truncate": "END"}
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint"),
+    [
+        (None, "chat"),
+        ("/v1/chat/completions", "chat"),
+        ("/chat/completions", "chat"),
+        ("/v1/embeddings", "embeddings"),
+        ("/embeddings", "embeddings"),
+        ("/v1/completions", "chat"),  # decode_job refuses the url itself (invalid_request)
+    ],
+)
+def test_the_url_decides_the_body(url: str | None, endpoint: str) -> None:
+    embeddings = {"model": "m", "input": "a cat"}
+    chat = body()
+    fits, other = (embeddings, chat) if endpoint == "embeddings" else (chat, embeddings)
+    assert BatchRequest.model_validate({"url": url, "body": fits}).endpoint == endpoint
+    with pytest.raises(ValidationError):
+        BatchRequest.model_validate({"url": url, "body": other})
+
+
+def test_request_schema_documents_both_bodies() -> None:
+    schema = orjson.loads(render_schemas()["request.schema.json"])
+    refs = {option["$ref"] for option in schema["properties"]["body"]["anyOf"]}
+    assert refs == {"#/$defs/ChatCompletionRequest", "#/$defs/EmbeddingsRequest"}
+    fields = schema["$defs"]["EmbeddingsRequest"]["properties"]
+    assert {"model", "input", "dimensions", "encoding_format", "user"} <= set(fields)
+    assert fields["dimensions"]["anyOf"][0]["minimum"] == 1
+    assert fields["stream"]["anyOf"][0]["const"] is False
+    assert "/v1/embeddings" in schema["properties"]["url"]["description"]

@@ -605,3 +605,133 @@ def test_the_route_cache_is_bounded_when_any_name_is_served() -> None:
     for index in range(MAX_ROUTES + 10):
         assert pool.choose(f"model-{index}") is pool.members[0]
     assert len(pool._routes) <= MAX_ROUTES
+
+
+# --- endpoints (contract §18) --------------------------------------------------------------
+
+EMBEDDINGS = {
+    "object": "list",
+    "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
+    "model": "e5",
+    "usage": {"prompt_tokens": 2, "total_tokens": 2},
+}
+
+
+PING = [{"role": "user", "content": "ping"}]
+
+
+def embeddings_job(model: str = "e5") -> Job:
+    job = make_job(model)
+    job.body = {"model": model, "input": "a cat"}
+    job.endpoint = "embeddings"
+    return job
+
+
+def by_path(request: httpx.Request) -> httpx.Response:
+    """Each endpoint's answer, by the path called."""
+    if request.url.path.endswith("/embeddings"):
+        return httpx.Response(200, json=EMBEDDINGS)
+    return httpx.Response(200, json=COMPLETION)
+
+
+def test_a_job_goes_only_to_upstreams_serving_its_endpoint() -> None:
+    pool = pool_of(
+        spec("talk", endpoints=["chat"]),
+        spec("vectors", endpoints=["embeddings"]),
+        spec("both", priority=1),
+    )
+    assert pool.choose("m").name == "talk"  # type: ignore[union-attr]
+    assert pool.choose("m", endpoint="embeddings").name == "vectors"  # type: ignore[union-attr]
+    chat = [[m.name for m in tier] for tier in pool.route("m").tiers]
+    embeddings = [[m.name for m in tier] for tier in pool.route("m", "embeddings").tiers]
+    assert (chat, embeddings) == ([["talk"], ["both"]], [["vectors"], ["both"]])
+    vectors = pool.members[1]
+    assert pool.choose("m", [vectors], endpoint="embeddings").name == "both"  # type: ignore[union-attr]
+
+
+def test_a_model_no_upstream_serves_at_the_endpoint_is_not_allowed() -> None:
+    pool = pool_of(spec("talk", ["e5"], endpoints=["chat"]), spec("vectors", ["ada"]))
+    assert pool.choose("e5") is not None
+    with pytest.raises(ModelNotAllowed, match="no upstream serves model 'e5' for embeddings"):
+        pool.choose("e5", endpoint="embeddings")
+
+
+async def test_an_embeddings_job_calls_only_an_embeddings_upstream(
+    pools: list[UpstreamPool],
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "broken.test":
+            return httpx.Response(500, json={"error": {"message": "down"}})
+        return by_path(request)
+
+    vectors = spec(
+        "vectors",
+        base_url="https://vectors.test/openai/deployments/e5",
+        query={"api-version": "2024-10-21"},
+        endpoints=["embeddings"],
+        priority=1,
+    )
+    pool = pool_of(
+        spec("talk", endpoints=["chat"]),
+        spec("broken", endpoints=["embeddings"]),
+        vectors,
+        handler=handler,
+    )
+    pools.append(pool)
+    exported = InMemorySpanExporter()
+    telemetry = Telemetry(
+        span_processor=SimpleSpanProcessor(exported),
+        registry=prometheus_client.CollectorRegistry(),
+    )
+    config = Settings(_env_file=None)  # type: ignore[call-arg]
+    outcome = await JobRunner(config, pool, telemetry).run(embeddings_job(), no_deltas)
+    assert isinstance(outcome, JobOutcome) and outcome.ok, outcome.error
+    assert outcome.upstream == "vectors" and outcome.attempts == 2  # broken, then vectors
+    assert outcome.body == EMBEDDINGS and outcome.usage == EMBEDDINGS["usage"]
+    assert [str(r.url) for r in seen] == [
+        "http://broken.test/v1/embeddings",
+        "https://vectors.test/openai/deployments/e5/embeddings?api-version=2024-10-21",
+    ]
+    spans = exported.get_finished_spans()
+    assert [span.name for span in spans] == ["embeddings e5", "embeddings e5"]
+    attributes = dict(spans[-1].attributes or {})
+    assert attributes["gen_ai.operation.name"] == "embeddings"
+    assert attributes["gen_ai.usage.input_tokens"] == 2
+    assert "gen_ai.response.finish_reasons" not in attributes
+    telemetry.shutdown()
+
+
+async def test_an_embeddings_model_no_upstream_serves_fails_at_once(
+    pools: list[UpstreamPool],
+) -> None:
+    script = Scripted(talk=[200])
+    pool = pool_of(spec("talk", endpoints=["chat"]), handler=script)
+    pools.append(pool)
+    outcome = await runner_over(pool).run(embeddings_job(), no_deltas)
+    assert isinstance(outcome, JobOutcome) and outcome.error is not None
+    assert outcome.error.code.value == "model_not_allowed" and "for embeddings" in str(
+        outcome.error.message
+    )
+    assert outcome.attempts == 0 and script.calls == []
+
+
+async def test_check_upstreams_asks_an_embeddings_only_upstream_for_an_embedding() -> None:
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, orjson.loads(request.content)))
+        return by_path(request)
+
+    specs = [spec("talk", ["gpt-4o-mini"]), spec("vectors", ["e5"], endpoints=["embeddings"])]
+    rows = await check_upstreams(specs, transport=lambda _: httpx.MockTransport(handler), limit=5)
+    assert [(row.name, row.status) for row in rows] == [("talk", "200 ok"), ("vectors", "200 ok")]
+    assert sorted(seen, key=lambda call: call[0]) == [
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": PING, "max_tokens": 1}),
+        ("/v1/embeddings", {"model": "e5", "input": "ping"}),
+    ]

@@ -627,3 +627,82 @@ async def test_every_answer_is_handed_to_the_gate(closing: list[Upstream], strea
         await (collect(upstream) if stream else upstream.complete(BODY, {}))
     await (collect(upstream) if stream else upstream.complete(BODY, {}))
     assert seen == [(429, "0"), (200, "9")]
+
+
+# --- embeddings (contract §18) --------------------------------------------------------------
+
+EMBEDDINGS_BODY = orjson.dumps({"model": "e5", "input": ["a", "b"], "dimensions": 2})
+EMBEDDINGS = {
+    "object": "list",
+    "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],
+    "model": "e5",
+    "usage": {"prompt_tokens": 2, "total_tokens": 2},
+}
+
+
+async def test_embeddings_go_beside_chat_with_the_same_query_and_key(
+    closing: list[Upstream],
+) -> None:
+    seen = Seen()
+
+    async def record(request: httpx.Request) -> httpx.Response:
+        seen.requests.append(request)
+        return httpx.Response(200, json=EMBEDDINGS, headers={"x-request-id": "e-1"})
+
+    azure = "https://contoso.openai.azure.com/openai/deployments/e5/chat/completions"
+    upstream = Upstream(
+        azure,
+        KEY,
+        auth="api-key",
+        query={"api-version": "2024-10-21"},
+        transport=httpx.MockTransport(record),
+    )
+    closing.append(upstream)
+    assert upstream.url_for("chat") == azure
+    assert upstream.url_for("embeddings") == azure.replace("/chat/completions", "/embeddings")
+    answer = await upstream.complete(EMBEDDINGS_BODY, {}, endpoint="embeddings")
+    assert answer == Completion(200, "e-1", EMBEDDINGS)
+    (request,) = seen.requests
+    assert str(request.url) == (
+        "https://contoso.openai.azure.com/openai/deployments/e5/embeddings?api-version=2024-10-21"
+    )
+    assert request.headers["api-key"] == KEY and request.content == EMBEDDINGS_BODY
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (COMPLETION, "not an embeddings list"),
+        ({"object": "list", "data": {}}, "not an embeddings list"),
+        ({"error": {"message": "overloaded"}}, "with an error body: overloaded"),
+    ],
+)
+async def test_an_embeddings_answer_without_a_data_list_is_an_upstream_error(
+    closing: list[Upstream], answer: dict[str, Any], problem: str
+) -> None:
+    upstream = upstream_with(lambda _: httpx.Response(200, json=answer))
+    closing.append(upstream)
+    with pytest.raises(UpstreamError, match=problem):
+        await upstream.complete(EMBEDDINGS_BODY, {}, endpoint="embeddings")
+    # ... and a chat answer must have choices, not data:
+    chat = upstream_with(lambda _: httpx.Response(200, json=EMBEDDINGS))
+    closing.append(chat)
+    with pytest.raises(UpstreamError, match="not a chat completion"):
+        await chat.complete(BODY, {})
+
+
+async def test_default_transport_embeddings_against_the_bundled_mock() -> None:
+    from worker.mock.upstream import MockConfig, MockUpstream
+
+    async with MockUpstream(MockConfig(api_key=KEY)) as mock:
+        upstream = Upstream(f"{mock.base_url}/chat/completions", KEY)
+        try:
+            answer = await upstream.complete(EMBEDDINGS_BODY, {}, endpoint="embeddings")
+            assert answer.status_code == 200 and len(answer.body["data"]) == 2
+            assert answer.body["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+            bad = orjson.dumps({"model": "e5", "input": []})
+            with pytest.raises(InvalidRequest):
+                await upstream.complete(bad, {}, endpoint="embeddings")
+        finally:
+            await upstream.aclose()
+    assert [r.path for r in mock.requests] == ["/v1/embeddings", "/v1/embeddings"]

@@ -155,6 +155,16 @@ def test_a_key_from_the_secrets_directory(tmp_path: Path, monkeypatch: pytest.Mo
             "upstreams[0].weight: Input should be greater than 0",
         ),
         (
+            "upstreams:\n  - name: a\n    base_url: https://x/v1\n    models: [a]\n"
+            "    endpoints: [chat, completions]\n",
+            "line 5: upstreams[0].endpoints[1]: Input should be 'chat' or 'embeddings'",
+        ),
+        (
+            "upstreams:\n  - name: a\n    base_url: https://x/v1\n    models: [a]\n"
+            "    endpoints: []\n",
+            "upstreams[0].endpoints: List should have at least 1 item",
+        ),
+        (
             "upstreams:\n  - {name: a, base_url: 'https://x/v1', models: [a]}\n"
             "  - {name: a, base_url: 'https://y/v1', models: [b]}\n",
             "upstreams: Value error, names must be unique: a repeated",
@@ -243,3 +253,18 @@ def test_the_cli_never_prints_a_key(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "MISSING_KEY is not set" in done.stderr
     assert "sk-openai-secret" not in done.stderr + done.stdout
+
+
+def test_endpoints_default_to_both_and_restrict_routing(tmp_path: Path) -> None:
+    text = (
+        "upstreams:\n"
+        "  - {name: both, base_url: 'https://a/v1', models: ['*']}\n"
+        "  - {name: vectors, base_url: 'https://b/v1', models: [e5], endpoints: [embeddings]}\n"
+        "  - {name: talk, base_url: 'https://c/v1', models: [e5], endpoints: [chat]}\n"
+    )
+    both, vectors, talk = settings_for(tmp_path, text).upstreams
+    assert both.endpoints == ["chat", "embeddings"]
+    assert both.serves("e5") and both.serves("e5", "embeddings")
+    assert vectors.endpoints == ["embeddings"]
+    assert vectors.serves("e5", "embeddings") and not vectors.serves("e5", "chat")
+    assert talk.serves("e5") and not talk.serves("e5", "embeddings")

@@ -38,6 +38,7 @@ import structlog
 
 from worker.limits.configured import ConfiguredLimits, LocalQuota, Quota, RedisQuota
 from worker.limits.headers import Budget, Dimension, read_budget
+from worker.messages import Endpoint
 
 __all__ = ["Gate", "GateState", "Permit", "Wait", "estimate_tokens"]
 
@@ -102,9 +103,13 @@ async def _sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-def estimate_tokens(body: Mapping[str, Any]) -> int:
+def estimate_tokens(body: Mapping[str, Any], endpoint: Endpoint = "chat") -> int:
     """Tokens a request may use, before the call: its text at four characters a token,
-    plus the completion it allows (``max_completion_tokens``/``max_tokens``, per choice)."""
+    plus the completion it allows (``max_completion_tokens``/``max_tokens``, per choice).
+    An embeddings request has no completion: its ``input``, strings at four characters a
+    token and token arrays at their length."""
+    if endpoint == "embeddings":
+        return _input_tokens(body.get("input"))
     chars = 0
     for message in body.get("messages") or ():
         if isinstance(message, dict):
@@ -117,6 +122,16 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     if not isinstance(completion, int) or not isinstance(choices, int):
         completion, choices = 0, 1
     return chars // CHARS_PER_TOKEN + max(completion, 0) * max(choices, 1)
+
+
+def _input_tokens(value: Any) -> int:
+    if isinstance(value, str):
+        return max(len(value) // CHARS_PER_TOKEN, 1)
+    if isinstance(value, list) and value and not isinstance(value[0], str | list):
+        return len(value)  # one token array
+    if isinstance(value, list):
+        return sum(_input_tokens(item) for item in value)
+    return 0
 
 
 def _chars(content: Any) -> int:

@@ -134,12 +134,22 @@ class OrgBudget:
 
 
 def request_tokens(body: dict[str, Any]) -> int:
-    """Tokens a provider counts for a call when it admits it (OpenAI's documented rule)."""
+    """Tokens a provider counts for a call when it admits it (OpenAI's documented rule); an
+    embeddings call's ``input`` too (strings by characters, token arrays by length)."""
     chars = 0
     for message in body.get("messages") or ():
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             chars += len(content)
+    given = body.get("input")
+    items = [given] if isinstance(given, str) else given if isinstance(given, list) else []
+    for item in items:
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, list):
+            chars += 4 * len(item)
+        elif isinstance(item, int):
+            chars += 4  # one token of a single token array
     completion = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     return chars // 4 + (completion if isinstance(completion, int) else 0)
 

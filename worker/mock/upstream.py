@@ -1,4 +1,5 @@
-"""The bundled OpenAI-compatible chat-completions server, with per-request fault injection."""
+"""The bundled OpenAI-compatible chat-completions (and embeddings) server, with per-request
+fault injection."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import random
 import re
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from worker.mock import embeddings
 from worker.mock.budget import BudgetConfig, OrgBudget
 
 __all__ = ["MockConfig", "MockStats", "MockUpstream", "RecordedRequest", "serve"]
@@ -108,13 +111,14 @@ class _Plan:
     fault: str | None
     stall: float
     latency: float
-    chunks: int
-    after: int
-    interval: float
-    reasoning_field: str
-    reasoning: str | None
-    choices: list[_Choice]
-    usage: dict[str, Any]
+    chunks: int = 1
+    after: int = 0
+    interval: float = 0.0
+    reasoning_field: str = "reasoning_content"
+    reasoning: str | None = None
+    choices: list[_Choice] = field(default_factory=list)
+    usage: dict[str, Any] = field(default_factory=dict)
+    embeddings: dict[str, Any] | None = None  # the whole answer of an embeddings call
     logprobs: bool = False  # the request's "logprobs": every content piece gets its entry
     audio: bool = False  # "audio" in the request's modalities: the text comes as audio
     usage_choices: bool = True  # False: the usage chunk has no "choices" key at all
@@ -127,7 +131,8 @@ class _BadRequest(Exception):
 
 
 class MockUpstream:
-    """An aiohttp server imitating `POST /v1/chat/completions`.
+    """An aiohttp server imitating `POST /v1/chat/completions` and `POST /v1/embeddings`
+    (:mod:`worker.mock.embeddings`: deterministic vectors).
 
     Per-request control comes from the body field `mock` or the `X-Mock` header (JSON; body
     keys win): `fault`, `times`, `key`, `retry_after`, `retry_after_ms`, `retry_after_date`,
@@ -138,7 +143,9 @@ class MockUpstream:
     as audio with its transcript). `after_chunks` counts every `data:` chunk,
     the opening role chunk included, and defaults to `chunks // 2`. A fault drawn at random
     (`MockConfig.fault_rate`) ignores `times`, and its stall lasts `min(stall_seconds, 5)`
-    seconds unless the request sets `stall`.
+    seconds unless the request sets `stall`. Embeddings calls take the same faults as a
+    non-streamed chat call (`error_event` is a 500 there; the stream-only faults do nothing),
+    and `latency`.
     """
 
     def __init__(self, config: MockConfig | None = None) -> None:
@@ -164,6 +171,9 @@ class MockUpstream:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/chat/completions", self._chat)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/embeddings", self._embeddings)
+        app.router.add_post("/openai/deployments/{deployment}/embeddings", self._embeddings)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/mock/stats", self._stats)
         app.router.add_post("/mock/reset", self._reset)
@@ -231,6 +241,14 @@ class MockUpstream:
         )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._plan)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._embeddings_plan)
+
+    async def _serve(
+        self, request: web.Request, planner: Callable[[dict[str, Any], dict[str, Any]], _Plan]
+    ) -> web.StreamResponse:
         self._counter += 1
         self.stats.total += 1
         headers = {"x-request-id": f"req_{self._counter}"}
@@ -260,7 +278,7 @@ class MockUpstream:
             return _error(401, "Incorrect API key provided", "invalid_api_key", None, headers)
         try:
             opts = self._options(request, body)
-            plan = self._plan(body, opts)
+            plan = planner(body, opts)
         except (_BadRequest, AttributeError, KeyError, TypeError, ValueError) as exc:
             code, param = (
                 (exc.code, exc.param) if isinstance(exc, _BadRequest) else ("mock", "mock")
@@ -290,7 +308,7 @@ class MockUpstream:
         opts: dict[str, Any],
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        stream = body.get("stream") is True
+        stream = body.get("stream") is True and plan.embeddings is None
         if plan.fault == _QUOTA_FAULT:
             message = "You exceeded your current quota, please check your plan and billing."
             return _error(429, message, _QUOTA_FAULT, None, headers, _QUOTA_FAULT)
@@ -299,6 +317,8 @@ class MockUpstream:
         if plan.fault == "error_body":
             error = {"message": "Mock fault error_body", "type": "server_error", "code": None}
             return web.json_response({"error": error}, headers=headers)
+        if plan.embeddings is not None:
+            return await _send(request, headers, plan, plan.embeddings)
         base = {
             "id": f"chatcmpl-mock{self._counter}",
             "object": "chat.completion.chunk" if stream else "chat.completion",
@@ -316,8 +336,6 @@ class MockUpstream:
     def _options(self, request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise _BadRequest("Missing required parameter: 'model'", "missing_parameter", "model")
-        if not isinstance(body.get("messages"), list):
-            raise _BadRequest("'messages' must be a list", "missing_parameter", "messages")
         opts: dict[str, Any] = {}
         if raw := request.headers.get("X-Mock"):
             opts.update(orjson.loads(raw))
@@ -326,22 +344,12 @@ class MockUpstream:
         return opts
 
     def _plan(self, body: dict[str, Any], opts: dict[str, Any]) -> _Plan:
+        if not isinstance(body.get("messages"), list):
+            raise _BadRequest("'messages' must be a list", "missing_parameter", "messages")
         cfg = self.config
         key = hashlib.blake2b(orjson.dumps(body["messages"], option=orjson.OPT_SORT_KEYS))
         digest = key.digest()
-        stall = float(opts.get("stall", cfg.stall_seconds))
-        fault = None if opts.get("fault") is None else str(opts["fault"])
-        if fault is not None:
-            if fault not in _FAULTS:
-                raise _BadRequest(f"Unknown mock fault {fault!r}", "unknown_fault")
-            if "times" in opts:
-                counter = str(opts.get("key", digest.hex()))
-                seen = self._times[counter] = self._times.get(counter, 0) + 1
-                if seen > int(opts["times"]):
-                    fault = None
-        elif cfg.fault_rate and self._rng.random() < cfg.fault_rate:
-            fault = self._rng.choice(cfg.random_faults)
-            stall = float(opts.get("stall", min(cfg.stall_seconds, _RANDOM_STALL_CAP)))
+        fault, stall = self._fault(opts, digest)
         chunks = max(1, int(opts.get("chunks", cfg.chunks)))
         choices, reasoning, usage = _compose(body, opts, digest, chunks)
         if "cached_tokens" in opts:  # a prompt-cache hit upstream, for pricing tests
@@ -362,6 +370,33 @@ class MockUpstream:
             audio=isinstance(body.get("modalities"), list) and "audio" in body["modalities"],
             usage_choices=bool(opts.get("usage_choices", True)),
         )
+
+    def _embeddings_plan(self, body: dict[str, Any], opts: dict[str, Any]) -> _Plan:
+        if (problem := embeddings.problem(body)) is not None:
+            raise _BadRequest(problem[0], "invalid_value", problem[1])
+        digest = hashlib.blake2b(orjson.dumps(body["input"])).digest()
+        fault, stall = self._fault(opts, digest)
+        reply = embeddings.embeddings_reply(body)
+        latency = float(opts.get("latency", self.config.latency))
+        return _Plan(fault, stall, latency, usage=reply["usage"], embeddings=reply)
+
+    def _fault(self, opts: dict[str, Any], digest: bytes) -> tuple[str | None, float]:
+        """The request's fault (its own, or one drawn at random) and how long a stall lasts."""
+        cfg = self.config
+        stall = float(opts.get("stall", cfg.stall_seconds))
+        fault = None if opts.get("fault") is None else str(opts["fault"])
+        if fault is not None:
+            if fault not in _FAULTS:
+                raise _BadRequest(f"Unknown mock fault {fault!r}", "unknown_fault")
+            if "times" in opts:
+                counter = str(opts.get("key", digest.hex()))
+                seen = self._times[counter] = self._times.get(counter, 0) + 1
+                if seen > int(opts["times"]):
+                    fault = None
+        elif cfg.fault_rate and self._rng.random() < cfg.fault_rate:
+            fault = self._rng.choice(cfg.random_faults)
+            stall = float(opts.get("stall", min(cfg.stall_seconds, _RANDOM_STALL_CAP)))
+        return fault, stall
 
 
 def serve(
@@ -415,16 +450,6 @@ async def _status_fault(plan: _Plan, opts: dict[str, Any], headers: dict[str, st
 async def _reply(
     request: web.Request, headers: dict[str, str], plan: _Plan, base: dict[str, Any]
 ) -> web.StreamResponse:
-    if plan.latency > 0:
-        await asyncio.sleep(plan.latency)
-    if plan.fault == "disconnect":
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response()  # never sent: the connection is already gone
-    if plan.fault == "stall":
-        await asyncio.sleep(plan.stall)
-    elif plan.fault == "malformed":
-        return web.Response(body=_MALFORMED, content_type="application/json", headers=headers)
     rows = []
     for index, choice in enumerate(plan.choices):
         message: dict[str, Any] = {"role": "assistant", "content": choice.content}
@@ -445,7 +470,23 @@ async def _reply(
         if plan.logprobs:
             row["logprobs"] = {"content": [_logprob(choice.content or "")], "refusal": None}
         rows.append(row)
-    reply = {**base, "choices": rows, "usage": plan.usage}
+    return await _send(request, headers, plan, {**base, "choices": rows, "usage": plan.usage})
+
+
+async def _send(
+    request: web.Request, headers: dict[str, str], plan: _Plan, reply: dict[str, Any]
+) -> web.StreamResponse:
+    """A non-streamed answer, after the plan's latency and through its fault."""
+    if plan.latency > 0:
+        await asyncio.sleep(plan.latency)
+    if plan.fault == "disconnect":
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response()  # never sent: the connection is already gone
+    if plan.fault == "stall":
+        await asyncio.sleep(plan.stall)
+    elif plan.fault == "malformed":
+        return web.Response(body=_MALFORMED, content_type="application/json", headers=headers)
     return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
 
 

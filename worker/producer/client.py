@@ -34,7 +34,14 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from worker.amqp.connect import connect_any
 from worker.amqp.topology import H_DEADLINE, H_JOB_ID, TYPE_DELTA
-from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
+from worker.messages import (
+    ChatCompletionRequest,
+    EmbeddingsRequest,
+    Endpoint,
+    ErrorCode,
+    JobDelta,
+    JobResult,
+)
 from worker.settings import Settings, load_settings
 
 __all__ = [
@@ -49,12 +56,16 @@ __all__ = [
     "UnreadableResult",
 ]
 
-#: seconds :meth:`ChatClient.complete` and :meth:`ChatClient.stream` wait by default
+#: seconds :meth:`ChatClient.complete`, :meth:`ChatClient.embed` and
+#: :meth:`ChatClient.stream` wait by default
 DEFAULT_TIMEOUT = 600.0
 BATCH_URL = "/v1/chat/completions"
+BATCH_URLS: dict[Endpoint, str] = {"chat": BATCH_URL, "embeddings": "/v1/embeddings"}
 
 ChatBody = Mapping[str, Any] | ChatCompletionRequest
 """A chat-completion request: a plain mapping, or the validated model."""
+EmbeddingsBody = Mapping[str, Any] | EmbeddingsRequest
+"""An embeddings request (contract §18): a plain mapping, or the validated model."""
 Reply = JobDelta | JobResult
 _REPLY: TypeAdapter[Reply] = TypeAdapter(Annotated[Reply, Field(discriminator="type")])
 
@@ -186,20 +197,23 @@ class ChatClient:
 
     async def submit(
         self,
-        body: ChatBody,
+        body: ChatBody | EmbeddingsBody,
         *,
         custom_id: str | None = None,
         reply_to: str | None = None,
         deadline: datetime | None = None,
         priority: int | None = None,
         job_id: str | None = None,
+        endpoint: Endpoint | None = None,
     ) -> str:
         """Publish one job (persistent, confirmed by the broker); returns its job id.
 
         Without ``reply_to`` its result goes to the result exchange (contract §4).
+        ``endpoint`` says what ``body`` is: a chat completion, or ``"embeddings"``; by
+        default an :class:`EmbeddingsRequest` is embeddings and anything else chat.
         """
         return await self.submit_line(
-            _batch_line(body, custom_id),
+            _batch_line(body, custom_id, endpoint),
             reply_to=reply_to,
             deadline=deadline,
             priority=priority,
@@ -269,7 +283,37 @@ class ChatClient:
         Raises :class:`JobTimeout` after ``timeout`` seconds (``None``: wait for ever) and,
         unless ``raise_on_error`` is false, :class:`JobFailed` for an error result.
         """
-        line = _batch_line(body, custom_id)
+        line = _batch_line(body, custom_id, "chat")
+        return await self._request_reply(line, job_id, deadline, priority, timeout, raise_on_error)
+
+    async def embed(
+        self,
+        body: EmbeddingsBody,
+        *,
+        custom_id: str | None = None,
+        deadline: datetime | None = None,
+        priority: int | None = None,
+        job_id: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (JobTimeout names the job)
+        raise_on_error: bool = True,
+    ) -> JobResult:
+        """Submit an embeddings job (``url`` ``/v1/embeddings``, contract §18) and wait for
+        its result: ``response.body`` is the upstream's list of embeddings.
+
+        Timeouts and errors as in :meth:`complete`.
+        """
+        line = _batch_line(body, custom_id, "embeddings")
+        return await self._request_reply(line, job_id, deadline, priority, timeout, raise_on_error)
+
+    async def _request_reply(
+        self,
+        line: bytes,
+        job_id: str | None,
+        deadline: datetime | None,
+        priority: int | None,
+        timeout: float | None,  # noqa: ASYNC109 (JobTimeout names the job)
+        raise_on_error: bool,
+    ) -> JobResult:
         job_id = job_id or uuid.uuid4().hex
         async with self._waiting(deltas=False) as (correlation_id, waiter):
             try:
@@ -297,7 +341,7 @@ class ChatClient:
         drop the partial text of earlier attempts (:class:`StreamText` does). ``timeout``
         bounds the whole job; errors are raised as in :meth:`complete`.
         """
-        line = _batch_line({**_payload(body), "stream": True}, custom_id)
+        line = _batch_line({**_payload(body), "stream": True}, custom_id, "chat")
         job_id = job_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         until = None if timeout is None else loop.time() + timeout
@@ -455,14 +499,19 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{'.'.join(str(part) for part in error['loc']) or 'message'}: {error['msg']}"
 
 
-def _payload(body: ChatBody) -> dict[str, Any]:
-    if isinstance(body, ChatCompletionRequest):
+def _payload(body: ChatBody | EmbeddingsBody) -> dict[str, Any]:
+    if isinstance(body, ChatCompletionRequest | EmbeddingsRequest):
         return body.model_dump(mode="json", exclude_unset=True)
     return dict(body)
 
 
-def _batch_line(body: ChatBody, custom_id: str | None) -> bytes:
-    line: dict[str, Any] = {"method": "POST", "url": BATCH_URL, "body": _payload(body)}
+def _batch_line(
+    body: ChatBody | EmbeddingsBody, custom_id: str | None, endpoint: Endpoint | None
+) -> bytes:
+    if endpoint is None:
+        endpoint = "embeddings" if isinstance(body, EmbeddingsRequest) else "chat"
+    url = BATCH_URLS[endpoint]
+    line: dict[str, Any] = {"method": "POST", "url": url, "body": _payload(body)}
     if custom_id is not None:
         line = {"custom_id": custom_id, **line}
     return orjson.dumps(line)

@@ -11,6 +11,7 @@ import httpx
 import orjson
 
 from worker.errors import JobError
+from worker.messages import Endpoint
 from worker.settings import UpstreamSpec
 from worker.upstream.pool import Member, UpstreamPool
 
@@ -54,13 +55,17 @@ async def _check(member: Member, model: str | None, limit: float) -> CheckRow:
     if asked is None:
         return CheckRow(spec.name, models, "-", "serves any model: pass --model", ok=False)
     sent = spec.upstream_model(asked)
-    body = orjson.dumps(
+    # An upstream that serves embeddings only is asked for one embedding (contract §18).
+    endpoint: Endpoint = "chat" if "chat" in spec.endpoints else "embeddings"
+    ping = (
         {"model": sent, "messages": [{"role": "user", "content": PING_CONTENT}], "max_tokens": 1}
+        if endpoint == "chat"
+        else {"model": sent, "input": PING_CONTENT}
     )
     started = time.perf_counter()
     try:
         async with asyncio.timeout(limit):
-            completion = await member.client.complete(body, {})
+            completion = await member.client.complete(orjson.dumps(ping), {}, endpoint=endpoint)
     except TimeoutError:
         status, ok = f"no answer within {limit:g}s", False
     except JobError as exc:

@@ -27,10 +27,12 @@ from httpx_aiohttp import AiohttpTransport
 
 from worker.errors import JobError, QuotaExceeded, UpstreamError, error_for_status
 from worker.limits.headers import retry_after_seconds
+from worker.messages import Endpoint
 from worker.upstream.chunks import TRANSPORT_ERRORS, ChunkStream
 from worker.version import __version__
 
 __all__ = [
+    "ENDPOINT_PATHS",
     "AuthStyle",
     "Completion",
     "Upstream",
@@ -40,6 +42,11 @@ __all__ = [
 # Connecting is the one phase the transport times itself: a host that does not answer a
 # SYN should fail fast and be retried, not eat the whole request timeout.
 CONNECT_TIMEOUT = 10.0
+
+#: each endpoint's path under an upstream's base URL (OpenAI's, which compatible servers share)
+ENDPOINT_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "embeddings": "/embeddings"}
+#: the key of a 2xx answer's body each endpoint must have, as a list
+_ANSWER_LISTS: dict[Endpoint, str] = {"chat": "choices", "embeddings": "data"}
 
 INSUFFICIENT_QUOTA = "insufficient_quota"
 # What may follow a stream's `[DONE]` before the body ends, read to keep the connection.
@@ -80,11 +87,13 @@ AuthStyle = Literal["bearer", "api-key", "none"]
 
 
 class Upstream:
-    """POSTs chat-completion bodies to ``url`` with the configured key, query and headers.
+    """POSTs chat-completion bodies to ``url`` with the configured key, query and headers,
+    and embeddings bodies (``endpoint="embeddings"``) beside it, to ``{base_url}/embeddings``.
 
-    ``auth``: ``bearer`` sends ``Authorization: Bearer <key>``, ``api-key`` sends
-    ``api-key: <key>`` (Azure OpenAI), ``none`` sends no key. Each instance owns its
-    connection pool, so one slow upstream cannot starve another's connections.
+    ``url`` is the chat-completions endpoint, ``{base_url}/chat/completions``. ``auth``:
+    ``bearer`` sends ``Authorization: Bearer <key>``, ``api-key`` sends ``api-key: <key>``
+    (Azure OpenAI), ``none`` sends no key. Each instance owns its connection pool, so one
+    slow upstream cannot starve another's connections.
     """
 
     def __init__(
@@ -110,9 +119,14 @@ class Upstream:
         elif api_key and auth == "api-key":
             fixed["api-key"] = api_key
         self._headers = fixed
-        self._url = httpx.URL(url).copy_merge_params(dict(query)) if query else httpx.URL(url)
-        # The same URL for aiohttp, parsed once rather than on every request.
-        self._aiohttp_url = yarl.URL(str(self._url), encoded=True)
+        self.base_url = url.removesuffix(ENDPOINT_PATHS["chat"])
+        self._urls: dict[Endpoint, tuple[httpx.URL, yarl.URL]] = {}
+        for endpoint, path in ENDPOINT_PATHS.items():
+            at = url if endpoint == "chat" else self.base_url + path
+            parsed = httpx.URL(at).copy_merge_params(dict(query)) if query else httpx.URL(at)
+            # The same URL for aiohttp, parsed once rather than on every request.
+            self._urls[endpoint] = parsed, yarl.URL(str(parsed), encoded=True)
+        self._url, self._aiohttp_url = self._urls["chat"]
         self._extensions = {
             "timeout": {"connect": CONNECT_TIMEOUT, "read": None, "write": None, "pool": None}
         }
@@ -135,30 +149,43 @@ class Upstream:
             transport.client = transport.get_client()
         return transport.client
 
+    def url_for(self, endpoint: Endpoint) -> str:
+        """The URL an ``endpoint``'s calls go to, without the fixed query parameters."""
+        return self.url if endpoint == "chat" else self.base_url + ENDPOINT_PATHS[endpoint]
+
     def _merged(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {**self._headers, **headers} if headers else self._headers
 
-    def _request(self, body: bytes, headers: Mapping[str, str]) -> httpx.Request:
+    def _request(
+        self, body: bytes, headers: Mapping[str, str], url: httpx.URL | None = None
+    ) -> httpx.Request:
         return httpx.Request(
             "POST",
-            self._url,
+            url or self._url,
             headers=self._merged(headers),
             content=body,
             extensions=self._extensions,
         )
 
     async def complete(
-        self, body: bytes, headers: Mapping[str, str], meta: dict[str, Any] | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        meta: dict[str, Any] | None = None,
+        *,
+        endpoint: Endpoint = "chat",
     ) -> Completion:
-        """One non-streamed call; raises a :class:`JobError` for anything but a 2xx JSON
-        chat completion. ``meta`` (when given) receives ``status_code`` and ``headers`` of
-        the answer, an error answer's included (a 429's rate-limit headers)."""
+        """One non-streamed call to ``endpoint``; raises a :class:`JobError` for anything but
+        a 2xx JSON answer of that endpoint (a chat completion, or an embeddings list).
+        ``meta`` (when given) receives ``status_code`` and ``headers`` of the answer, an
+        error answer's included (a 429's rate-limit headers)."""
         session = self._session()
+        url, aiohttp_url = self._urls[endpoint]
         answer_headers: Mapping[str, str]
         try:
             if session is not None:
                 async with session.post(
-                    self._aiohttp_url,
+                    aiohttp_url,
                     data=body,
                     headers=self._merged(headers),
                     timeout=self._timeout,
@@ -167,7 +194,8 @@ class Upstream:
                     content = await answer.read()
                     status, answer_headers = answer.status, answer.headers
             else:
-                response = await self._transport.handle_async_request(self._request(body, headers))
+                request = self._request(body, headers, url)
+                response = await self._transport.handle_async_request(request)
                 try:
                     content = await response.aread()
                 finally:
@@ -185,7 +213,7 @@ class Upstream:
         return Completion(
             status,
             answer_headers.get("x-request-id"),
-            _completion_body(status, answer_headers, content),
+            _completion_body(status, answer_headers, content, endpoint),
             answer_headers,
         )
 
@@ -322,15 +350,19 @@ def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
     return read
 
 
-def _completion_body(status: int, headers: Mapping[str, str], content: bytes) -> dict[str, Any]:
-    """The chat completion of a 2xx answer; an UpstreamError for anything else (an answer
-    whose body is ``{"error": ...}`` without ``choices``, as some proxies send, included)."""
+def _completion_body(
+    status: int, headers: Mapping[str, str], content: bytes, endpoint: Endpoint = "chat"
+) -> dict[str, Any]:
+    """The chat completion (or embeddings list) of a 2xx answer; an UpstreamError for
+    anything else (an answer whose body is ``{"error": ...}`` without ``choices`` or
+    ``data``, as some proxies send, included)."""
     request_id = headers.get("x-request-id")
+    listed = _ANSWER_LISTS[endpoint]
     try:
         parsed = orjson.loads(content)
     except orjson.JSONDecodeError:
         parsed = None
-    if isinstance(parsed, dict) and not isinstance(parsed.get("choices"), list):
+    if isinstance(parsed, dict) and not isinstance(parsed.get(listed), list):
         error = parsed.get("error")
         if error is not None:
             detail = error.get("message") if isinstance(error, dict) else error
@@ -343,11 +375,12 @@ def _completion_body(status: int, headers: Mapping[str, str], content: bytes) ->
             )
     if (
         not isinstance(parsed, dict)
-        or not isinstance(parsed.get("choices"), list)
+        or not isinstance(parsed.get(listed), list)
         or not isinstance(parsed.get("usage") or {}, dict)
     ):
+        what = "a chat completion object" if endpoint == "chat" else "an embeddings list"
         raise UpstreamError(
-            "upstream sent a body that is not a chat completion object",
+            f"upstream sent a body that is not {what}",
             status_code=status,
             request_id=request_id,
         )

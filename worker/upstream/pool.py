@@ -1,7 +1,8 @@
 """The upstreams a worker calls: who serves a model, in which order, and which are resting.
 
 Routing (contract §11): the upstreams that serve a job's ``model`` (an exact name, a
-``model_map`` key, or ``"*"``) are tried lowest ``priority`` first; among equal priorities
+``model_map`` key, or ``"*"``) at its endpoint (``endpoints``: chat, embeddings, §18) are
+tried lowest ``priority`` first; among equal priorities
 one is drawn at random in proportion to its ``weight``. An upstream is skipped while it
 cools down and, when a gate is attached, while its gate has no budget, unless every
 candidate's gate is closed (the job then waits at the best one's gate).
@@ -34,6 +35,7 @@ import structlog
 
 from worker.errors import JobError, ModelNotAllowed, UpstreamError, UpstreamTimeout
 from worker.limits.gate import Gate
+from worker.messages import Endpoint
 from worker.settings import UpstreamSpec
 from worker.upstream.client import Upstream
 
@@ -142,7 +144,7 @@ class UpstreamPool:
         self.members = list(members)
         self._clock = clock
         self._random = (rng or random.Random()).random
-        self._routes: dict[str, _Route] = {}
+        self._routes: dict[tuple[Endpoint, str], _Route] = {}
         # A pool of one has nothing to fall back to: resting its only upstream would only
         # delay jobs that backoff already spaces out (LiteLLM's router does the same).
         self._cooldowns = len(self.members) > 1
@@ -194,23 +196,31 @@ class UpstreamPool:
 
     # Routing ----------------------------------------------------------------------------
 
-    def route(self, model: str) -> _Route:
-        """The members that serve ``model``; raises :class:`ModelNotAllowed` when none does."""
-        route = self._routes.get(model)
+    def route(self, model: str, endpoint: Endpoint = "chat") -> _Route:
+        """The members that serve ``model`` at ``endpoint``; raises :class:`ModelNotAllowed`
+        when none does."""
+        route = self._routes.get((endpoint, model))
         if route is None:
             serving = sorted(
-                (m for m in self.members if m.spec.serves(model)), key=lambda m: m.spec.priority
+                (m for m in self.members if m.spec.serves(model, endpoint)),
+                key=lambda m: m.spec.priority,
             )
             if not serving:
-                raise ModelNotAllowed(f"no upstream serves model {model!r}")
+                at = "" if endpoint == "chat" else f" for {endpoint}"
+                raise ModelNotAllowed(f"no upstream serves model {model!r}{at}")
             tiers = [list(g) for _, g in itertools.groupby(serving, lambda m: m.spec.priority)]
             if len(self._routes) >= MAX_ROUTES:  # "*" serves any name a producer sends
                 self._routes.clear()
-            route = self._routes[model] = _Route(tiers)
+            route = self._routes[endpoint, model] = _Route(tiers)
         return route
 
     def choose(
-        self, model: str, exclude: Collection[Member] = (), *, ready: bool = False
+        self,
+        model: str,
+        exclude: Collection[Member] = (),
+        *,
+        ready: bool = False,
+        endpoint: Endpoint = "chat",
     ) -> Member | None:
         """The member for the next attempt at ``model``, or None when every one not in
         ``exclude`` is cooling down (or probed by another job).
@@ -219,7 +229,7 @@ class UpstreamPool:
         candidate's gate is open, the best one whose gate is not (the caller waits at it),
         unless ``ready``. Choosing a member whose cooldown is over makes this job its probe.
         """
-        route = self.route(model)
+        route = self.route(model, endpoint)
         now = self._clock()
         if route.alone is not None and not exclude:  # a pool of one: nothing to weigh
             member = route.alone
@@ -257,13 +267,15 @@ class UpstreamPool:
             log.info("upstream probe", upstream=member.name)
         return member
 
-    def cooling_wait(self, model: str, exclude: Collection[Member] = ()) -> float:
-        """Seconds until a member of ``model`` not in ``exclude`` may be tried again
-        (0 when one is probed by another job: its answer may come any moment)."""
+    def cooling_wait(
+        self, model: str, exclude: Collection[Member] = (), endpoint: Endpoint = "chat"
+    ) -> float:
+        """Seconds until a member of ``model`` (at ``endpoint``) not in ``exclude`` may be
+        tried again (0 when one is probed by another job: its answer may come any moment)."""
         now = self._clock()
         waits = [
             0.0 if m.probing else max((m.cooling_until or now) - now, 0.0)
-            for tier in self.route(model).tiers
+            for tier in self.route(model, endpoint).tiers
             for m in tier
             if m not in exclude
         ]
