@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,7 +53,9 @@ async def collect(connection: AbstractConnection, settings: Settings) -> Collect
 
 
 async def fill(connection: AbstractConnection, settings: Settings, count: int) -> set[str]:
-    ids = {f"job-{n}" for n in range(count)}
+    # Ids of this run alone: with Redis the result store would answer a reused one (§16).
+    run = uuid.uuid4().hex[:8]
+    ids = {f"job-{run}-{n}" for n in range(count)}
     for n, job_id in enumerate(sorted(ids)):
         body = {
             "model": "gpt-4o-mini",

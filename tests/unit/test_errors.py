@@ -64,6 +64,8 @@ def test_contract_error_codes() -> None:
         "quota_exceeded",
         "upstream_error",
         "timeout",
+        "budget_exceeded",
+        "cancelled",
     }
 
 

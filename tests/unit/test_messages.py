@@ -368,6 +368,15 @@ def test_result_document_round_trips() -> None:
             "lane": "chat.requests",
             "tenant": None,
             "rate_limit_wait_ms": 0.0,
+            "calls": 1,
+            "cache": None,
+            "cost": {
+                "input": 0.0000014,
+                "output": 0.0000072,
+                "total": 0.0000086,
+                "currency": "USD",
+                "source": "genai-prices",
+            },
         },
     }
     result = JobResult.model_validate(document)
