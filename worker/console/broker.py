@@ -140,14 +140,26 @@ class ConsoleBroker:
         await queue.consume(self._on_heartbeat, no_ack=True)
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        # Anything may be published to the exchange: what is not a heartbeat is dropped
+        # and counted (the fleet checks the rest), never allowed to break the page.
         if len(message.body) > MAX_HEARTBEAT_BYTES:
+            self.fleet.drop(f"{len(message.body)} bytes, over {MAX_HEARTBEAT_BYTES}")
             return
         try:
             body = orjson.loads(message.body)
         except orjson.JSONDecodeError:
+            self.fleet.drop("not JSON")
             return
-        if isinstance(body, dict) and body.get("type") == "heartbeat":
-            self.fleet.observe(body, time.time())
+        if not isinstance(body, dict):
+            self.fleet.drop("not a JSON object")
+            return
+        if body.get("type") != "heartbeat":
+            return  # another kind of event: not for this page
+        if not self.fleet.observe(body, time.time()):
+            # The first says why on the log; the rest are counted on the page.
+            (log.warning if self.fleet.dropped == 1 else log.debug)(
+                "heartbeat dropped", worker=str(body.get("worker"))[:100], reason=self.fleet.last_drop
+            )
 
     async def _poll(self, connection: AbstractConnection) -> None:
         channel: AbstractChannel = await connection.channel()

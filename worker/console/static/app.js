@@ -119,7 +119,9 @@ function render(s) {
   const hasToken = !!sessionStorage.getItem(TOKEN_KEY);
   $("signin").hidden = !s.actions || hasToken;
   $("signout").hidden = !s.actions || !hasToken;
-  $("updated").textContent = "updated " + new Date(s.generated_at * 1000).toLocaleTimeString();
+  $("updated").textContent = "updated " + new Date(s.generated_at * 1000).toLocaleTimeString() +
+    (s.heartbeats_dropped ? ` · ${s.heartbeats_dropped} malformed heartbeats dropped` : "");
+  $("updated").title = s.last_drop ? "last dropped: " + s.last_drop : "";
 
   const recent = s.recent;
   $("k-workers").textContent = `${s.alive} / ${s.workers.length}`;
