@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from worker.settings import Settings, SettingsError, UpstreamSpec, load_settings
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from worker.amqp.dlq import DeadLetter
 
 __all__ = ["main", "run_async"]
 
@@ -234,7 +239,6 @@ def dlq_list(codes: tuple[str, ...], lane: str | None, limit: int | None, as_jso
     """Show dead letters (job id, error code, attempts, reason); leaves them in place."""
     import orjson
     from rich.console import Console
-    from rich.table import Table
 
     from worker.amqp.dlq import list_dead_letters
 
@@ -245,19 +249,39 @@ def dlq_list(codes: tuple[str, ...], lane: str | None, limit: int | None, as_jso
         for letter in letters:
             click.echo(orjson.dumps(letter.as_dict()).decode())
         return
+    Console().print(dead_letters_table(letters))
+
+
+def visible(text: str) -> str:
+    """``text`` with every control or format character spelt as an escape (``\\x1b``,
+    ``\\n``, ``\\u202e``): what a producer wrote reaches the terminal as characters only."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def dead_letters_table(letters: Sequence[DeadLetter]) -> Table:
+    """The table of ``dlq list``. Ids, codes and messages come from producers and upstreams:
+    each cell is plain text (rich's ``Text``: no markup, no links), its controls escaped."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"{len(letters)} dead letters")
-    for column in ("job_id", "error_code", "attempts", "reason", "bytes", "error_message"):
+    columns = ("job_id", "custom_id", "error_code", "attempts", "reason", "bytes", "error_message")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for letter in letters:
-        table.add_row(
+        cells = (
             letter.job_id or "-",
+            letter.custom_id or "-",
             letter.error_code or "-",
             "-" if letter.attempts is None else str(letter.attempts),
             letter.reason,
             str(letter.size),
             (letter.error_message or "")[:80],
         )
-    Console().print(table)
+        table.add_row(*(Text(visible(cell)) for cell in cells))
+    return table
 
 
 @dlq.command("replay")
