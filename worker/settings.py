@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -37,6 +38,24 @@ DEFAULT_SECRETS_DIR = "/run/secrets"
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 DEFAULT_UPSTREAM = "default"  # the name of the single upstream of WORKER_UPSTREAM_BASE_URL
+MAX_WEIGHT = 1_000_000.0
+MAX_COOLDOWN = 7 * 24 * 3600.0  # a week: longer is a way of saying "never", which is not one
+
+
+def _http_url(value: str) -> str:
+    """An ``http(s)://host[:port]/path`` base URL, without its trailing slash."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when it is not a number in 0..65535
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if not parts.hostname:
+        raise ValueError("names no host (http://HOST[:PORT]/PATH)")
+    if port == 0:
+        raise ValueError("port 0 is no port")
+    return value.rstrip("/")
 
 
 # --- the upstreams file (contract §11) -----------------------------------------------------
@@ -59,7 +78,8 @@ class CooldownSpec(_Strict):
     """``failures`` retryable failures in a row cool an upstream for ``seconds``."""
 
     failures: int = Field(3, ge=1)
-    seconds: float = Field(30.0, gt=0)
+    # Finite: ``.inf`` would rest an upstream for ever after three failures.
+    seconds: float = Field(30.0, gt=0, le=MAX_COOLDOWN, allow_inf_nan=False)
 
 
 class UpstreamSpec(_Strict):
@@ -76,7 +96,8 @@ class UpstreamSpec(_Strict):
     models: list[str] = Field(default_factory=list)
     model_map: dict[str, str] = {}
     priority: int = 0
-    weight: float = Field(1.0, gt=0)
+    # Finite: an upstream of weight ``.inf`` makes the draw's sums infinite (never drawn).
+    weight: float = Field(1.0, gt=0, le=MAX_WEIGHT, allow_inf_nan=False)
     limits: LimitsSpec = LimitsSpec()
     cooldown: CooldownSpec = CooldownSpec()
     api_key: SecretStr | None = Field(None, exclude=True, repr=False)
@@ -91,9 +112,7 @@ class UpstreamSpec(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_base(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return _http_url(value)
 
     @field_validator("headers")
     @classmethod
@@ -217,11 +236,7 @@ class Settings(BaseSettings):
     @field_validator("upstream_base_url")
     @classmethod
     def _http_base(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return _http_url(value) if value else None
 
     @field_validator("upstream_api_key", mode="before")
     @classmethod
@@ -350,12 +365,34 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message names the variable."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: YAML says keys
+    are unique, and PyYAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden key by key, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the constructor says so below
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_upstreams(path: Path) -> tuple[UpstreamSpec, ...]:
     """Parse, validate and resolve the keys of the upstreams file (one-line errors)."""
     where = f"WORKER_UPSTREAMS_FILE {path}"
     try:
         text = path.read_text(encoding="utf-8")
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except OSError as exc:
         raise SettingsError(f"{where}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
