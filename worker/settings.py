@@ -380,9 +380,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:
                 continue  # an unhashable key: the constructor says so below
             if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark
-                )
+                problem = f"duplicate key {key!r} (first on line {first})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -392,7 +391,7 @@ def _read_upstreams(path: Path) -> tuple[UpstreamSpec, ...]:
     where = f"WORKER_UPSTREAMS_FILE {path}"
     try:
         text = path.read_text(encoding="utf-8")
-        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # a safe loader
     except OSError as exc:
         raise SettingsError(f"{where}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:

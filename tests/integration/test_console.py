@@ -266,8 +266,10 @@ async def test_item16_ten_thousand_dead_letters_are_read_once_and_the_page_stays
     elapsed = time.perf_counter() - started
     stop.set()
     await poller
-    print(f"\n{LETTERS} dead letters listed in {elapsed:.2f}s (scan {app.broker.scan_seconds:.2f}s);"
-          f" slowest /api/state meanwhile {slowest_state * 1000:.0f} ms")
+    print(
+        f"\n{LETTERS} dead letters listed in {elapsed:.2f}s (scan {app.broker.scan_seconds:.2f}s);"
+        f" slowest /api/state meanwhile {slowest_state * 1000:.0f} ms"
+    )
     listings = [page.json() for page in pages]
     assert [listing["listed"] for listing in listings] == [LETTERS] * 4
     assert listings[0]["total"] == LETTERS and not listings[0]["truncated"]

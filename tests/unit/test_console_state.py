@@ -125,9 +125,7 @@ def test_upstream_gates_show_the_most_cautious_view_of_live_workers() -> None:
 def test_malformed_heartbeats_are_dropped_and_counted() -> None:
     fleet = Fleet()
     assert not fleet.observe({"type": "heartbeat"}, T0)
-    assert not fleet.observe(
-        {"worker": "h/1", "jobs": "many", "tokens": [1], "in_flight": -3}, T0
-    )
+    assert not fleet.observe({"worker": "h/1", "jobs": "many", "tokens": [1], "in_flight": -3}, T0)
     snapshot = fleet.snapshot(T0)
     assert snapshot["workers"] == []
     assert snapshot["heartbeats_dropped"] == 2

@@ -4,9 +4,10 @@ With several lanes (§12) each lane has a dead-letter queue of its own: ``lane``
 lane's request queue (the first lane by default), and a replay goes back to that lane.
 
 Listing is non-destructive: messages are fetched unacknowledged (by one consumer whose
-prefetch covers them: :func:`snapshot`) and all go back when the channel closes. A replayed request is republished ``mandatory`` with a fresh attempt count
-and removed from the dead-letter queue only once the broker routed and confirmed the copy;
-a copy it returns (no request queue of that name) or nacks stops the replay with
+prefetch covers them: :func:`snapshot`) and all go back when the channel closes. A
+replayed request is republished ``mandatory`` with a fresh attempt count and removed from
+the dead-letter queue only once the broker routed and confirmed the copy; a copy it
+returns (no request queue of that name) or nacks stops the replay with
 :class:`ReplayFailed`, and that dead letter and the rest stay where they were.
 
 A result kept there because nothing took it (AMQP type ``chat.result``, header
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -166,7 +167,7 @@ MAX_PREFETCH = 65535  # basic.qos's prefetch count is 16 bits; 0 means no limit
 
 async def snapshot(
     channel: AbstractChannel, queue_name: str, *, limit: int | None = None
-) -> AsyncIterator[AbstractIncomingMessage]:
+) -> AsyncGenerator[AbstractIncomingMessage, None]:
     """The messages ready in the queue when the walk began (at most ``limit``), unacked.
 
     What :func:`browse` does one ``basic.get`` round trip per message, this does with one

@@ -166,9 +166,8 @@ class ConsoleBroker:
             return  # another kind of event: not for this page
         if not self.fleet.observe(body, time.time()):
             # The first says why on the log; the rest are counted on the page.
-            (log.warning if self.fleet.dropped == 1 else log.debug)(
-                "heartbeat dropped", worker=str(body.get("worker"))[:100], reason=self.fleet.last_drop
-            )
+            say = log.warning if self.fleet.dropped == 1 else log.debug
+            say("heartbeat dropped", worker=str(body.get("worker"))[:100], why=self.fleet.last_drop)
 
     async def _poll(self, connection: AbstractConnection) -> None:
         channel: AbstractChannel = await connection.channel()

@@ -49,9 +49,10 @@ MAX_NAME = 256  # a worker, lane, model, tenant, upstream or error code name
 MAX_ENTRIES = 1000  # entries of one map (the worker bounds models and tenants to 101)
 
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-Amount = Annotated[int, Field(ge=0, le=MAX_COUNT)] | Annotated[
-    float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
-]
+Amount = (
+    Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    | Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+)
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 Entries = Field(max_length=MAX_ENTRIES)
 
