@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import logging
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import aiormq
 import click
 
-from worker.settings import Settings, SettingsError, UpstreamSpec, load_settings
+from worker.settings import Settings, SettingsError, UpstreamSpec, check_names, load_settings
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -40,6 +44,44 @@ def settings_or_exit(**overrides: Any) -> Settings:
         sys.exit(2)
 
 
+# What a listening socket's bind says when the port cannot be had, in a few words.
+_ADDRESS_ERRORS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "no such address on this machine",
+}
+
+
+def _cannot_listen(command: str, exc: OSError, host: str, port: int, hint: str) -> NoReturn:
+    """One line for a port that cannot be had (no traceback), exit code 1."""
+    why = _ADDRESS_ERRORS.get(exc.errno or 0) or exc.strerror or str(exc)
+    click.echo(f"chat-worker {command}: cannot listen on {host}:{port}: {why} ({hint})", err=True)
+    sys.exit(1)
+
+
+def _is_address_error(exc: OSError) -> bool:
+    return exc.errno in _ADDRESS_ERRORS
+
+
+def broker_or_exit(command: str, coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a command's broker work; a broker out of reach (or refusing) is one line naming
+    why, exit code 1, rather than a traceback."""
+    from worker.amqp.connect import BrokerRefused, NoNodeAnswers
+
+    try:
+        return run_async(coroutine)
+    except BrokerRefused as exc:
+        click.echo(f"chat-worker {command}: the broker refused the connection: {exc}", err=True)
+    except NoNodeAnswers as exc:
+        click.echo(f"chat-worker {command}: cannot reach the broker: {exc}", err=True)
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        text = exc.args[0] if exc.args else exc
+        click.echo(f"chat-worker {command}: {text} (have workers declared it yet?)", err=True)
+    except (OSError, aiormq.exceptions.AMQPError) as exc:
+        click.echo(f"chat-worker {command}: broker error: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(1)
+
+
 def upstreams_or_exit(settings: Settings) -> tuple[UpstreamSpec, ...]:
     """The upstreams with their keys, or one line naming the place and exit code 2."""
     try:
@@ -56,11 +98,22 @@ def main() -> None:
 
     Every command reads the WORKER_* settings from the environment (and .env).
     """
+    # A misspelt setting stops every command, those that read no setting included.
+    try:
+        check_names()
+    except SettingsError as exc:
+        click.echo(f"chat-worker: invalid setting {exc}", err=True)
+        sys.exit(2)
+    # aiormq logs a failed connection itself; with no logging configured, Python would
+    # print that record too, beside the command's own one line.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
 
 
 @main.command()
 def run() -> None:
     """Consume jobs and call the upstream until SIGTERM/SIGINT."""
+    from worker.amqp.connect import BrokerRefused
     from worker.logs import configure_logging
     from worker.service import BrokerUnavailable, serve
 
@@ -77,6 +130,16 @@ def run() -> None:
     except BrokerUnavailable as exc:
         click.echo(f"chat-worker: {exc}", err=True)
         sys.exit(1)
+    except BrokerRefused as exc:
+        # A wrong password or a missing vhost: no retry makes it pass.
+        click.echo(f"chat-worker run: the broker refused the connection: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        if not _is_address_error(exc):
+            raise
+        _cannot_listen(
+            "run", exc, "0.0.0.0", settings.http_port, "WORKER_HTTP_PORT; 0 turns it off"
+        )
 
 
 @main.command()
@@ -204,8 +267,15 @@ def mock_upstream(
     elif tls_key:
         raise click.UsageError("--tls-key needs --tls-cert")
     scheme = "https" if context else "http"
-    click.echo(f"mock upstream on {scheme}://{host}:{port}/v1", err=True)
-    serve(config, host, port, context)
+    # Bound here, so that a port in use is one line, and the banner only says what is true.
+    try:
+        listening = socket.create_server((host, port))
+    except OSError as exc:
+        if not _is_address_error(exc):
+            raise
+        _cannot_listen("mock-upstream", exc, host, port, "pass --port")
+    click.echo(f"mock upstream on {scheme}://{host}:{listening.getsockname()[1]}/v1", err=True)
+    serve(config, host, port, context, sock=listening)
 
 
 @main.group()
@@ -244,7 +314,9 @@ def dlq_list(codes: tuple[str, ...], lane: str | None, limit: int | None, as_jso
 
     settings = settings_or_exit()
     lane = _lane_or_exit(settings, lane)
-    letters = run_async(list_dead_letters(settings, codes=codes, limit=limit, lane=lane))
+    letters = broker_or_exit(
+        "dlq list", list_dead_letters(settings, codes=codes, limit=limit, lane=lane)
+    )
     if as_json:
         for letter in letters:
             click.echo(orjson.dumps(letter.as_dict()).decode())
@@ -300,7 +372,9 @@ def dlq_replay(
     settings = settings_or_exit()
     lane = _lane_or_exit(settings, lane)
     try:
-        count = run_async(replay_dead_letters(settings, codes=codes, limit=limit, lane=lane))
+        count = broker_or_exit(
+            "dlq replay", replay_dead_letters(settings, codes=codes, limit=limit, lane=lane)
+        )
     except ReplayFailed as exc:
         click.echo(f"chat-worker dlq replay: {exc}", err=True)
         sys.exit(1)
@@ -321,7 +395,12 @@ def console(host: str, port: int) -> None:
 
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
-    run_async(serve_console(settings, host, port))
+    try:
+        run_async(serve_console(settings, host, port))
+    except OSError as exc:
+        if not _is_address_error(exc):
+            raise
+        _cannot_listen("console", exc, host, port, "pass --port")
 
 
 @main.group()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,7 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, NoDecode, SettingsConfigDict
 
 __all__ = [
     "CooldownSpec",
@@ -30,6 +32,8 @@ __all__ = [
     "SettingsError",
     "UpstreamSpec",
     "UpstreamsFile",
+    "check_names",
+    "known_names",
     "load_settings",
 ]
 
@@ -201,6 +205,25 @@ class Settings(BaseSettings):
     events: bool = True
     events_exchange: str = Field("chat.events", min_length=1)
     console_token: SecretStr | None = None
+    # §16: the result store and the cache (with WORKER_REDIS_URL)
+    result_ttl: float = Field(86400.0, ge=0)
+    cache: Literal["off", "on"] = "off"
+    cache_ttl: float = Field(3600.0, ge=0)
+    # §17: cost and budgets
+    budgets_file: Path | None = None
+    upstream_provider: str | None = None
+    # §15: the gateway
+    database_url: SecretStr = SecretStr("sqlite:///chat-worker.db")
+    gateway_host: str = Field("127.0.0.1", min_length=1)
+    gateway_port: int = Field(8000, ge=1, le=65535)
+    gateway_keys_file: Path | None = None
+    gateway_batch_lane: str | None = None
+    gateway_lane: str | None = None
+    gateway_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    gateway_max_file_lines: int = Field(50_000, ge=1)
+    # the broker connection
+    consumer_timeout: float = Field(1800.0, gt=0)
+    amqp_heartbeat: int = Field(10, ge=0, le=65535)
 
     @field_validator("amqp_url")
     @classmethod
@@ -256,7 +279,19 @@ class Settings(BaseSettings):
     def _empty_pattern(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("log_format", "log_level", "queue_type", mode="before")
+    @field_validator(
+        "upstream_provider",
+        "gateway_batch_lane",
+        "gateway_lane",
+        "budgets_file",
+        "gateway_keys_file",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_format", "log_level", "queue_type", "cache", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -468,11 +503,55 @@ def _line_of(text: str, loc: list[Any]) -> int | None:
     return line
 
 
+#: ``WORKER_*`` variables that are not fields of :class:`Settings` and still not mistakes:
+#: the secrets directory (read before the settings), and the test suite's own.
+NOT_SETTINGS = frozenset({f"{ENV_PREFIX}SECRETS_DIR"})
+NOT_SETTINGS_PREFIXES = (f"{ENV_PREFIX}TEST_",)
+# A .env key without the prefix this close to a setting's name is taken for a misspelling.
+DOTENV_LIKENESS = 0.85
+
+
+def known_names() -> frozenset[str]:
+    """Every variable a ``chat-worker`` command reads: one per field of :class:`Settings`."""
+    return frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields) | NOT_SETTINGS
+
+
+def check_names(
+    environ: Mapping[str, str] | None = None, env_file: Path | str | None = ".env"
+) -> None:
+    """Refuse a misspelt setting: a ``WORKER_*`` variable (in the environment or ``.env``)
+    that no setting has, or a ``.env`` key that looks like one. Raises :class:`SettingsError`
+    with one line naming it and the closest known name."""
+    known = known_names()
+    environ = os.environ if environ is None else environ
+    found = {name.upper(): "" for name in environ if name.upper().startswith(ENV_PREFIX)}
+    if env_file is not None and Path(env_file).is_file():
+        dotenv = DotEnvSettingsSource(Settings, env_file=env_file, case_sensitive=False)
+        for name in dotenv.env_vars:
+            name = name.upper()
+            if name.startswith(ENV_PREFIX) or difflib.get_close_matches(
+                name, known, n=1, cutoff=DOTENV_LIKENESS
+            ):
+                found.setdefault(name, f" (in {env_file})")
+    unknown = sorted(
+        name for name in found if name not in known and not name.startswith(NOT_SETTINGS_PREFIXES)
+    )
+    if not unknown:
+        return
+    name = unknown[0]
+    closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)
+    hint = f"; did you mean {closest[0]}?" if closest else ""
+    more = f" ({len(unknown) - 1} more unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""
+    raise SettingsError(f"{name}{found[name]}: not a setting{hint}{more}")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment, ``.env`` and the secrets directory.
 
-    Raises :class:`SettingsError` with one line naming the first bad variable.
+    Raises :class:`SettingsError` with one line naming the first bad variable, or the first
+    ``WORKER_*`` variable that is no setting (:func:`check_names`).
     """
+    check_names(env_file=overrides.get("_env_file", ".env"))
     secrets_dir = Path(os.environ.get(f"{ENV_PREFIX}SECRETS_DIR", DEFAULT_SECRETS_DIR))
     extra: dict[str, Any] = {"_secrets_dir": secrets_dir} if secrets_dir.is_dir() else {}
     try:

@@ -258,7 +258,11 @@ async def serve_console(settings: Settings, host: str, port: int) -> None:
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()  # the broker task started with the setup
+        raise
     log.info(
         "console listening",
         url=f"http://{host}:{port}/",
