@@ -416,20 +416,24 @@ def upstreams_check(model: str | None, timeout: float) -> None:
     upstream (max_tokens 1). Exit 0 when every upstream answers 2xx, 1 otherwise."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from worker.upstream.check import check_upstreams
 
-    specs = upstreams_or_exit(settings_or_exit())
-    rows = run_async(check_upstreams(specs, model=model, limit=timeout))
+    settings = settings_or_exit()
+    specs = upstreams_or_exit(settings)
+    rows = run_async(
+        check_upstreams(specs, model=model, limit=timeout, allowed_models=settings.allowed_models)
+    )
     table = Table(title=f"{len(rows)} upstreams")
     for column in ("name", "models", "model sent", "status", "latency"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
             row.name,
-            ", ".join(row.models),
-            row.model,
-            f"[green]{row.status}[/]" if row.ok else f"[red]{row.status}[/]",
+            Text(visible(", ".join(row.models))),
+            Text(visible(row.model)),
+            Text(visible(row.status), style="green" if row.ok else "red"),
             "-" if row.latency_ms is None else f"{row.latency_ms:.0f} ms",
         )
     Console(width=max(Console().width, 100)).print(table)
