@@ -539,10 +539,20 @@ def check_names(
     if not unknown:
         return
     name = unknown[0]
-    closest = difflib.get_close_matches(name, known, n=1, cutoff=0.0)
-    hint = f"; did you mean {closest[0]}?" if closest else ""
+    closest = _closest(name, known)
+    hint = f"; did you mean {closest}?" if closest else ""
     more = f" ({len(unknown) - 1} more unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""
     raise SettingsError(f"{name}{found[name]}: not a setting{hint}{more}")
+
+
+def _closest(name: str, known: frozenset[str]) -> str | None:
+    """The known name most like ``name`` (difflib), among those holding all of its words
+    when some do (``WORKER_UPSTREAM_URL`` is ``WORKER_UPSTREAM_BASE_URL`` with a word left
+    out, not ``WORKER_UPSTREAM_RPM`` with two letters changed)."""
+    words = set(name.split("_"))
+    holding = [k for k in known if words <= set(k.split("_"))]
+    matches = difflib.get_close_matches(name, holding or known, n=1, cutoff=0.0)
+    return matches[0] if matches else None
 
 
 def load_settings(**overrides: Any) -> Settings:
