@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -58,3 +64,62 @@ def test_item15_dlq_list_shows_producer_text_as_text(field: str, value: str, sho
 def test_visible_keeps_printable_text_and_escapes_controls() -> None:
     assert visible("plain text: é, 東京, [x]") == "plain text: é, 東京, [x]"
     assert visible("\x00\x7f\x9b\u200b") == "\\x00\\x7f\\x9b\\u200b"
+
+
+# --- issue 27 item 4: common mistakes are one line, not a traceback ---------------------------
+
+
+def chat_worker(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    clean |= {"WORKER_SECRETS_DIR": str(cwd), "OTEL_SDK_DISABLED": "true", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=clean,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something else listens on (on every address, as the worker's health server)."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["run", "console", "mock-upstream"])
+def test_item4_a_port_in_use_is_one_line(tmp_path: Path, taken_port: int, command: str) -> None:
+    port = str(taken_port)
+    if command == "run":
+        done = chat_worker(
+            "run", cwd=tmp_path, WORKER_HTTP_PORT=port, WORKER_UPSTREAM_BASE_URL="http://x/v1"
+        )
+        hint = "WORKER_HTTP_PORT"
+    else:
+        done = chat_worker(command, "--host", "0.0.0.0", "--port", port, cwd=tmp_path)
+        hint = "pass --port"
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"chat-worker {command}: cannot listen on 0.0.0.0:{port}: address already in use "
+        f"({hint}{'; 0 turns it off' if command == 'run' else ''})"
+    ]
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["dlq", "list"], ["dlq", "replay", "--all"]])
+def test_item4_dlq_with_the_broker_down_is_one_line(tmp_path: Path, args: list[str]) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = chat_worker(*args, cwd=tmp_path, WORKER_AMQP_URL=f"amqp://u:pw-9f3@127.0.0.1:{port}/")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"chat-worker {' '.join(args[:2])}: cannot reach the broker: amqp://u@127.0.0.1:{port}/: "
+        "connection refused (is RabbitMQ running on that port?)"
+    ]
+    assert "pw-9f3" not in done.stderr

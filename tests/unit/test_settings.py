@@ -403,7 +403,7 @@ def test_item2_a_misspelling_in_dotenv_is_caught(tmp_path: Path) -> None:
         "WORKER_QUEUE_TPYE (in .env): not a setting; did you mean WORKER_QUEUE_TYPE?"
     )
     (tmp_path / ".env").write_text("WORKR_CONCURRENCY=7\nOTEL_SERVICE_NAME=x\n")
-    with pytest.raises(SettingsError, match="^WORKR_CONCURRENCY .in .env.: not a setting"):
+    with pytest.raises(SettingsError, match=r"^WORKR_CONCURRENCY \(in \.env\): not a setting"):
         load_settings()
 
 
