@@ -283,8 +283,31 @@ def dlq() -> None:
     """List and replay dead-lettered requests (WORKER_DEAD_LETTER_QUEUE)."""
 
 
+# What --code may name: an error code of the contract (§6), or the reason the broker gave
+# when it dead-lettered a message itself (x-death: a redelivery limit, a TTL, a length limit).
+BROKER_REASONS = ("delivery_limit", "expired", "maxlen", "rejected")
+
+
+def _known_codes(
+    _ctx: click.Context, param: click.Parameter, codes: tuple[str, ...]
+) -> tuple[str, ...]:
+    from worker.messages import ErrorCode
+
+    known = sorted({code.value for code in ErrorCode} | set(BROKER_REASONS))
+    for code in codes:
+        if code not in known:
+            raise click.BadParameter(
+                f"{code!r} is not an error code; one of: {', '.join(known)}", param=param
+            )
+    return codes
+
+
 _codes = click.option(
-    "--code", "codes", multiple=True, help="Only this error code (repeatable), e.g. rate_limited."
+    "--code",
+    "codes",
+    multiple=True,
+    callback=_known_codes,
+    help="Only this error code (repeatable), e.g. rate_limited.",
 )
 _lane = click.option(
     "--lane", default=None, help="The lane (request queue) whose dead letters [default: first]."

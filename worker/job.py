@@ -18,7 +18,7 @@ from worker.errors import (
     JobError,
     ModelNotAllowed,
 )
-from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest
+from worker.messages import CHAT_COMPLETIONS_PATHS, BatchRequest, custom_id_of
 from worker.settings import Settings
 
 __all__ = [
@@ -75,6 +75,9 @@ def decode_job(data: bytes, envelope: Envelope, settings: Settings) -> Job | Rej
     custom_id: str | None = None
     try:
         if len(data) > settings.max_message_bytes:
+            # Not parsed whole: its custom_id is looked for in its first bytes only, so that
+            # the result can still name the line it answers.
+            custom_id = custom_id_of(data, parse_up_to=0)
             raise InvalidMessage(
                 f"message is {len(data)} bytes, over WORKER_MAX_MESSAGE_BYTES "
                 f"({settings.max_message_bytes})"

@@ -285,3 +285,24 @@ async def test_item16_ten_thousand_dead_letters_are_read_once_and_the_page_stays
     assert again["total"] == 1111 and app.broker.scans == 1
     depth = (await client.get("/api/state")).json()["queues"][settings.dead_letter_queue]
     assert depth == LETTERS, "reading took nothing away"
+
+
+async def test_item27_the_page_carries_its_first_state(
+    served: tuple[ConsoleApp, httpx.AsyncClient],
+) -> None:
+    """The page draws at once: the state of when it was served is in it, as a JSON data
+    block that no value can end (a worker named to break out of it stays text)."""
+    app, client = served
+    hostile = "h/</script><script>alert(1)</script><!--"
+    app.fleet.observe(
+        {"type": "heartbeat", "worker": hostile, "ready": True, "in_flight": 2}, time.time()
+    )
+    page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script>alert(1)" not in page.text and "<!-- initial state -->" not in page.text
+    start = page.text.index('<script id="initial-state" type="application/json">')
+    block = page.text[start:].split(">", 1)[1].split("</script>", 1)[0]
+    state = orjson.loads(block)
+    assert [w["worker"] for w in state["workers"]] == [hostile]
+    assert {"queues", "lanes", "dead_letters", "recent", "series"} <= set(state)
+    assert "script-src 'self'" in page.headers["content-security-policy"]

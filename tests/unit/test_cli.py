@@ -123,3 +123,22 @@ def test_item4_dlq_with_the_broker_down_is_one_line(tmp_path: Path, args: list[s
         "connection refused (is RabbitMQ running on that port?)"
     ]
     assert "pw-9f3" not in done.stderr
+
+
+@pytest.mark.parametrize("args", [["dlq", "replay"], ["dlq", "list"]])
+def test_item27_an_unknown_error_code_is_refused(tmp_path: Path, args: list[str]) -> None:
+    """Before, `dlq replay --code no_such_code` replayed nothing and said so, exit 0."""
+    done = chat_worker(*args, "--code", "no_such_code", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "'no_such_code' is not an error code; one of: authentication_error," in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_item27_codes_and_the_brokers_reasons_are_known(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = f"amqp://guest:guest@127.0.0.1:{port}/"
+    for code in ("rate_limited", "delivery_limit"):
+        done = chat_worker("dlq", "replay", "--code", code, cwd=tmp_path, WORKER_AMQP_URL=down)
+        assert done.returncode == 1 and "cannot reach the broker" in done.stderr, done.stderr

@@ -283,6 +283,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("replay-code").addEventListener("click", () => { const code = $("dl-filter").elements.code.value; replay({ code }, "code " + code); });
   $("signin").addEventListener("click", async () => { await askToken(); if (state) render(state); });
   $("signout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); if (state) render(state); });
+  // The state of when the page was served is in it: drawn at once, before the first event.
+  const initial = document.getElementById("initial-state");
+  if (initial) render(JSON.parse(initial.textContent));  // which loads the dead letters
+  else loadLetters();
   connect();
-  loadLetters();
 });
