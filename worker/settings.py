@@ -299,7 +299,10 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """These settings as ``WORKER_*`` variables, secrets included: for a child process."""
         env = {}
-        for name, value in self:
+        # The fields only: iterating the model would also give cached properties
+        # (``upstreams``), which are not settings.
+        for name in type(self).model_fields:
+            value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, SecretStr):

@@ -355,6 +355,15 @@ def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings() == original
 
 
+def test_to_env_names_settings_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached property (the upstreams, once read) is no setting: a child process given
+    WORKER_UPSTREAMS would refuse it as a misspelling."""
+    monkeypatch.setenv("WORKER_UPSTREAM_BASE_URL", "http://llm.test/v1")
+    settings = load_settings()
+    assert settings.upstreams
+    assert set(settings.to_env()) <= known_names()
+
+
 def test_to_env_leaves_out_unset_values() -> None:
     env = load_settings().to_env()
     assert "WORKER_UPSTREAM_API_KEY" not in env
