@@ -67,7 +67,7 @@ async def test_item3_a_node_that_is_down_reads_plainly_and_stays_retryable() -> 
     ids=["wrong-password", "missing-vhost"],
 )
 async def test_item3_run_says_it_at_once_and_exits(amqp_url: str, url: object, said: str) -> None:
-    """Before, both were retried for a minute (WORKER_RESUME_DEADLINE) and the missing
+    """Before, both were retried for a minute (service.RESUME_DEADLINE) and the missing
     vhost read `NoNodeAnswers("…: InvalidFrameError: Expected one of [...]")`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
     env |= {
