@@ -269,7 +269,8 @@ def mock_upstream(
     scheme = "https" if context else "http"
     # Bound here, so that a port in use is one line, and the banner only says what is true.
     try:
-        listening = socket.create_server((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.create_server((host, port), family=family)
     except OSError as exc:
         if not _is_address_error(exc):
             raise

@@ -527,15 +527,17 @@ def check_names(
     with one line naming it and the closest known name."""
     known = known_names()
     environ = os.environ if environ is None else environ
-    found = {name.upper(): "" for name in environ if name.upper().startswith(ENV_PREFIX)}
+    # Names are read regardless of case (as pydantic-settings reads them); each is shown as
+    # it was written, with where it was found.
+    found = {name.upper(): name for name in environ if name.upper().startswith(ENV_PREFIX)}
     if env_file is not None and Path(env_file).is_file():
         dotenv = DotEnvSettingsSource(Settings, env_file=env_file, case_sensitive=False)
         for name in dotenv.env_vars:
-            name = name.upper()
-            if name.startswith(ENV_PREFIX) or difflib.get_close_matches(
-                name, known, n=1, cutoff=DOTENV_LIKENESS
+            upper = name.upper()
+            if upper.startswith(ENV_PREFIX) or difflib.get_close_matches(
+                upper, known, n=1, cutoff=DOTENV_LIKENESS
             ):
-                found.setdefault(name, f" (in {env_file})")
+                found.setdefault(upper, f"{upper} (in {env_file})")
     unknown = sorted(
         name for name in found if name not in known and not name.startswith(NOT_SETTINGS_PREFIXES)
     )
@@ -544,8 +546,9 @@ def check_names(
     name = unknown[0]
     closest = _closest(name, known)
     hint = f"; did you mean {closest}?" if closest else ""
-    more = f" ({len(unknown) - 1} more unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""
-    raise SettingsError(f"{name}{found[name]}: not a setting{hint}{more}")
+    more = ", ".join(found[other] for other in unknown[1:4])
+    more = f" ({len(unknown) - 1} more unknown: {more})" if more else ""
+    raise SettingsError(f"{found[name]}: not a setting{hint}{more}")
 
 
 def _closest(name: str, known: frozenset[str]) -> str | None:

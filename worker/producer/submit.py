@@ -590,7 +590,9 @@ async def run_submit(
             _say(console, f"chat-worker submit: {exc}")
             return 2
         except BrokerUnreachable as exc:
-            _say(console, f"chat-worker submit: cannot reach the broker: {exc}")
+            refused = isinstance(exc.__cause__, BrokerRefused)
+            what = "the broker refused the connection" if refused else "cannot reach the broker"
+            _say(console, f"chat-worker submit: {what}: {exc}")
             return 1
         except ChatClientError as exc:
             _say(console, f"chat-worker submit: {exc}")
