@@ -205,8 +205,11 @@ def auth() -> dict[str, str]:
 
 
 @pytest.fixture
-async def served(settings: Settings) -> AsyncIterator[tuple[ConsoleApp, httpx.AsyncClient]]:
-    """A console over the test's settings (no worker), served on a free port."""
+async def served(
+    settings: Settings, connection: AbstractConnection
+) -> AsyncIterator[tuple[ConsoleApp, httpx.AsyncClient]]:
+    """A console over the test's settings (no worker), served on a free port; the test's
+    queues and exchanges (the events exchange the console declares) deleted after."""
     app = ConsoleApp(settings)
     runner = web.AppRunner(app.app(), access_log=None, handle_signals=False)
     await runner.setup()
