@@ -4,15 +4,24 @@ upstreams."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import logging
+import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import aiormq
 import click
 
-from worker.settings import Settings, SettingsError, UpstreamSpec, load_settings
+from worker.settings import Settings, SettingsError, UpstreamSpec, check_names, load_settings
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from worker.amqp.dlq import DeadLetter
 
 __all__ = ["main", "run_async"]
 
@@ -36,6 +45,44 @@ def settings_or_exit(**overrides: Any) -> Settings:
         sys.exit(2)
 
 
+# What a listening socket's bind says when the port cannot be had, in a few words.
+_ADDRESS_ERRORS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "no such address on this machine",
+}
+
+
+def _cannot_listen(command: str, exc: OSError, host: str, port: int, hint: str) -> NoReturn:
+    """One line for a port that cannot be had (no traceback), exit code 1."""
+    why = _ADDRESS_ERRORS.get(exc.errno or 0) or exc.strerror or str(exc)
+    click.echo(f"chat-worker {command}: cannot listen on {host}:{port}: {why} ({hint})", err=True)
+    sys.exit(1)
+
+
+def _is_address_error(exc: OSError) -> bool:
+    return exc.errno in _ADDRESS_ERRORS
+
+
+def broker_or_exit(command: str, coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a command's broker work; a broker out of reach (or refusing) is one line naming
+    why, exit code 1, rather than a traceback."""
+    from worker.amqp.connect import BrokerRefused, NoNodeAnswers
+
+    try:
+        return run_async(coroutine)
+    except BrokerRefused as exc:
+        click.echo(f"chat-worker {command}: the broker refused the connection: {exc}", err=True)
+    except NoNodeAnswers as exc:
+        click.echo(f"chat-worker {command}: cannot reach the broker: {exc}", err=True)
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        text = exc.args[0] if exc.args else exc
+        click.echo(f"chat-worker {command}: {text} (have workers declared it yet?)", err=True)
+    except (OSError, aiormq.exceptions.AMQPError) as exc:
+        click.echo(f"chat-worker {command}: broker error: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(1)
+
+
 def upstreams_or_exit(settings: Settings) -> tuple[UpstreamSpec, ...]:
     """The upstreams with their keys, or one line naming the place and exit code 2."""
     try:
@@ -52,11 +99,22 @@ def main() -> None:
 
     Every command reads the WORKER_* settings from the environment (and .env).
     """
+    # A misspelt setting stops every command, those that read no setting included.
+    try:
+        check_names()
+    except SettingsError as exc:
+        click.echo(f"chat-worker: invalid setting {exc}", err=True)
+        sys.exit(2)
+    # aiormq logs a failed connection itself; with no logging configured, Python would
+    # print that record too, beside the command's own one line.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
 
 
 @main.command()
 def run() -> None:
     """Consume jobs and call the upstream until SIGTERM/SIGINT."""
+    from worker.amqp.connect import BrokerRefused
     from worker.logs import configure_logging
     from worker.service import BrokerUnavailable, serve
 
@@ -73,6 +131,16 @@ def run() -> None:
     except BrokerUnavailable as exc:
         click.echo(f"chat-worker: {exc}", err=True)
         sys.exit(1)
+    except BrokerRefused as exc:
+        # A wrong password or a missing vhost: no retry makes it pass.
+        click.echo(f"chat-worker run: the broker refused the connection: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        if not _is_address_error(exc):
+            raise
+        _cannot_listen(
+            "run", exc, "0.0.0.0", settings.http_port, "WORKER_HTTP_PORT; 0 turns it off"
+        )
 
 
 @main.command()
@@ -200,8 +268,16 @@ def mock_upstream(
     elif tls_key:
         raise click.UsageError("--tls-key needs --tls-cert")
     scheme = "https" if context else "http"
-    click.echo(f"mock upstream on {scheme}://{host}:{port}/v1", err=True)
-    serve(config, host, port, context)
+    # Bound here, so that a port in use is one line, and the banner only says what is true.
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        if not _is_address_error(exc):
+            raise
+        _cannot_listen("mock-upstream", exc, host, port, "pass --port")
+    click.echo(f"mock upstream on {scheme}://{host}:{listening.getsockname()[1]}/v1", err=True)
+    serve(config, host, port, context, sock=listening)
 
 
 @main.group()
@@ -209,8 +285,31 @@ def dlq() -> None:
     """List and replay dead-lettered requests (WORKER_DEAD_LETTER_QUEUE)."""
 
 
+# What --code may name: an error code of the contract (§6), or the reason the broker gave
+# when it dead-lettered a message itself (x-death: a redelivery limit, a TTL, a length limit).
+BROKER_REASONS = ("delivery_limit", "expired", "maxlen", "rejected")
+
+
+def _known_codes(
+    _ctx: click.Context, param: click.Parameter, codes: tuple[str, ...]
+) -> tuple[str, ...]:
+    from worker.messages import ErrorCode
+
+    known = sorted({code.value for code in ErrorCode} | set(BROKER_REASONS))
+    for code in codes:
+        if code not in known:
+            raise click.BadParameter(
+                f"{code!r} is not an error code; one of: {', '.join(known)}", param=param
+            )
+    return codes
+
+
 _codes = click.option(
-    "--code", "codes", multiple=True, help="Only this error code (repeatable), e.g. rate_limited."
+    "--code",
+    "codes",
+    multiple=True,
+    callback=_known_codes,
+    help="Only this error code (repeatable), e.g. rate_limited.",
 )
 _lane = click.option(
     "--lane", default=None, help="The lane (request queue) whose dead letters [default: first]."
@@ -235,30 +334,51 @@ def dlq_list(codes: tuple[str, ...], lane: str | None, limit: int | None, as_jso
     """Show dead letters (job id, error code, attempts, reason); leaves them in place."""
     import orjson
     from rich.console import Console
-    from rich.table import Table
 
     from worker.amqp.dlq import list_dead_letters
 
     settings = settings_or_exit()
     lane = _lane_or_exit(settings, lane)
-    letters = run_async(list_dead_letters(settings, codes=codes, limit=limit, lane=lane))
+    letters = broker_or_exit(
+        "dlq list", list_dead_letters(settings, codes=codes, limit=limit, lane=lane)
+    )
     if as_json:
         for letter in letters:
             click.echo(orjson.dumps(letter.as_dict()).decode())
         return
+    Console().print(dead_letters_table(letters))
+
+
+def visible(text: str) -> str:
+    """``text`` with every control or format character spelt as an escape (``\\x1b``,
+    ``\\n``, ``\\u202e``): what a producer wrote reaches the terminal as characters only."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def dead_letters_table(letters: Sequence[DeadLetter]) -> Table:
+    """The table of ``dlq list``. Ids, codes and messages come from producers and upstreams:
+    each cell is plain text (rich's ``Text``: no markup, no links), its controls escaped."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"{len(letters)} dead letters")
-    for column in ("job_id", "error_code", "attempts", "reason", "bytes", "error_message"):
+    columns = ("job_id", "custom_id", "error_code", "attempts", "reason", "bytes", "error_message")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for letter in letters:
-        table.add_row(
+        cells = (
             letter.job_id or "-",
+            letter.custom_id or "-",
             letter.error_code or "-",
             "-" if letter.attempts is None else str(letter.attempts),
             letter.reason,
             str(letter.size),
             (letter.error_message or "")[:80],
         )
-    Console().print(table)
+        table.add_row(*(Text(visible(cell)) for cell in cells))
+    return table
 
 
 @dlq.command("replay")
@@ -277,7 +397,9 @@ def dlq_replay(
     settings = settings_or_exit()
     lane = _lane_or_exit(settings, lane)
     try:
-        count = run_async(replay_dead_letters(settings, codes=codes, limit=limit, lane=lane))
+        count = broker_or_exit(
+            "dlq replay", replay_dead_letters(settings, codes=codes, limit=limit, lane=lane)
+        )
     except ReplayFailed as exc:
         click.echo(f"chat-worker dlq replay: {exc}", err=True)
         sys.exit(1)
@@ -298,7 +420,12 @@ def console(host: str, port: int) -> None:
 
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
-    run_async(serve_console(settings, host, port))
+    try:
+        run_async(serve_console(settings, host, port))
+    except OSError as exc:
+        if not _is_address_error(exc):
+            raise
+        _cannot_listen("console", exc, host, port, "pass --port")
 
 
 @main.command()
@@ -351,20 +478,24 @@ def upstreams_check(model: str | None, timeout: float) -> None:
     upstream (max_tokens 1). Exit 0 when every upstream answers 2xx, 1 otherwise."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from worker.upstream.check import check_upstreams
 
-    specs = upstreams_or_exit(settings_or_exit())
-    rows = run_async(check_upstreams(specs, model=model, limit=timeout))
+    settings = settings_or_exit()
+    specs = upstreams_or_exit(settings)
+    rows = run_async(
+        check_upstreams(specs, model=model, limit=timeout, allowed_models=settings.allowed_models)
+    )
     table = Table(title=f"{len(rows)} upstreams")
     for column in ("name", "models", "model sent", "status", "latency"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
             row.name,
-            ", ".join(row.models),
-            row.model,
-            f"[green]{row.status}[/]" if row.ok else f"[red]{row.status}[/]",
+            Text(visible(", ".join(row.models))),
+            Text(visible(row.model)),
+            Text(visible(row.status), style="green" if row.ok else "red"),
             "-" if row.latency_ms is None else f"{row.latency_ms:.0f} ms",
         )
     Console(width=max(Console().width, 100)).print(table)

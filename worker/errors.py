@@ -62,6 +62,7 @@ class JobError(Exception):
         response: dict[str, Any] | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        cause: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -70,6 +71,9 @@ class JobError(Exception):
         self.request_id = request_id
         #: seconds the upstream asked us to wait before the next attempt
         self.retry_after = retry_after
+        #: why, in a few words of the worker's own (never the upstream's text, which may
+        #: quote a key): "connection refused by host:443", "DNS: ...", "status 503"
+        self.cause = cause or (f"status {status_code}" if status_code is not None else None)
 
     def info(self) -> ErrorInfo:
         return ErrorInfo(code=self.code, message=self.message, status_code=self.status_code)

@@ -48,7 +48,12 @@ class HealthServer:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         if self._runner.addresses:  # port 0 in tests: learn the real one
             self.port = int(self._runner.addresses[0][1])
 

@@ -26,15 +26,29 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from worker.settings import Settings
 
-__all__ = ["HEARTBEAT_INTERVAL", "TYPE_HEARTBEAT", "Heartbeat", "JobStats"]
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "MAX_MODELS",
+    "MAX_TENANTS",
+    "OTHER_MODEL",
+    "OTHER_TENANT",
+    "TYPE_HEARTBEAT",
+    "Heartbeat",
+    "JobStats",
+]
 
 log = structlog.get_logger(__name__)
 
 HEARTBEAT_INTERVAL = 2.0
 TYPE_HEARTBEAT = "chat.heartbeat"
-# Bounded like the metrics' tenant label (§12): a heartbeat stays small whatever the traffic.
+# Bounded like the metrics' tenant and model labels (§12): a heartbeat stays small whatever
+# the traffic (model names come from messages: 25,000 of them made a 1.3 MB heartbeat that
+# the console dropped, and the worker vanished from the page).
 MAX_TENANTS = 100
 OTHER_TENANT = "other"
+MAX_MODELS = 100
+OTHER_MODEL = "other"
+MAX_MODEL_NAME = 256  # a longer name counts as ``other`` too
 # A heartbeat older than this is worthless: let the broker drop it rather than queue it.
 HEARTBEAT_TTL_MS = 10_000
 
@@ -73,6 +87,10 @@ class JobStats:
             completion = _count(usage.get("completion_tokens"))
             if model is not None and (prompt or completion):
                 tokens = self.tokens.get(model)
+                if tokens is None:
+                    if len(self.tokens) >= MAX_MODELS or len(model) > MAX_MODEL_NAME:
+                        model = OTHER_MODEL
+                    tokens = self.tokens.get(model)
                 if tokens is None:
                     tokens = self.tokens[model] = {"input": 0, "output": 0}
                 tokens["input"] += prompt

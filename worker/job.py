@@ -18,7 +18,13 @@ from worker.errors import (
     JobError,
     ModelNotAllowed,
 )
-from worker.messages import CHAT_COMPLETIONS_PATHS, EMBEDDINGS_PATHS, BatchRequest, Endpoint
+from worker.messages import (
+    CHAT_COMPLETIONS_PATHS,
+    EMBEDDINGS_PATHS,
+    BatchRequest,
+    Endpoint,
+    custom_id_of,
+)
 from worker.settings import Settings
 
 __all__ = [
@@ -77,6 +83,9 @@ def decode_job(data: bytes, envelope: Envelope, settings: Settings) -> Job | Rej
     custom_id: str | None = None
     try:
         if len(data) > settings.max_message_bytes:
+            # Not parsed whole: its custom_id is looked for in its first bytes only, so that
+            # the result can still name the line it answers.
+            custom_id = custom_id_of(data, parse_up_to=0)
             raise InvalidMessage(
                 f"message is {len(data)} bytes, over WORKER_MAX_MESSAGE_BYTES "
                 f"({settings.max_message_bytes})"

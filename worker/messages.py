@@ -6,6 +6,7 @@ The JSON Schemas in ``schemas/`` are generated from these models:
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import datetime
 from enum import StrEnum
@@ -39,6 +40,7 @@ __all__ = [
     "Tool",
     "UpstreamResponse",
     "Usage",
+    "custom_id_of",
 ]
 
 CHAT_COMPLETIONS_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
@@ -49,6 +51,33 @@ ENDPOINTS: tuple[Endpoint, ...] = ("chat", "embeddings")
 #: longest ``custom_id`` accepted (OpenAI's Batch API documents no limit; 512 keeps every
 #: header the worker writes small); a longer one fails ``invalid_message``.
 MAX_CUSTOM_ID = 512
+
+# Where a Batch line's custom_id is looked for without parsing the whole body: its first
+# bytes (Batch lines put it first), as a JSON string literal of bounded length.
+_CUSTOM_ID_WINDOW = 65536
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){0,4096}")')
+
+
+def custom_id_of(data: bytes, *, parse_up_to: int = 1 << 20) -> str | None:
+    """The ``custom_id`` of a request body, read as cheaply as the body allows: parsed
+    whole when it is at most ``parse_up_to`` bytes, else (or when it is not JSON) looked
+    for in its first 64 KiB. None when it cannot be read."""
+    if len(data) <= parse_up_to:
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            document = None
+        if isinstance(document, dict):
+            value = document.get("custom_id")
+            return value if isinstance(value, str) else None
+    match = _CUSTOM_ID.search(data, 0, _CUSTOM_ID_WINDOW)
+    if match is None:
+        return None
+    try:
+        value = orjson.loads(match.group(1))
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 class ErrorCode(StrEnum):

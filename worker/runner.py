@@ -221,8 +221,11 @@ class JobRunner:
         the first to come back (counted as an attempt, so a dead provider fails jobs after
         ``WORKER_MAX_ATTEMPTS`` instead of holding them for ever)."""
         wait = self.pool.cooling_wait(job.model, endpoint=job.endpoint)
+        cause = self.pool.cooling_cause(job.model, job.endpoint)
         return UpstreamError(
-            f"every upstream of model {job.model!r} is cooling down",
+            f"every upstream of model {job.model!r} is cooling down"
+            + (f" (last failure: {cause})" if cause else ""),
+            cause=cause,
             retry_after=wait or None,  # 0: another job is probing; back off as usual
         )
 

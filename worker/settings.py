@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -19,7 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, NoDecode, SettingsConfigDict
 
 from worker.cost import PriceSpec, known_provider, provider_of
 from worker.messages import ENDPOINTS, Endpoint
@@ -32,6 +35,8 @@ __all__ = [
     "SettingsError",
     "UpstreamSpec",
     "UpstreamsFile",
+    "check_names",
+    "known_names",
     "load_settings",
 ]
 
@@ -40,6 +45,24 @@ DEFAULT_SECRETS_DIR = "/run/secrets"
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 DEFAULT_UPSTREAM = "default"  # the name of the single upstream of WORKER_UPSTREAM_BASE_URL
+MAX_WEIGHT = 1_000_000.0
+MAX_COOLDOWN = 7 * 24 * 3600.0  # a week: longer is a way of saying "never", which is not one
+
+
+def _http_url(value: str) -> str:
+    """An ``http(s)://host[:port]/path`` base URL, without its trailing slash."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when it is not a number in 0..65535
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if not parts.hostname:
+        raise ValueError("names no host (http://HOST[:PORT]/PATH)")
+    if port == 0:
+        raise ValueError("port 0 is no port")
+    return value.rstrip("/")
 
 
 # --- the upstreams file (contract §11) -----------------------------------------------------
@@ -62,7 +85,8 @@ class CooldownSpec(_Strict):
     """``failures`` retryable failures in a row cool an upstream for ``seconds``."""
 
     failures: int = Field(3, ge=1)
-    seconds: float = Field(30.0, gt=0)
+    # Finite: ``.inf`` would rest an upstream for ever after three failures.
+    seconds: float = Field(30.0, gt=0, le=MAX_COOLDOWN, allow_inf_nan=False)
 
 
 class UpstreamSpec(_Strict):
@@ -80,7 +104,8 @@ class UpstreamSpec(_Strict):
     model_map: dict[str, str] = {}
     endpoints: list[Endpoint] = Field(default_factory=lambda: list(ENDPOINTS), min_length=1)
     priority: int = 0
-    weight: float = Field(1.0, gt=0)
+    # Finite: an upstream of weight ``.inf`` makes the draw's sums infinite (never drawn).
+    weight: float = Field(1.0, gt=0, le=MAX_WEIGHT, allow_inf_nan=False)
     limits: LimitsSpec = LimitsSpec()
     cooldown: CooldownSpec = CooldownSpec()
     # §17: prices and cheaper tiers
@@ -100,9 +125,7 @@ class UpstreamSpec(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_base(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return _http_url(value)
 
     @field_validator("provider")
     @classmethod
@@ -215,22 +238,25 @@ class Settings(BaseSettings):
     events: bool = True
     events_exchange: str = Field("chat.events", min_length=1)
     console_token: SecretStr | None = None
-    # §16: pay once (with redis_url)
+    # §16: the result store and the cache (with WORKER_REDIS_URL)
     result_ttl: float = Field(86400.0, ge=0)
-    cache: bool = False  # "on"/"off" (and true/false) read as a switch
+    cache: Literal["off", "on"] = "off"
     cache_ttl: float = Field(3600.0, ge=0)
     # §17: cost and budgets
     budgets_file: Path | None = None
-    upstream_provider: str | None = Field(None, min_length=1)
+    upstream_provider: str | None = None
     # §15: the gateway
-    database_url: str = Field("sqlite:///chat-worker.db", min_length=1)
-    gateway_host: str = "127.0.0.1"
-    gateway_port: int = Field(8000, ge=0, le=65535)
+    database_url: SecretStr = SecretStr("sqlite:///chat-worker.db")
+    gateway_host: str = Field("127.0.0.1", min_length=1)
+    gateway_port: int = Field(8000, ge=1, le=65535)
     gateway_keys_file: Path | None = None
     gateway_batch_lane: str | None = None
     gateway_lane: str | None = None
     gateway_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
     gateway_max_file_lines: int = Field(50_000, ge=1)
+    # the broker connection
+    consumer_timeout: float = Field(1800.0, gt=0)
+    amqp_heartbeat: int = Field(10, ge=0, le=65535)
 
     @field_validator("amqp_url")
     @classmethod
@@ -293,11 +319,7 @@ class Settings(BaseSettings):
     @field_validator("upstream_base_url")
     @classmethod
     def _http_base(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return _http_url(value) if value else None
 
     @field_validator("upstream_api_key", mode="before")
     @classmethod
@@ -317,7 +339,19 @@ class Settings(BaseSettings):
     def _empty_pattern(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("log_format", "log_level", "queue_type", mode="before")
+    @field_validator(
+        "upstream_provider",
+        "gateway_batch_lane",
+        "gateway_lane",
+        "budgets_file",
+        "gateway_keys_file",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_format", "log_level", "queue_type", "cache", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -325,7 +359,10 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """These settings as ``WORKER_*`` variables, secrets included: for a child process."""
         env = {}
-        for name, value in self:
+        # The fields only: iterating the model would also give cached properties
+        # (``upstreams``), which are not settings.
+        for name in type(self).model_fields:
+            value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, SecretStr):
@@ -427,12 +464,33 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message names the variable."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: YAML says keys
+    are unique, and PyYAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden key by key, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the constructor says so below
+            if first is not None:
+                problem = f"duplicate key {key!r} (first on line {first})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_upstreams(path: Path) -> tuple[UpstreamSpec, ...]:
     """Parse, validate and resolve the keys of the upstreams file (one-line errors)."""
     where = f"WORKER_UPSTREAMS_FILE {path}"
     try:
         text = path.read_text(encoding="utf-8")
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # a safe loader
     except OSError as exc:
         raise SettingsError(f"{where}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
@@ -509,11 +567,68 @@ def _line_of(text: str, loc: list[Any]) -> int | None:
     return line
 
 
+#: ``WORKER_*`` variables that are not fields of :class:`Settings` and still not mistakes:
+#: the secrets directory (read before the settings), and the test suite's own.
+NOT_SETTINGS = frozenset({f"{ENV_PREFIX}SECRETS_DIR"})
+NOT_SETTINGS_PREFIXES = (f"{ENV_PREFIX}TEST_",)
+# A .env key without the prefix this close to a setting's name is taken for a misspelling.
+DOTENV_LIKENESS = 0.85
+
+
+def known_names() -> frozenset[str]:
+    """Every variable a ``chat-worker`` command reads: one per field of :class:`Settings`."""
+    return frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields) | NOT_SETTINGS
+
+
+def check_names(
+    environ: Mapping[str, str] | None = None, env_file: Path | str | None = ".env"
+) -> None:
+    """Refuse a misspelt setting: a ``WORKER_*`` variable (in the environment or ``.env``)
+    that no setting has, or a ``.env`` key that looks like one. Raises :class:`SettingsError`
+    with one line naming it and the closest known name."""
+    known = known_names()
+    environ = os.environ if environ is None else environ
+    # Names are read regardless of case (as pydantic-settings reads them); each is shown as
+    # it was written, with where it was found.
+    found = {name.upper(): name for name in environ if name.upper().startswith(ENV_PREFIX)}
+    if env_file is not None and Path(env_file).is_file():
+        dotenv = DotEnvSettingsSource(Settings, env_file=env_file, case_sensitive=False)
+        for name in dotenv.env_vars:
+            upper = name.upper()
+            if upper.startswith(ENV_PREFIX) or difflib.get_close_matches(
+                upper, known, n=1, cutoff=DOTENV_LIKENESS
+            ):
+                found.setdefault(upper, f"{upper} (in {env_file})")
+    unknown = sorted(
+        name for name in found if name not in known and not name.startswith(NOT_SETTINGS_PREFIXES)
+    )
+    if not unknown:
+        return
+    name = unknown[0]
+    closest = _closest(name, known)
+    hint = f"; did you mean {closest}?" if closest else ""
+    more = ", ".join(found[other] for other in unknown[1:4])
+    more = f" ({len(unknown) - 1} more unknown: {more})" if more else ""
+    raise SettingsError(f"{found[name]}: not a setting{hint}{more}")
+
+
+def _closest(name: str, known: frozenset[str]) -> str | None:
+    """The known name most like ``name`` (difflib), among those holding all of its words
+    when some do (``WORKER_UPSTREAM_URL`` is ``WORKER_UPSTREAM_BASE_URL`` with a word left
+    out, not ``WORKER_UPSTREAM_RPM`` with two letters changed)."""
+    words = set(name.split("_"))
+    holding = [k for k in known if words <= set(k.split("_"))]
+    matches = difflib.get_close_matches(name, holding or known, n=1, cutoff=0.0)
+    return matches[0] if matches else None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment, ``.env`` and the secrets directory.
 
-    Raises :class:`SettingsError` with one line naming the first bad variable.
+    Raises :class:`SettingsError` with one line naming the first bad variable, or the first
+    ``WORKER_*`` variable that is no setting (:func:`check_names`).
     """
+    check_names(env_file=overrides.get("_env_file", ".env"))
     secrets_dir = Path(os.environ.get(f"{ENV_PREFIX}SECRETS_DIR", DEFAULT_SECRETS_DIR))
     extra: dict[str, Any] = {"_secrets_dir": secrets_dir} if secrets_dir.is_dir() else {}
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from worker.messages import ChatCompletionRequest, ErrorCode, JobDelta, JobResult
 from worker.mock.upstream import MockUpstream
 from worker.producer.client import (
+    BrokerUnreachable,
     ChatClient,
+    ChatClientError,
     ConnectionLost,
     JobFailed,
     JobTimeout,
@@ -227,8 +231,15 @@ async def test_submit_publishes_a_persistent_job_with_its_properties(
     }
     second = await queue.get(timeout=5)
     assert second.message_id == plain_id
-    assert "traceparent" not in (second.headers or {}), "no span, no trace context"
     assert "x-deadline" not in (second.headers or {})
+    # Issue 27: every publish carries its time and a trace context, a new trace without a
+    # current span (W3C traceparent: version 00, 32 + 16 hex digits, sampled).
+    for published in (message, second):
+        assert published.timestamp is not None
+        assert abs((datetime.now(UTC) - published.timestamp).total_seconds()) < 60
+    traceparent = str((second.headers or {})["traceparent"])
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", traceparent), traceparent
+    assert trace_id not in traceparent and "0" * 32 not in traceparent
 
 
 async def test_submit_fails_when_the_request_queue_does_not_exist(
@@ -239,6 +250,17 @@ async def test_submit_fails_when_the_request_queue_does_not_exist(
             await client.submit(chat())
         with pytest.raises(ValueError, match="time zone"):
             await client.submit(chat(), deadline=datetime(2030, 1, 1))
+
+
+async def test_item27_connect_with_the_broker_down_raises_a_client_error() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    with pytest.raises(BrokerUnreachable, match="connection refused") as caught:
+        async with ChatClient.connect(url, request_queue="q"):
+            pass
+    assert isinstance(caught.value, ChatClientError) and isinstance(caught.value, ConnectionError)
 
 
 async def test_connect_opens_and_closes_its_own_connection(

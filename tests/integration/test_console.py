@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 from pydantic import SecretStr
 from support.broker import Replies, publish
 
+from worker.amqp.topology import H_ERROR_CODE, H_ERROR_MESSAGE, declare
 from worker.console import ConsoleApp
 from worker.heartbeat import TYPE_HEARTBEAT
 from worker.service import Worker
@@ -200,3 +202,110 @@ async def test_a_console_without_a_token_is_read_only(worker: Worker) -> None:
 
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def served(
+    settings: Settings, connection: AbstractConnection
+) -> AsyncIterator[tuple[ConsoleApp, httpx.AsyncClient]]:
+    """A console over the test's settings (no worker), served on a free port; the test's
+    queues and exchanges (the events exchange the console declares) deleted after."""
+    app = ConsoleApp(settings)
+    runner = web.AppRunner(app.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield app, client
+    await runner.cleanup()
+
+
+LETTERS = 10_000
+
+
+async def test_item16_ten_thousand_dead_letters_are_read_once_and_the_page_stays_responsive(
+    settings: Settings,
+    connection: AbstractConnection,
+    served: tuple[ConsoleApp, httpx.AsyncClient],
+) -> None:
+    """Issue 22 item 16: requests waiting for a listing share the one scan (before, each
+    rescanned the queue in turn), the scan streams the queue (before, one basic.get round
+    trip a letter: 10,000 took 24-30 s), and /api/state answers meanwhile."""
+    app, client = served
+    await declare(connection, settings)
+    channel = await connection.channel(publisher_confirms=False)
+    body = orjson.dumps({"custom_id": "c", "body": {"model": "m", "messages": []}})
+    for n in range(LETTERS):
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                message_id=f"job-{n}",
+                headers={H_ERROR_CODE: "invalid_request", H_ERROR_MESSAGE: f"bad {n}"},
+            ),
+            settings.dead_letter_queue,
+        )
+    await state_until(client, lambda s: s["dead_letters"] == LETTERS, timeout=60)
+
+    slowest_state = 0.0
+
+    async def poll_state(stop: asyncio.Event) -> None:
+        nonlocal slowest_state
+        while not stop.is_set():
+            started = time.perf_counter()
+            assert (await client.get("/api/state")).status_code == 200
+            slowest_state = max(slowest_state, time.perf_counter() - started)
+            await asyncio.sleep(0.1)
+
+    stop = asyncio.Event()
+    poller = asyncio.create_task(poll_state(stop))
+    started = time.perf_counter()
+    pages = await asyncio.gather(
+        client.get("/api/dead-letters"),
+        client.get("/api/dead-letters", params={"q": "bad 99"}),
+        client.get("/api/dead-letters", params={"job_id": "job-4", "offset": 50}),
+        client.get("/api/dead-letters", params={"code": "invalid_request", "limit": 500}),
+    )
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await poller
+    print(
+        f"\n{LETTERS} dead letters listed in {elapsed:.2f}s (scan {app.broker.scan_seconds:.2f}s);"
+        f" slowest /api/state meanwhile {slowest_state * 1000:.0f} ms"
+    )
+    listings = [page.json() for page in pages]
+    assert [listing["listed"] for listing in listings] == [LETTERS] * 4
+    assert listings[0]["total"] == LETTERS and not listings[0]["truncated"]
+    assert listings[1]["total"] == 111  # "bad 99", "bad 990".."bad 999", "bad 9900".."bad 9999"
+    assert listings[2]["total"] == 1111 and len(listings[2]["items"]) == 50
+    assert len(listings[3]["items"]) == 500
+    assert app.broker.scans == 1, "one scan for every request that waited for it"
+    assert elapsed < 20, f"{LETTERS} dead letters took {elapsed:.1f}s"
+    assert slowest_state < 1.0, "the page's state kept answering during the scan"
+
+    # Filtering the kept listing reads nothing again.
+    again = (await client.get("/api/dead-letters", params={"q": "bad 1"})).json()
+    assert again["total"] == 1111 and app.broker.scans == 1
+    depth = (await client.get("/api/state")).json()["queues"][settings.dead_letter_queue]
+    assert depth == LETTERS, "reading took nothing away"
+
+
+async def test_item27_the_page_carries_its_first_state(
+    served: tuple[ConsoleApp, httpx.AsyncClient],
+) -> None:
+    """The page draws at once: the state of when it was served is in it, as a JSON data
+    block that no value can end (a worker named to break out of it stays text)."""
+    app, client = served
+    hostile = "h/</script><script>alert(1)</script><!--"
+    app.fleet.observe(
+        {"type": "heartbeat", "worker": hostile, "ready": True, "in_flight": 2}, time.time()
+    )
+    page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script>alert(1)" not in page.text and "<!-- initial state -->" not in page.text
+    start = page.text.index('<script id="initial-state" type="application/json">')
+    block = page.text[start:].split(">", 1)[1].split("</script>", 1)[0]
+    state = orjson.loads(block)
+    assert [w["worker"] for w in state["workers"]] == [hostile]
+    assert {"queues", "lanes", "dead_letters", "recent", "series"} <= set(state)
+    assert "script-src 'self'" in page.headers["content-security-policy"]

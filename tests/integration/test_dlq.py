@@ -12,8 +12,10 @@ from aio_pika.abc import AbstractConnection
 from support.broker import Replies, publish
 
 from worker.amqp.dlq import list_dead_letters, replay_dead_letters
+from worker.amqp.topology import H_ERROR_CODE, H_ERROR_MESSAGE, declare
 from worker.messages import JobResult
 from worker.service import Worker
+from worker.settings import Settings
 
 
 async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -133,3 +135,28 @@ async def test_a_replay_takes_only_the_letters_there_when_it_began(
         while len(letters := await list_dead_letters(settings)) < len(keys):
             await asyncio.sleep(0.05)
     assert sorted(x.job_id for x in letters) == sorted(keys)
+
+
+async def test_item15_dlq_list_prints_producer_text_as_text(
+    settings: Settings, connection: AbstractConnection
+) -> None:
+    """A job id (the producer's message_id), custom id or error message holding rich
+    markup or terminal escapes is printed as the characters it is: before, ``[/]`` crashed
+    the listing and ``[link=…]`` or an escape sequence reached the operator's terminal."""
+    await declare(connection, settings)
+    await publish(
+        connection,
+        settings.dead_letter_queue,
+        orjson.dumps({"custom_id": "[bold]loud[/bold]", "body": {}}),
+        message_id="[/]",
+        headers={
+            H_ERROR_CODE: "invalid_request",
+            H_ERROR_MESSAGE: "[link=https://evil.test]x[/link] \x1b[31mred",
+        },
+    )
+    env = {**os.environ, **settings.to_env(), "COLUMNS": "300"}
+    listed = await cli(env, "list")
+    assert listed.returncode == 0, listed.stderr
+    for text in ("[/]", "[bold]loud[/bold]", "[link=https://evil.test]x[/link]", "\\x1b[31mred"):
+        assert text in listed.stdout
+    assert "\x1b" not in listed.stdout

@@ -326,7 +326,9 @@ async def test_item5_submit_writes_unreadable_results_and_resume_finishes(
         usage = None if line["custom_id"] == "fine" else {"prompt_tokens": None}
         return worker_result(job_id, line["custom_id"], usage)
 
-    # First run: publishes every line, then stops before any answer (no worker yet).
+    # First run: publishes every line, then stops before any answer (no worker yet; the
+    # queues are there, as a worker that started once leaves them: a producer declares none).
+    await declare(connection, settings)
     stop = asyncio.Event()
 
     async def stop_when_published() -> None:

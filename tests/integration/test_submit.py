@@ -22,6 +22,7 @@ from support.broker import make_settings
 from worker.mock.upstream import MockUpstream
 from worker.producer.progress import PlainReporter, Tally
 from worker.producer.submit import (
+    NoRequestQueue,
     OutputExists,
     default_output,
     job_id_for,
@@ -298,3 +299,44 @@ async def test_the_command_submits_the_example_file(
 
     code, stderr = await submit()
     assert code == 2 and "--resume" in stderr
+
+
+async def test_item27_submit_refuses_a_request_queue_that_does_not_exist(
+    settings: Settings, tmp_path: Path, out: Path, amqp_url: str
+) -> None:
+    """A mistyped WORKER_REQUEST_QUEUE: before, submit declared the workers' queues itself
+    (the typo among them) and waited for ever on a queue no worker reads."""
+    typo = settings.model_copy(update={"request_queue": settings.request_queue + "-typo"})
+    source = write_batch(tmp_path / "batch.jsonl", 2)
+    with pytest.raises(NoRequestQueue, match="WORKER_REQUEST_QUEUE"):
+        await submit_file(typo, source, out, reporter=PlainReporter(io.StringIO()))
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        for name in (typo.request_queue, typo.dead_letter_queue, reply_queue_name(out)):
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(name, passive=True)  # the producer made none
+    finally:
+        await connection.close()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    env |= {**typo.to_env(), "OTEL_SDK_DISABLED": "true"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "submit",
+        str(source),
+        "--output",
+        str(out),
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert stderr.decode().splitlines() == [
+        f"chat-worker submit: no queue {typo.request_queue!r} on the broker: is "
+        "WORKER_REQUEST_QUEUE (or --lane) right? Workers declare their queues when they start"
+    ]

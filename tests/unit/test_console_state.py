@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import orjson
 import pytest
 
+from worker.console.app import ConsoleApp
 from worker.console.state import BUCKET_SECONDS, SILENT_AFTER, Fleet
+from worker.settings import Settings
 
 T0 = 1_800_000_000.0  # a bucket boundary (a multiple of BUCKET_SECONDS)
 
@@ -118,13 +122,69 @@ def test_upstream_gates_show_the_most_cautious_view_of_live_workers() -> None:
     assert gate == {"workers": 2, "state": "cooling", "remaining_requests": 10, "cooldown_s": 4}
 
 
-def test_malformed_heartbeats_are_ignored() -> None:
+def test_malformed_heartbeats_are_dropped_and_counted() -> None:
     fleet = Fleet()
-    fleet.observe({"type": "heartbeat"}, T0)
-    fleet.observe({"worker": "h/1", "jobs": "many", "tokens": [1], "in_flight": -3}, T0)
+    assert not fleet.observe({"type": "heartbeat"}, T0)
+    assert not fleet.observe({"worker": "h/1", "jobs": "many", "tokens": [1], "in_flight": -3}, T0)
     snapshot = fleet.snapshot(T0)
-    assert [w["worker"] for w in snapshot["workers"]] == ["h/1"]
-    assert snapshot["workers"][0]["in_flight"] == 0
+    assert snapshot["workers"] == []
+    assert snapshot["heartbeats_dropped"] == 2
+
+
+# Issue 22 item 14: one foreign heartbeat must not break /api/state or the page's tables.
+FOREIGN = [
+    pytest.param({"in_flight": 1e20}, id="in-flight-1e20"),
+    pytest.param({"in_flight": 10**20}, id="in-flight-huge-int"),
+    pytest.param({"lanes": {"q": None}}, id="lane-null"),
+    pytest.param({"lanes": {"q": {"weight": 1, "in_flight": "3"}}}, id="lane-count-text"),
+    pytest.param({"jobs": {"ok": 2**70, "error": 0}}, id="jobs-huge"),
+    pytest.param({"errors": {"timeout": -1}}, id="errors-negative"),
+    pytest.param({"tokens": {"m": None}}, id="tokens-null"),
+    pytest.param({"tokens": {"m" * 10_000: {"input": 1, "output": 1}}}, id="model-name-huge"),
+    pytest.param({"tenants": {"t": {"jobs": 1, "cost": float("inf")}}}, id="tenant-cost-inf"),
+    pytest.param({"upstreams": {"u": {"state": "open", "remaining_tokens": 1e300}}}, id="budget"),
+    pytest.param({"upstreams": {"u": {"state": "open", "cooldown_s": "soon"}}}, id="cooldown"),
+    pytest.param({"concurrency": True}, id="concurrency-bool"),
+    pytest.param({"started_at": "yesterday"}, id="started-at-text"),
+    pytest.param({"worker": "w" * 10_000}, id="worker-name-huge"),
+]
+
+
+@pytest.mark.parametrize("foreign", FOREIGN)
+def test_item14_a_foreign_heartbeat_is_dropped_and_the_state_still_renders(
+    foreign: dict[str, Any],
+) -> None:
+    fleet = Fleet()
+    fleet.observe(beat("h/1", ok=1), T0)
+    taken = fleet.observe({**beat("h/1", ok=2), **foreign}, T0 + 2)
+    assert not taken
+    snapshot = fleet.snapshot(T0 + 3)
+    assert snapshot["heartbeats_dropped"] == 1 and snapshot["last_drop"]
+    orjson.dumps(snapshot)  # what /api/state answers: no integer past 64 bits, no NaN
+    (worker,) = snapshot["workers"]
+    assert worker["jobs"] == {"ok": 1, "error": 0}, "the last good heartbeat stands"
+    assert all(isinstance(lane, dict) for lane in worker["lanes"].values())
+
+
+def test_item14_the_console_state_answers_after_a_foreign_heartbeat() -> None:
+    console = ConsoleApp(Settings(_env_file=None))  # type: ignore[call-arg]
+    console.fleet.observe({**beat("h/1"), "in_flight": 1e20}, time.time())
+    console.fleet.observe({**beat("h/2"), "lanes": {"q": None}}, time.time())
+    console.fleet.observe(beat("h/3", in_flight=2), time.time())
+    state = orjson.loads(orjson.dumps(console.state()))
+    assert [w["worker"] for w in state["workers"]] == ["h/3"]
+    assert state["heartbeats_dropped"] == 2
+
+
+def test_a_heartbeat_of_a_newer_worker_keeps_what_the_console_knows() -> None:
+    fleet = Fleet()
+    newer = beat("h/1", ok=3, upstreams={"u": {"state": "open", "remaining_requests": 5}})
+    newer["tenants"] = {"t": {"jobs": 3, "input": 1, "output": 1, "cost": 0.25}}
+    newer["something_new"] = {"x": [1, 2]}
+    assert fleet.observe(newer, T0)
+    (worker,) = fleet.snapshot(T0)["workers"]
+    assert worker["tenants"] == {"t": {"jobs": 3, "input": 1, "output": 1, "cost": 0.25}}
+    assert worker["upstreams"] == {"u": {"state": "open", "remaining_requests": 5}}
 
 
 def test_a_worker_seen_from_its_start_counts_its_first_jobs() -> None:

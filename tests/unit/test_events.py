@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from worker.heartbeat import MAX_TENANTS, OTHER_TENANT, Heartbeat, JobStats
+import orjson
+
+from worker.console.state import Fleet
+from worker.heartbeat import (
+    MAX_MODELS,
+    MAX_TENANTS,
+    OTHER_MODEL,
+    OTHER_TENANT,
+    Heartbeat,
+    JobStats,
+)
 from worker.settings import Settings
 
 
@@ -64,3 +74,21 @@ def test_one_lane_holds_every_job_in_flight_by_default() -> None:
     body = beat.body()
     assert body["lanes"] == {"chat.requests": {"weight": 1, "in_flight": 3}}
     assert body["upstreams"] == {}
+
+
+def test_item17_token_counts_by_model_are_bounded_like_the_metric_labels() -> None:
+    """Issue 22 item 17: 25,000 model names made a 1.3 MB heartbeat the console dropped."""
+    stats = JobStats()
+    usage = {"prompt_tokens": 2, "completion_tokens": 1}
+    for i in range(25_000):
+        stats.record(error_code=None, model=f"model-{i:05d}", usage=usage, tenant=None)
+    stats.record(error_code=None, model="m" * 10_000, usage=usage, tenant=None)
+    stats.record(error_code=None, model="model-00000", usage=usage, tenant=None)
+    assert len(stats.tokens) == MAX_MODELS + 1
+    assert stats.tokens["model-00000"] == {"input": 4, "output": 2}, "a known model keeps its own"
+    others = 25_000 - MAX_MODELS + 1
+    assert stats.tokens[OTHER_MODEL] == {"input": 2 * others, "output": others}
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    body = Heartbeat(settings, "h/1", stats, ready=lambda: True, in_flight=lambda: 0).body()
+    assert len(orjson.dumps(body)) < 16_384
+    assert Fleet().observe(body, 0.0), "the console takes it"

@@ -277,6 +277,20 @@ def test_too_large() -> None:
     assert isinstance(decode_job(data, envelope(), make_settings(max_message_bytes=len(data))), Job)
 
 
+def test_item27_an_oversized_message_still_names_its_custom_id() -> None:
+    """Issue 27: the result of an 11 MB message echoes its custom_id when it can be read."""
+    padding = "x" * (11 * 1024 * 1024)
+    body = {**BODY, "messages": [{"role": "user", "content": padding}]}
+    data = orjson.dumps({"custom_id": 'big-"1"', "body": body})
+    rejection = _rejected(data)
+    assert type(rejection.error) is InvalidMessage
+    assert "WORKER_MAX_MESSAGE_BYTES" in rejection.error.message
+    assert rejection.custom_id == 'big-"1"'
+    # custom_id after the body, past the first bytes: not read, and no whole parse for it.
+    late = orjson.dumps({"body": body, "custom_id": "late"})
+    assert _rejected(late).custom_id is None
+
+
 @pytest.mark.parametrize(
     "fields",
     [

@@ -21,7 +21,9 @@ from worker.messages import (
     ErrorCode,
     JobDelta,
     JobResult,
+    ResultMetadata,
     Usage,
+    custom_id_of,
     render_schemas,
 )
 
@@ -630,3 +632,32 @@ def test_request_schema_documents_both_bodies() -> None:
     assert fields["dimensions"]["anyOf"][0]["minimum"] == 1
     assert fields["stream"]["anyOf"][0]["const"] is False
     assert "/v1/embeddings" in schema["properties"]["url"]["description"]
+
+
+def test_item27_the_documented_result_lists_every_metadata_field() -> None:
+    """docs/messages.md's result example shows every field of ``metadata``."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "messages.md").read_text()
+    example = text.split("## Result", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    metadata = orjson.loads("{" + example.split('"metadata": {', 1)[1].rsplit("}", 1)[0])
+    assert set(metadata) == set(ResultMetadata.model_fields)
+    ResultMetadata.model_validate(metadata)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"custom_id": "a\\"b", "body": {}}', 'a"b'),
+        (b'{"custom_id": 3, "body": {}}', None),
+        (b'{"body": {}}', None),
+        (b"not json", None),
+    ],
+)
+def test_custom_id_of_a_body(data: bytes, expected: str | None) -> None:
+    assert custom_id_of(data) == expected
+
+
+def test_custom_id_of_a_large_body_reads_only_its_first_bytes() -> None:
+    first = b'{"custom_id": "x\\u00e9", "body": {"messages": "' + b"y" * 2_000_000 + b'"}}'
+    assert custom_id_of(first, parse_up_to=0) == "xé"
+    last = b'{"body": {"messages": "' + b"y" * 2_000_000 + b'"}, "custom_id": "z"}'
+    assert custom_id_of(last, parse_up_to=0) is None

@@ -363,6 +363,8 @@ async def test_check_upstreams_reports_each_without_the_key() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.host == "bad.test":
             return httpx.Response(401, json={"error": {"message": "Incorrect API key sk-1***"}})
+        if request.method == "GET":  # {base}/models: not served here
+            return httpx.Response(404, json={"error": {"message": "no such route"}})
         body = orjson.loads(request.content)
         assert body["max_tokens"] == 1
         return httpx.Response(200, json=COMPLETION)
@@ -379,6 +381,112 @@ async def test_check_upstreams_reports_each_without_the_key() -> None:
     assert not by_name["bad"].ok and by_name["bad"].status == "401 authentication_error"
     assert not by_name["any"].ok and "--model" in by_name["any"].status
     assert "sk-1" not in repr(rows)
+
+
+# Issue 27 item 5: `upstreams check` says why, and finds a model for a single URL.
+
+
+async def test_item5_check_says_why_a_connection_failed() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    rows = await check_upstreams(
+        [spec("down", ["m"])], transport=lambda _: httpx.MockTransport(refuse), limit=5
+    )
+    assert rows[0].status == "- upstream_error: connection refused"
+
+
+def models_then_completion(
+    listed: httpx.Response, sent: list[str]
+) -> Callable[[httpx.Request], httpx.Response]:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            assert request.url.path == "/v1/models"
+            assert request.headers["authorization"] == "Bearer sk-single"
+            return listed
+        sent.append(orjson.loads(request.content)["model"])
+        return httpx.Response(200, json=COMPLETION)
+
+    return handler
+
+
+SINGLE = spec("default", ["*"]).model_copy(update={"api_key": SecretStr("sk-single")})
+
+
+async def test_item5_check_asks_a_single_url_for_its_first_model() -> None:
+    sent: list[str] = []
+    listed = httpx.Response(200, json={"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]})
+    handler = models_then_completion(listed, sent)
+    rows = await check_upstreams(
+        [SINGLE], transport=lambda _: httpx.MockTransport(handler), limit=5
+    )
+    assert (rows[0].model, rows[0].status, rows[0].ok) == ("m1", "200 ok", True)
+    assert sent == ["m1"]
+    # An allowed model among those listed is preferred.
+    rows = await check_upstreams(
+        [SINGLE],
+        transport=lambda _: httpx.MockTransport(handler),
+        limit=5,
+        allowed_models={"m2", "zz"},
+    )
+    assert rows[0].model == "m2" and sent == ["m1", "m2"]
+
+
+async def test_item5_check_falls_back_to_the_allowed_models() -> None:
+    sent: list[str] = []
+    handler = models_then_completion(httpx.Response(404, json={"error": {}}), sent)
+    rows = await check_upstreams(
+        [SINGLE],
+        transport=lambda _: httpx.MockTransport(handler),
+        limit=5,
+        allowed_models={"gpt-4o-mini", "gpt-4o"},
+    )
+    assert (rows[0].model, rows[0].ok) == ("gpt-4o", True)
+    assert sent == ["gpt-4o"]
+
+
+async def test_item5_check_says_exactly_what_to_pass_when_nothing_names_a_model() -> None:
+    sent: list[str] = []
+    handler = models_then_completion(httpx.Response(404, json={"error": {}}), sent)
+    rows = await check_upstreams(
+        [SINGLE], transport=lambda _: httpx.MockTransport(handler), limit=5
+    )
+    assert rows[0].status == (
+        "serves any model and http://default.test/v1/models answered status 404: pass --model MODEL"
+    )
+    assert not rows[0].ok and sent == []
+
+
+# Issue 27 item 5: "every upstream is cooling down" names the last cause.
+
+
+def test_item5_the_pool_keeps_each_upstreams_last_cause() -> None:
+    pool = pool_of(spec("a", cooldown={"failures": 1, "seconds": 30}), spec("b"))
+    a = pool.members[0]
+    pool.report(a, UpstreamError("x", cause="connection refused by a.test:80"), probe=False)
+    assert a.cause == "connection refused by a.test:80"
+    assert pool.cooling_cause("m") == "a: connection refused by a.test:80"
+
+
+async def test_item5_every_upstream_cooling_names_the_last_cause(
+    pools: list[UpstreamPool],
+) -> None:
+    clock = FakeClock()
+    pool = pool_of(
+        spec("a", cooldown={"failures": 1, "seconds": 60}),
+        spec("b", cooldown={"failures": 1, "seconds": 90}),
+        clock=clock,
+    )
+    pools.append(pool)
+    a, b = pool.members
+    pool.report(a, UpstreamError("x", cause="DNS: cannot resolve a.test"), probe=False)
+    pool.report(b, UpstreamError("x", cause="connection refused by b.test:80"), probe=False)
+    outcome = await runner_over(pool).run(make_job("gpt-4o"), no_deltas)
+    assert isinstance(outcome, Deferral)
+    assert outcome.error.message == (
+        "every upstream of model 'gpt-4o' is cooling down "
+        "(last failure: b: connection refused by b.test:80)"
+    )
 
 
 # --- the runner over a pool (fallback, model_map, metadata.upstream) -------------------------

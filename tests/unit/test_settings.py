@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from worker.settings import Lane, Settings, SettingsError, load_settings
+from worker.settings import Lane, Settings, SettingsError, known_names, load_settings
 
 SECRET_KEY = "sk-very-secret-0123456789"
 SECRET_PASSWORD = "hunter2-broker-password"
@@ -56,6 +56,20 @@ def test_defaults_are_the_contracts() -> None:
     assert settings.http_port == 8080
     assert settings.log_format == "json"
     assert settings.log_level == "info"
+    # v3 settings (§2), declared here so that a misspelling of them is caught
+    assert settings.result_ttl == 86400
+    assert settings.cache == "off"
+    assert settings.cache_ttl == 3600
+    assert settings.budgets_file is None
+    assert settings.database_url.get_secret_value() == "sqlite:///chat-worker.db"
+    assert (settings.gateway_host, settings.gateway_port) == ("127.0.0.1", 8000)
+    assert settings.gateway_keys_file is None
+    assert settings.gateway_batch_lane is None and settings.gateway_lane is None
+    assert settings.gateway_max_file_bytes == 200 * 1024 * 1024
+    assert settings.gateway_max_file_lines == 50_000
+    assert settings.upstream_provider is None
+    assert settings.consumer_timeout == 1800
+    assert settings.amqp_heartbeat == 10
 
 
 def test_upstream_url_requires_a_base() -> None:
@@ -113,17 +127,25 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_EVENTS_EXCHANGE", "ops.events", "events_exchange", "ops.events"),
     ("WORKER_CONSOLE_TOKEN", " s3cret\n", "console_token", "s3cret"),
     ("WORKER_RESULT_TTL", "0", "result_ttl", 0.0),
-    ("WORKER_CACHE", "on", "cache", True),
+    ("WORKER_CACHE", "ON", "cache", "on"),
     ("WORKER_CACHE_TTL", "60", "cache_ttl", 60.0),
-    ("WORKER_UPSTREAM_PROVIDER", "anthropic", "upstream_provider", "anthropic"),
-    ("WORKER_DATABASE_URL", "postgresql://db/gw", "database_url", "postgresql://db/gw"),
+    ("WORKER_BUDGETS_FILE", "/etc/budgets.yaml", "budgets_file", Path("/etc/budgets.yaml")),
+    (
+        "WORKER_DATABASE_URL",
+        "postgresql://gw:pw@db/gw",
+        "database_url",
+        "postgresql://gw:pw@db/gw",
+    ),
     ("WORKER_GATEWAY_HOST", "0.0.0.0", "gateway_host", "0.0.0.0"),
-    ("WORKER_GATEWAY_PORT", "9000", "gateway_port", 9000),
+    ("WORKER_GATEWAY_PORT", "8443", "gateway_port", 8443),
     ("WORKER_GATEWAY_KEYS_FILE", "/etc/keys.yaml", "gateway_keys_file", Path("/etc/keys.yaml")),
     ("WORKER_GATEWAY_BATCH_LANE", "chat.batch", "gateway_batch_lane", "chat.batch"),
     ("WORKER_GATEWAY_LANE", "chat.interactive", "gateway_lane", "chat.interactive"),
     ("WORKER_GATEWAY_MAX_FILE_BYTES", "1000", "gateway_max_file_bytes", 1000),
     ("WORKER_GATEWAY_MAX_FILE_LINES", "10", "gateway_max_file_lines", 10),
+    ("WORKER_UPSTREAM_PROVIDER", "anthropic", "upstream_provider", "anthropic"),
+    ("WORKER_CONSUMER_TIMEOUT", "900", "consumer_timeout", 900.0),
+    ("WORKER_AMQP_HEARTBEAT", "0", "amqp_heartbeat", 0),
 ]
 
 
@@ -132,18 +154,16 @@ def test_variable_from_environment(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, attribute: str, expected: Any
 ) -> None:
     monkeypatch.setenv(variable, value)
+    if variable == "WORKER_BUDGETS_FILE":  # budgets need the shared ledger
+        monkeypatch.setenv("WORKER_REDIS_URL", "redis://127.0.0.1:6379/0")
     got = getattr(load_settings(), attribute)
-    if attribute in ("amqp_url", "upstream_api_key", "redis_url", "console_token"):
+    if attribute in ("amqp_url", "upstream_api_key", "redis_url", "console_token", "database_url"):
         got = _secret(got)
     assert got == expected
 
 
 def test_every_setting_is_covered_by_a_test() -> None:
-    # WORKER_BUDGETS_FILE needs WORKER_REDIS_URL: tested with it below.
-    tested = {variable for variable, *_ in FROM_ENV} | {
-        "WORKER_REPLY_TO_PATTERN",
-        "WORKER_BUDGETS_FILE",
-    }
+    tested = {variable for variable, *_ in FROM_ENV} | {"WORKER_REPLY_TO_PATTERN"}
     assert tested == {f"WORKER_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -253,6 +273,11 @@ BAD = [
     ("WORKER_MAX_MESSAGE_BYTES", "0"),
     ("WORKER_LOG_FORMAT", "xml"),
     ("WORKER_LOG_LEVEL", "loud"),
+    ("WORKER_CACHE", "maybe"),
+    ("WORKER_RESULT_TTL", "-1"),
+    ("WORKER_GATEWAY_PORT", "0"),
+    ("WORKER_AMQP_HEARTBEAT", "-1"),
+    ("WORKER_CONSUMER_TIMEOUT", "0"),
 ]
 
 
@@ -340,9 +365,126 @@ def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings() == original
 
 
+def test_to_env_names_settings_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached property (the upstreams, once read) is no setting: a child process given
+    WORKER_UPSTREAMS would refuse it as a misspelling."""
+    monkeypatch.setenv("WORKER_UPSTREAM_BASE_URL", "http://llm.test/v1")
+    settings = load_settings()
+    assert settings.upstreams
+    assert set(settings.to_env()) <= known_names()
+
+
 def test_to_env_leaves_out_unset_values() -> None:
     env = load_settings().to_env()
     assert "WORKER_UPSTREAM_API_KEY" not in env
     assert "WORKER_UPSTREAM_BASE_URL" not in env
     assert "WORKER_REPLY_TO_PATTERN" not in env
     assert env["WORKER_CONCURRENCY"] == "64"
+
+
+# --- issue 27 item 2: a misspelt setting is refused, not ignored -----------------------------
+
+
+def test_item2_an_unknown_variable_names_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKER_CONCURENCY", "8")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        "WORKER_CONCURENCY: not a setting; did you mean WORKER_CONCURRENCY?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [
+        ("WORKER_UPSTREAM_URL", "WORKER_UPSTREAM_BASE_URL"),
+        ("WORKER_UPSTREAM_FILE", "WORKER_UPSTREAMS_FILE"),
+        ("WORKER_ALLOWED_MODEL", "WORKER_ALLOWED_MODELS"),
+        ("WORKER_CACHE_TL", "WORKER_CACHE_TTL"),  # a v3 setting: known by the model's fields
+        ("worker_log_levl", "WORKER_LOG_LEVEL"),  # read case-insensitively, checked alike
+    ],
+)
+def test_item2_every_misspelling_is_caught(
+    monkeypatch: pytest.MonkeyPatch, name: str, closest: str
+) -> None:
+    monkeypatch.setenv(name, "x")
+    with pytest.raises(SettingsError, match=f"did you mean {closest}\\?$"):
+        load_settings()
+
+
+def test_item2_a_misspelling_in_dotenv_is_caught(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("WORKER_CONCURRENCY=7\nWORKER_QUEUE_TPYE=classic\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        "WORKER_QUEUE_TPYE (in .env): not a setting; did you mean WORKER_QUEUE_TYPE?"
+    )
+    (tmp_path / ".env").write_text("WORKR_CONCURRENCY=7\nOTEL_SERVICE_NAME=x\n")
+    with pytest.raises(SettingsError, match=r"^WORKR_CONCURRENCY \(in \.env\): not a setting"):
+        load_settings()
+
+
+def test_item2_secrets_dir_and_test_variables_are_no_mistake(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("WORKER_TEST_AMQP_URL", "amqp://x/")
+    monkeypatch.setenv("WORKER_TEST_REDIS_URL", "redis://x/")
+    (tmp_path / ".env").write_text("OTEL_SERVICE_NAME=x\nPATH_EXTRA=y\n")
+    assert load_settings().concurrency == 64  # WORKER_SECRETS_DIR is set by the fixture
+
+
+def test_item2_the_known_names_are_the_settings_fields() -> None:
+    assert known_names() == {f"WORKER_{name.upper()}" for name in Settings.model_fields} | {
+        "WORKER_SECRETS_DIR"
+    }
+
+
+def test_item2_several_unknown_are_counted_on_the_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORKER_A", "WORKER_B", "WORKER_C"):
+        monkeypatch.setenv(name, "1")
+    with pytest.raises(
+        SettingsError, match=r"^WORKER_A: .*\(2 more unknown: WORKER_B, WORKER_C\)$"
+    ):
+        load_settings()
+
+
+COMMANDS = [
+    ["run"],
+    ["demo"],
+    ["submit", "jobs.jsonl"],
+    ["mock-upstream"],
+    ["dlq", "list"],
+    ["dlq", "replay", "--all"],
+    ["console"],
+    ["upstreams", "check"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_item2_every_command_stops_with_one_line_and_code_2(
+    tmp_path: Path, command: list[str]
+) -> None:
+    (tmp_path / "jobs.jsonl").write_text("{}\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    clean.update(
+        WORKER_SECRETS_DIR=str(tmp_path / "secrets"),
+        WORKER_UPSTREAM_BASE_URL="http://127.0.0.1:9/v1",
+        WORKER_CONCURENCY="8",
+        OTEL_SDK_DISABLED="true",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", *command],
+        env=clean,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "chat-worker: invalid setting WORKER_CONCURENCY: not a setting; "
+        "did you mean WORKER_CONCURRENCY?"
+    ]

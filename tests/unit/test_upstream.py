@@ -6,9 +6,11 @@ import asyncio
 import email.utils
 import socket
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import aiohttp.web
 import httpx
 import orjson
@@ -24,7 +26,7 @@ from worker.errors import (
     UpstreamError,
 )
 from worker.limits.headers import retry_after_seconds
-from worker.upstream.client import Completion, Upstream
+from worker.upstream.client import Completion, Upstream, transport_cause
 
 URL = "http://upstream.test/v1/chat/completions"
 KEY = "sk-test-key"
@@ -706,3 +708,100 @@ async def test_default_transport_embeddings_against_the_bundled_mock() -> None:
         finally:
             await upstream.aclose()
     assert [r.path for r in mock.requests] == ["/v1/embeddings", "/v1/embeddings"]
+
+
+# --- issue 27 item 5: the cause of a failed connection, in words ----------------------------
+
+
+async def test_item5_a_refused_connection_names_the_cause() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions", KEY)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.complete(BODY, {})
+        assert caught.value.message == (
+            f"upstream connection failed: connection refused by 127.0.0.1:{port}"
+        )
+        assert caught.value.cause == f"connection refused by 127.0.0.1:{port}"
+        with pytest.raises(UpstreamError, match=f"connection refused by 127.0.0.1:{port}"):
+            await collect(upstream)
+    finally:
+        await upstream.aclose()
+
+
+async def test_item5_an_untrusted_certificate_is_a_tls_cause() -> None:
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()  # a private authority the system does not trust
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    upstream = Upstream(f"https://127.0.0.1:{port}/v1/chat/completions", KEY)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.complete(BODY, {})
+        assert caught.value.cause is not None
+        assert caught.value.cause.startswith(f"TLS: certificate of 127.0.0.1:{port} not trusted")
+    finally:
+        await upstream.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+def _connector_error(os_error: OSError) -> aiohttp.ClientConnectorError:
+    key = types.SimpleNamespace(host="llm.test", port=443, ssl=True)
+    return aiohttp.ClientConnectorError(key, os_error)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (
+            _connector_error(socket.gaierror(-2, "Name or service not known")),
+            "DNS: cannot resolve llm.test (Name or service not known)",
+        ),
+        (
+            _connector_error(ConnectionRefusedError(111, "refused")),
+            "connection refused by llm.test:443",
+        ),
+        (_connector_error(TimeoutError()), "connect timeout (10s) to llm.test:443"),
+        (aiohttp.ConnectionTimeoutError("Connection timeout"), "connect timeout (10s)"),
+        (aiohttp.ServerDisconnectedError(), "the server closed the connection without an answer"),
+        (
+            aiohttp.ClientPayloadError("Response payload is not completed"),
+            "the answer's body broke off",
+        ),
+        (httpx.ConnectTimeout("timed out"), "connect timeout (10s)"),
+        (httpx.ConnectError("[Errno 111] Connection refused"), "connection refused"),
+        (httpx.ReadTimeout("timed out"), "read timeout"),
+        (httpx.RemoteProtocolError("illegal status line"), "malformed HTTP answer"),
+    ],
+    ids=[
+        "dns",
+        "refused",
+        "connect-timeout",
+        "connect-timeout-2",
+        "disconnected",
+        "payload",
+        "httpx-connect-timeout",
+        "httpx-refused",
+        "httpx-read-timeout",
+        "httpx-protocol",
+    ],
+)
+def test_item5_transport_failures_in_words(error: BaseException, cause: str) -> None:
+    assert transport_cause(error) == cause
+
+
+def test_item5_a_status_is_a_cause_too() -> None:
+    error = UpstreamError("upstream answered 503: busy", status_code=503)
+    assert error.cause == "status 503"

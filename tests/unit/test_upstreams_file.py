@@ -181,6 +181,107 @@ def test_a_bad_file_is_one_line_naming_the_place(tmp_path: Path, text: str, expe
     assert expected.removeprefix("upstreams: Value error, ") in message, message
 
 
+ONE = "upstreams:\n  - name: a\n    base_url: https://x/v1\n    models: [a]\n"
+
+
+# Issue 22 item 18: files that load but cannot be right are refused like other bad files.
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (ONE + "    weight: .inf\n", "line 5: upstreams[0].weight: Input should be a finite"),
+        (ONE + "    weight: .nan\n", "line 5: upstreams[0].weight: Input should be a finite"),
+        (
+            ONE + "    cooldown: {seconds: .inf}\n",
+            "line 5: upstreams[0].cooldown.seconds: Input should be a finite number",
+        ),
+        (
+            ONE + "    weight: 2\n    priority: 1\n    weight: 5\n",
+            "line 7: duplicate key 'weight' (first on line 5)",
+        ),
+        (
+            "upstreams:\n  - {name: a, base_url: 'https://x/v1', models: [a], name: b}\n",
+            "line 2: duplicate key 'name' (first on line 2)",
+        ),
+        (
+            "upstreams:\n  - name: a\n    base_url: https://x/v1\n    models: [a]\n"
+            "upstreams:\n  - name: b\n    base_url: https://y/v1\n    models: [b]\n",
+            "line 5: duplicate key 'upstreams' (first on line 1)",
+        ),
+        (
+            'upstreams:\n  - name: a\n    base_url: "http://"\n    models: [a]\n',
+            "line 3: upstreams[0].base_url: names no host",
+        ),
+        (
+            'upstreams:\n  - name: a\n    base_url: "https://:443/v1"\n    models: [a]\n',
+            "line 3: upstreams[0].base_url: names no host",
+        ),
+        (
+            'upstreams:\n  - name: a\n    base_url: "http://x:99999/v1"\n    models: [a]\n',
+            "line 3: upstreams[0].base_url: not a URL",
+        ),
+    ],
+    ids=[
+        "weight-inf",
+        "weight-nan",
+        "cooldown-inf",
+        "dup-key",
+        "dup-flow",
+        "dup-top",
+        "no-host",
+        "no-host-port",
+        "bad-port",
+    ],
+)
+def test_item18_a_file_that_loads_but_cannot_be_right_is_refused(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert expected in error_for(tmp_path, text)
+
+
+def test_item18_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    ok = "upstreams:\n  - &first {name: a, base_url: 'https://x/v1', models: [a], weight: 1}\n"
+    ok += "  - <<: *first\n    name: b\n    weight: 3\n"
+    specs = settings_for(tmp_path, ok).upstreams
+    assert [(spec.name, spec.weight) for spec in specs] == [("a", 1.0), ("b", 3.0)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("    weight: .inf\n", "line 5: upstreams[0].weight: Input should be a finite number"),
+        ("    weight: 1\n    weight: 2\n", "line 6: duplicate key 'weight' (first on line 5)"),
+    ],
+    ids=["weight-inf", "dup-key"],
+)
+def test_item18_the_cli_refuses_with_one_line_and_exit_2(
+    tmp_path: Path, extra: str, expected: str
+) -> None:
+    path = tmp_path / "upstreams.yaml"
+    path.write_text(ONE + extra)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    env |= {"WORKER_UPSTREAMS_FILE": str(path), "WORKER_SECRETS_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "upstreams", "check"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"chat-worker: invalid setting WORKER_UPSTREAMS_FILE {path} {expected}"
+    ]
+
+
+def test_item18_the_single_upstream_url_needs_a_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import load_settings
+
+    monkeypatch.setenv("WORKER_UPSTREAM_BASE_URL", "http://")
+    with pytest.raises(SettingsError, match=r"^WORKER_UPSTREAM_BASE_URL: .*names no host"):
+        load_settings()
+
+
 def test_a_missing_key_variable(tmp_path: Path) -> None:
     text = "upstreams:\n  - {name: a, base_url: 'https://x/v1', models: [a], api_key_env: NOPE}\n"
     message = error_for(tmp_path, text)

@@ -3,10 +3,11 @@
 With several lanes (§12) each lane has a dead-letter queue of its own: ``lane`` names the
 lane's request queue (the first lane by default), and a replay goes back to that lane.
 
-Listing is non-destructive: messages are fetched unacknowledged and all go back when the
-channel closes. A replayed request is republished ``mandatory`` with a fresh attempt count
-and removed from the dead-letter queue only once the broker routed and confirmed the copy;
-a copy it returns (no request queue of that name) or nacks stops the replay with
+Listing is non-destructive: messages are fetched unacknowledged (by one consumer whose
+prefetch covers them: :func:`snapshot`) and all go back when the channel closes. A
+replayed request is republished ``mandatory`` with a fresh attempt count and removed from
+the dead-letter queue only once the broker routed and confirmed the copy; a copy it
+returns (no request queue of that name) or nacks stops the replay with
 :class:`ReplayFailed`, and that dead letter and the rest stay where they were.
 
 A result kept there because nothing took it (AMQP type ``chat.result``, header
@@ -19,15 +20,16 @@ operator console (``worker.console``), which replays from every lane on its own 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import aio_pika
 import aiormq
-import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from worker.amqp.connect import connect_any
@@ -44,6 +46,7 @@ from worker.amqp.topology import (
     TYPE_RESULT,
     dead_letter_queue_for,
 )
+from worker.messages import custom_id_of
 from worker.settings import Settings
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "list_dead_letters",
     "replay_dead_letters",
     "replay_from",
+    "snapshot",
 ]
 
 UNROUTABLE_RESULT = "result_unroutable"
@@ -123,19 +127,10 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         attempts=int(attempts) if isinstance(attempts, int) else None,
         size=len(message.body),
         reason=reason,
-        custom_id=_text(headers.get(H_CUSTOM_ID)) or _custom_id(message.body),
+        # The one field read from the body (never shown); a large body is not parsed.
+        custom_id=_text(headers.get(H_CUSTOM_ID)) or custom_id_of(message.body),
         timestamp=when.timestamp() if when is not None else None,
     )
-
-
-def _custom_id(body: bytes) -> str | None:
-    """The request's ``custom_id``, the one field read from its body (never shown)."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    value = document.get("custom_id") if isinstance(document, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def _is_result(message: AbstractIncomingMessage) -> bool:
@@ -164,6 +159,44 @@ async def browse(
         yield message
 
 
+# A snapshot ends when no message came for this long (some of those counted at the start
+# were taken meanwhile, or expired).
+SNAPSHOT_IDLE = 2.0
+MAX_PREFETCH = 65535  # basic.qos's prefetch count is 16 bits; 0 means no limit
+
+
+async def snapshot(
+    channel: AbstractChannel, queue_name: str, *, limit: int | None = None
+) -> AsyncGenerator[AbstractIncomingMessage, None]:
+    """The messages ready in the queue when the walk began (at most ``limit``), unacked.
+
+    What :func:`browse` does one ``basic.get`` round trip per message, this does with one
+    consumer whose prefetch covers them all: the broker streams them (10,000 in 2-6 s on
+    two busy cores, against 24-30 s one by one). Nothing is acknowledged, so the caller's
+    closing of ``channel`` returns every one to the queue; the caller drops each message
+    once read (at worst the whole snapshot is in memory at once, as a listing is anyway).
+    ``channel`` is the caller's alone (its prefetch is set here).
+    """
+    queue = await channel.get_queue(queue_name, ensure=True)
+    present = queue.declaration_result.message_count or 0
+    wanted = present if limit is None else min(present, limit)
+    if wanted <= 0:
+        return
+    await channel.set_qos(prefetch_count=wanted if wanted <= MAX_PREFETCH else 0)
+    arrived: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    tag = await queue.consume(arrived.put, no_ack=False)
+    try:
+        for _ in range(wanted):
+            try:
+                message = await asyncio.wait_for(arrived.get(), SNAPSHOT_IDLE)
+            except TimeoutError:
+                return
+            yield message
+    finally:
+        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
+            await queue.cancel(tag)
+
+
 def lane_queue(settings: Settings, lane: str | None) -> str:
     """The request queue of ``lane`` (the first lane when none is named)."""
     queues = [configured.queue for configured in settings.lanes]
@@ -185,12 +218,13 @@ async def list_dead_letters(
     async with await connect_any(settings.amqp_urls, name="chat-worker dlq") as connection:
         channel = await connection.channel()
         found: list[DeadLetter] = []
-        async for message in browse(channel, dead_letter_queue):
-            letter = describe(message)
-            if _selected(letter, codes):
-                found.append(letter)
-                if limit is not None and len(found) >= limit:
-                    break
+        async with contextlib.aclosing(snapshot(channel, dead_letter_queue)) as messages:
+            async for message in messages:
+                letter = describe(message)
+                if _selected(letter, codes):
+                    found.append(letter)
+                    if limit is not None and len(found) >= limit:
+                        break
         return found  # closing the channel puts every message back
 
 

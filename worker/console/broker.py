@@ -5,9 +5,12 @@ to the fanout events exchange (the console leaves nothing behind when it stops).
 depths come from passive declares every two seconds: they create nothing and cost the
 broker one round trip each. Dead letters are read with ``worker.amqp.dlq``'s walk: fetched
 unacknowledged on a channel of their own and all returned when that channel closes, so
-reading them never removes one; the listing is kept until a dead-letter queue's depth
-changes (or 15 s pass), so a page left open does not drain the queue through the
-network again and again. A replay reuses ``worker.amqp.dlq.replay_from``: a dead letter is
+reading them never removes one. They are read by one consumer whose prefetch covers the
+queue (``worker.amqp.dlq.snapshot``): the broker streams them, rather than one round trip
+each. The listing is kept until a dead-letter queue's depth changes (or 15 s pass, or ten
+times as long as the listing took to read), so a page left open does not drain the queue
+through the network again and again; requests that arrive during a scan wait for it and
+share it. A replay reuses ``worker.amqp.dlq.replay_from``: a dead letter is
 acknowledged only after its copy is routed to the request queue and confirmed.
 """
 
@@ -27,7 +30,7 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from worker.amqp.dlq import DeadLetter, browse, describe, replay_from
+from worker.amqp.dlq import DeadLetter, describe, replay_from, snapshot
 from worker.amqp.topology import DELAY_TIERS, dead_letter_queue_for, delay_queue_name
 from worker.console.state import Fleet
 from worker.settings import Settings
@@ -38,6 +41,9 @@ log = structlog.get_logger(__name__)
 
 POLL_INTERVAL = 2.0
 LISTING_MAX_AGE = 15.0
+# ... or ten times as long as the last listing took to read: a queue that takes seconds to
+# read is not read again every 15 s while its depth stays the same.
+LISTING_AGE_PER_SCAN = 10.0
 MAX_SCAN = 10_000  # dead letters read per queue for one listing; the page says when cut
 MAX_HEARTBEAT_BYTES = 1 << 20
 
@@ -89,6 +95,9 @@ class ConsoleBroker:
         self._listing_key: tuple[int | None, ...] | None = None
         self._listing_at = 0.0
         self._first_seen: dict[str, float] = {}
+        self.scans = 0  # dead-letter listings read from the broker
+        self._scanning: set[str] = set()  # dead-letter queues a scan holds
+        self.scan_seconds = 0.0  # how long the last one took
 
     @property
     def dead_letter_queues(self) -> list[LaneQueue]:
@@ -140,14 +149,25 @@ class ConsoleBroker:
         await queue.consume(self._on_heartbeat, no_ack=True)
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        # Anything may be published to the exchange: what is not a heartbeat is dropped
+        # and counted (the fleet checks the rest), never allowed to break the page.
         if len(message.body) > MAX_HEARTBEAT_BYTES:
+            self.fleet.drop(f"{len(message.body)} bytes, over {MAX_HEARTBEAT_BYTES}")
             return
         try:
             body = orjson.loads(message.body)
         except orjson.JSONDecodeError:
+            self.fleet.drop("not JSON")
             return
-        if isinstance(body, dict) and body.get("type") == "heartbeat":
-            self.fleet.observe(body, time.time())
+        if not isinstance(body, dict):
+            self.fleet.drop("not a JSON object")
+            return
+        if body.get("type") != "heartbeat":
+            return  # another kind of event: not for this page
+        if not self.fleet.observe(body, time.time()):
+            # The first says why on the log; the rest are counted on the page.
+            say = log.warning if self.fleet.dropped == 1 else log.debug
+            say("heartbeat dropped", worker=str(body.get("worker"))[:100], why=self.fleet.last_drop)
 
     async def _poll(self, connection: AbstractConnection) -> None:
         channel: AbstractChannel = await connection.channel()
@@ -160,6 +180,10 @@ class ConsoleBroker:
                 except aiormq.exceptions.ChannelNotFoundEntity:
                     # Not declared (yet): no worker of that lane has started.
                     self.depths[queue.name] = self.consumers[queue.name] = None
+                    continue
+                if queue.name in self._scanning:
+                    # The letters a scan holds unacknowledged are not "ready": the depth
+                    # would drop for the scan's length. The last depth stands meanwhile.
                     continue
                 result = declared.declaration_result
                 self.depths[queue.name] = result.message_count
@@ -174,38 +198,63 @@ class ConsoleBroker:
     def dead_letter_count(self) -> int:
         return sum(self.depths.get(q.name) or 0 for q in self.dead_letter_queues)
 
-    async def dead_letters(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Every dead letter (up to :data:`MAX_SCAN` a queue), described, never its body."""
+    def _cached_listing(self) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
         key = tuple(self.depths.get(q.name) for q in self.dead_letter_queues)
-        fresh = time.monotonic() - self._listing_at < LISTING_MAX_AGE
+        max_age = max(LISTING_MAX_AGE, LISTING_AGE_PER_SCAN * self.scan_seconds)
+        fresh = time.monotonic() - self._listing_at < max_age
         if self._listing_key == key and fresh:
             return self._listing, self._listing_meta
+        return None
+
+    async def dead_letters(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Every dead letter (up to :data:`MAX_SCAN` a queue), described, never its body.
+
+        One scan serves every request waiting for it: the cache is looked at again once the
+        lock is held, so requests queued behind a scan take its listing rather than each
+        reading the queues again in turn (the depths, the cache's key, hold still while a
+        scan holds the letters)."""
+        if (cached := self._cached_listing()) is not None:
+            return cached
         async with self._dlq_lock:
+            if (cached := self._cached_listing()) is not None:
+                return cached
+            # The key of what is read: depths as of now, before the scan begins.
+            key = tuple(self.depths.get(q.name) for q in self.dead_letter_queues)
             connection = self._require_connection()
             listing: list[dict[str, Any]] = []
             truncated = False
             now = time.time()
+            started = time.monotonic()
             for queue in self.dead_letter_queues:
                 channel = await connection.channel()
+                self._scanning.add(queue.name)
                 try:
                     count = 0
-                    async for message in browse(channel, queue.name):
-                        listing.append(self._row(describe(message), queue, now))
-                        count += 1
-                        if count >= MAX_SCAN:
-                            truncated = True
-                            break
+                    messages = snapshot(channel, queue.name, limit=MAX_SCAN + 1)
+                    async with contextlib.aclosing(messages):
+                        async for message in messages:
+                            if count >= MAX_SCAN:
+                                truncated = True
+                                break
+                            listing.append(self._row(describe(message), queue, now))
+                            count += 1
                 except aiormq.exceptions.ChannelNotFoundEntity:
                     pass
                 finally:
                     with contextlib.suppress(Exception):
                         await channel.close()  # every message goes back
+                    self._scanning.discard(queue.name)
             seen = {row["key"] for row in listing}
             self._first_seen = {k: v for k, v in self._first_seen.items() if k in seen}
             self._listing = listing
             self._listing_meta = {"truncated": truncated, "listed_at": now}
             self._listing_key = key
             self._listing_at = time.monotonic()
+            self.scans += 1
+            self.scan_seconds = self._listing_at - started
+            log.debug(
+                "dead letters listed", letters=len(listing), seconds=round(self.scan_seconds, 3)
+            )
             return listing, self._listing_meta
 
     def _row(self, letter: DeadLetter, queue: LaneQueue, now: float) -> dict[str, Any]:

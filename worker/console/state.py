@@ -6,6 +6,11 @@ from the difference between a worker's successive counters, put in fixed time bu
 worker's counters run from its process start (§14), so a restarted worker (new
 ``started_at``, or any counter lower than before) starts again from zero: its first
 counters after the restart count as new work, never as a negative rate.
+
+A heartbeat is foreign input (anything may publish to the events exchange): it is checked
+against :class:`HeartbeatBody`, numbers bounded and names short, and one that does not fit
+is dropped (and counted) before it reaches the fleet, so it can neither break ``/api/state``
+nor the page's tables.
 """
 
 from __future__ import annotations
@@ -14,9 +19,18 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-__all__ = ["BUCKET_SECONDS", "SILENT_AFTER", "WINDOW_SECONDS", "Fleet", "WorkerView"]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "BUCKET_SECONDS",
+    "SILENT_AFTER",
+    "WINDOW_SECONDS",
+    "Fleet",
+    "HeartbeatBody",
+    "WorkerView",
+]
 
 SILENT_AFTER = 10.0  # a worker not heard from for this long is shown as silent
 FORGET_AFTER = 600.0  # and dropped from the list after this long
@@ -26,6 +40,83 @@ WINDOW_SECONDS = 600  # the charts' span
 # heartbeats' worth of counts to every bucket and the rate does not saw up and down.
 BUCKET_SECONDS = 6
 _BUCKETS = WINDOW_SECONDS // BUCKET_SECONDS
+
+# --- what a heartbeat may hold (contract §14) ------------------------------------------------
+
+MAX_COUNT = 2**53  # counters: exact in a JavaScript number, far below orjson's 64-bit limit
+MAX_AMOUNT = 1e15  # budgets, seconds, costs
+MAX_NAME = 256  # a worker, lane, model, tenant, upstream or error code name
+MAX_ENTRIES = 1000  # entries of one map (the worker bounds models and tenants to 101)
+
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Amount = (
+    Annotated[int, Field(ge=0, le=MAX_COUNT)]
+    | Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+)
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+Entries = Field(max_length=MAX_ENTRIES)
+
+
+class _Part(BaseModel):
+    # Strict: "3" is not 3 and true is not 1; fields a newer worker adds are left out.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class LaneBeat(_Part):
+    weight: int = Field(1, ge=1, le=1_000_000)
+    in_flight: Count | None = None  # None: several lanes without a count of their own
+
+
+class JobsBeat(_Part):
+    ok: Count = 0
+    error: Count = 0
+
+
+class TokensBeat(_Part):
+    input: Count = 0
+    output: Count = 0
+
+
+class TenantBeat(_Part):
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, Amount]  # e.g. its cost (§17): numbers only
+
+    jobs: Count = 0
+    input: Count = 0
+    output: Count = 0
+
+
+class UpstreamBeat(_Part):
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+    # remaining_requests, remaining_tokens, cooldown_s, ...: numbers only
+    __pydantic_extra__: dict[str, Amount | None]
+
+    state: Annotated[str, Field(max_length=32, pattern=r"^[a-z_]+$")] | None = None
+
+
+class HeartbeatBody(_Part):
+    """One heartbeat as the console accepts it; anything else is dropped."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    worker: Name
+    sent_at: str | None = Field(None, max_length=64)
+    started_at: str | None = Field(None, max_length=64)
+    ready: bool = False
+    concurrency: int | None = Field(None, ge=0, le=1_000_000)
+    lanes: Annotated[dict[Name, LaneBeat], Entries] = {}
+    in_flight: Count = 0
+    jobs: JobsBeat = JobsBeat()
+    errors: Annotated[dict[Name, Count], Entries] = {}
+    tokens: Annotated[dict[Name, TokensBeat], Entries] = {}
+    tenants: Annotated[dict[Name, TenantBeat], Entries] = {}
+    upstreams: Annotated[dict[Name, UpstreamBeat], Entries] = {}
+
+    @field_validator("sent_at", "started_at")
+    @classmethod
+    def _a_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            datetime.fromisoformat(value)  # ValueError: not an RFC 3339 time
+        return value
 
 
 @dataclass
@@ -102,30 +193,45 @@ class Fleet:
     def __init__(self) -> None:
         self.workers: dict[str, WorkerView] = {}
         self._buckets: dict[int, _Bucket] = {}
+        self.dropped = 0  # heartbeats refused: not JSON, too large, or not a heartbeat
+        self.last_drop: str | None = None  # why the last one was
 
-    def observe(self, body: Mapping[str, Any], now: float) -> None:
-        """Fold one heartbeat in; malformed ones (no ``worker``) are ignored."""
-        name = body.get("worker")
-        if not isinstance(name, str) or not name:
-            return
+    def drop(self, reason: str) -> None:
+        """Count a heartbeat refused (here or by the reader: not JSON, too large)."""
+        self.dropped += 1
+        self.last_drop = reason[:300]
+
+    def observe(self, raw: Mapping[str, Any], now: float) -> bool:
+        """Fold one heartbeat in; one that does not fit :class:`HeartbeatBody` is dropped
+        and counted. True when it was taken."""
+        try:
+            beat = HeartbeatBody.model_validate(raw)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            place = ".".join(str(part) for part in error["loc"]) or "heartbeat"
+            self.drop(f"{place}: {error['msg']}")
+            return False
+        body = beat.model_dump()
+        name = beat.worker
         counters = _Counters.of(body)
         known = self.workers.get(name)
         if known is None:
             # A worker first seen mid-life: its counters so far are history, not a rate;
             # one that has just started did all of it in the last heartbeat period.
-            self.workers[name] = WorkerView(name, dict(body), now, counters)
+            self.workers[name] = WorkerView(name, body, now, counters)
             if _just_started(body):
                 self._add(counters.since(None), now)
-            return
+            return True
         restarted = body.get("started_at") != known.body.get("started_at") or counters.went_back(
             known.counters
         )
         delta = counters.since(None if restarted else known.counters)
         self._add(delta, now)
         known.restarts += restarted
-        known.body = dict(body)
+        known.body = body
         known.counters = counters
         known.last_seen = max(known.last_seen, now)
+        return True
 
     def _add(self, delta: Mapping[tuple[str, str], int], now: float) -> None:
         if not delta:
@@ -213,6 +319,8 @@ class Fleet:
             "upstreams": upstream_gates(workers, now),
             "recent": self.totals(now),
             "series": self.series(now),
+            "heartbeats_dropped": self.dropped,
+            "last_drop": self.last_drop,
         }
 
 

@@ -12,6 +12,7 @@ import http
 import math
 import random
 import re
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -404,9 +405,12 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     ssl_context: ssl.SSLContext | None = None,
+    *,
+    sock: socket.socket | None = None,
 ) -> None:
     """Blocking: run the server until SIGINT/SIGTERM (the `chat-worker mock-upstream` command),
-    over TLS with ``ssl_context``."""
+    over TLS with ``ssl_context``; on ``sock`` (bound already) rather than ``host:port``
+    when given."""
     loop: asyncio.AbstractEventLoop | None = None
     try:
         import uvloop
@@ -418,8 +422,9 @@ def serve(
     # The CLI announces the address itself, so aiohttp's banner is silenced.
     web.run_app(
         app,
-        host=host,
-        port=port,
+        host=None if sock else host,
+        port=None if sock else port,
+        sock=sock,
         ssl_context=ssl_context,
         access_log=None,
         handler_cancellation=True,

@@ -1,6 +1,7 @@
 """The producer side: submit jobs, await their results, stream their deltas.
 
 ChatClientError
+├── BrokerUnreachable  no broker node answered, or one refused (credentials, vhost)
 ├── PublishFailed      the broker refused the request or could not route it
 ├── ConnectionLost     the connection closed while a result was awaited
 ├── JobTimeout         no result in time (also a ``TimeoutError``)
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from aio_pika.abc import (
 from opentelemetry import propagate, trace
 from pydantic import Field, TypeAdapter, ValidationError
 
-from worker.amqp.connect import connect_any
+from worker.amqp.connect import BrokerRefused, NoNodeAnswers, connect_any
 from worker.amqp.topology import H_DEADLINE, H_JOB_ID, TYPE_DELTA
 from worker.messages import (
     ChatCompletionRequest,
@@ -45,6 +47,7 @@ from worker.messages import (
 from worker.settings import Settings, load_settings
 
 __all__ = [
+    "BrokerUnreachable",
     "ChatClient",
     "ChatClientError",
     "ConnectionLost",
@@ -72,6 +75,11 @@ _REPLY: TypeAdapter[Reply] = TypeAdapter(Annotated[Reply, Field(discriminator="t
 
 class ChatClientError(Exception):
     """Base of everything the client raises about a job."""
+
+
+class BrokerUnreachable(ChatClientError, ConnectionError):
+    """No broker node answered (``WORKER_AMQP_URL``), or one refused the connection for
+    good (a wrong password, a vhost that does not exist); the message says which."""
 
 
 class PublishFailed(ChatClientError):
@@ -162,7 +170,10 @@ class ChatClient:
         if url is None:
             settings = settings or load_settings()
             url = settings.amqp_url.get_secret_value()
-        connection = await connect_any(url, name=f"chat-worker client {os.getpid()}")
+        try:
+            connection = await connect_any(url, name=f"chat-worker client {os.getpid()}")
+        except (NoNodeAnswers, BrokerRefused) as exc:
+            raise BrokerUnreachable(str(exc)) from exc
         try:
             async with cls(
                 connection,
@@ -239,14 +250,12 @@ class ChatClient:
             if deadline.tzinfo is None:
                 raise ValueError("deadline must be an aware datetime (with a time zone)")
             headers[H_DEADLINE] = deadline.astimezone(UTC).isoformat()
-        if trace.get_current_span().get_span_context().is_valid:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-            headers.update(carrier)
+        headers.update(trace_context())
         message = aio_pika.Message(
             line,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=datetime.now(UTC),  # the age of a job, and of its dead letter
             message_id=job_id,
             correlation_id=correlation_id,
             reply_to=reply_to,
@@ -431,6 +440,23 @@ class ChatClient:
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
             waiter.replies.put_nowait(error)
+
+
+def trace_context() -> dict[str, str]:
+    """The W3C trace context headers of a publish: the current span's, else a new trace of
+    its own (``traceparent`` version 00, sampled), so that the worker's spans of every job
+    belong to a trace the producer can name."""
+    carrier: dict[str, str] = {}
+    if trace.get_current_span().get_span_context().is_valid:
+        propagate.inject(carrier)
+    if "traceparent" not in carrier:
+        trace_id = span_id = "0"
+        while not int(trace_id, 16):  # all zeros is invalid (W3C); once in 2^128
+            trace_id = secrets.token_hex(16)
+        while not int(span_id, 16):
+            span_id = secrets.token_hex(8)
+        carrier = {"traceparent": f"00-{trace_id}-{span_id}-01"}
+    return carrier
 
 
 def connection_user(connection: AbstractConnection) -> str:

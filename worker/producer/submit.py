@@ -24,19 +24,20 @@ from typing import IO, Any
 
 import aiormq
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 from rich.console import Console
 
-from worker.amqp.connect import connect_any
-from worker.amqp.topology import H_JOB_ID, TYPE_DELTA, declare
+from worker.amqp.connect import BrokerRefused, NoNodeAnswers, connect_any
+from worker.amqp.topology import H_JOB_ID, TYPE_DELTA
 from worker.messages import BatchRequest, ErrorCode, JobResult
-from worker.producer.client import ChatClient, ChatClientError
+from worker.producer.client import BrokerUnreachable, ChatClient, ChatClientError
 from worker.producer.progress import PlainReporter, Reporter, RichReporter, Tally
 from worker.settings import Settings
 
 __all__ = [
     "UNREADABLE_RESULT",
+    "NoRequestQueue",
     "OutputExists",
     "ReplyQueueForbidden",
     "default_output",
@@ -60,6 +61,10 @@ ACK_INTERVAL = 0.05
 
 class OutputExists(Exception):
     """The output file has lines and ``--resume`` was not given."""
+
+
+class NoRequestQueue(Exception):
+    """The request queue jobs would be published to does not exist (a mistyped name)."""
 
 
 class ReplyQueueForbidden(Exception):
@@ -467,9 +472,15 @@ async def submit_file(
             f"(listed in {journal.name}; remove it to publish them again)"
         )
 
-    connection = await connect_any(settings.amqp_urls, name=f"chat-worker submit {os.getpid()}")
     try:
-        await declare(connection, settings)
+        connection = await connect_any(settings.amqp_urls, name=f"chat-worker submit {os.getpid()}")
+    except (NoNodeAnswers, BrokerRefused) as exc:
+        raise BrokerUnreachable(str(exc)) from exc
+    try:
+        # A producer declares no queue of the workers': a mistyped name would create a
+        # queue no worker reads, and the run would wait for ever. The queue must exist.
+        request_queue = lane or settings.lanes[0].queue
+        await _require_queue(connection, request_queue)
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=max(max_in_flight, 100))
         queue = await channel.declare_queue(
@@ -503,6 +514,22 @@ async def submit_file(
     finally:
         await connection.close()
     return tally
+
+
+async def _require_queue(connection: AbstractConnection, name: str) -> None:
+    """Raise :class:`NoRequestQueue` when no queue ``name`` exists (a passive declare: it
+    creates nothing, and fails on a channel of its own)."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise NoRequestQueue(
+            f"no queue {name!r} on the broker: is WORKER_REQUEST_QUEUE (or --lane) right? "
+            "Workers declare their queues when they start"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
 
 
 async def _run(run: _Submission, queue: AbstractQueue, source: Path, stop: asyncio.Event) -> None:
@@ -559,11 +586,19 @@ async def run_submit(
                 lane=lane,
                 tenant_from_connection=tenant_from_connection,
             )
-        except (OutputExists, ReplyQueueForbidden) as exc:
+        except (OutputExists, ReplyQueueForbidden, NoRequestQueue) as exc:
             _say(console, f"chat-worker submit: {exc}")
             return 2
-        except (OSError, aiormq.exceptions.AMQPError, ChatClientError) as exc:
-            _say(console, f"chat-worker submit: {exc!r}")
+        except BrokerUnreachable as exc:
+            refused = isinstance(exc.__cause__, BrokerRefused)
+            what = "the broker refused the connection" if refused else "cannot reach the broker"
+            _say(console, f"chat-worker submit: {what}: {exc}")
+            return 1
+        except ChatClientError as exc:
+            _say(console, f"chat-worker submit: {exc}")
+            return 1
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
+            _say(console, f"chat-worker submit: {type(exc).__name__}: {exc}")
             return 1
         except asyncio.CancelledError:  # a second Ctrl-C
             _say(console, "chat-worker submit: cancelled; run again with --resume to continue")

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +40,7 @@ __all__ = [
     "Completion",
     "Upstream",
     "default_transport",
+    "transport_cause",
 ]
 
 # Connecting is the one phase the transport times itself: a host that does not answer a
@@ -202,7 +206,7 @@ class Upstream:
                     await response.aclose()
                 status, answer_headers = response.status_code, response.headers
         except TRANSPORT_ERRORS as exc:
-            raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+            raise _connection_failed(exc) from exc
         if meta is not None:
             meta["status_code"] = status
             meta["headers"] = answer_headers
@@ -251,7 +255,7 @@ class Upstream:
                 transport = None
                 finish = None
         except TRANSPORT_ERRORS as exc:
-            raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+            raise _connection_failed(exc) from exc
         try:
             if meta is not None:
                 meta["status_code"] = status
@@ -283,6 +287,37 @@ class Upstream:
         finally:
             with contextlib.suppress(*TRANSPORT_ERRORS):
                 await close()
+
+    async def list_models(self) -> list[str]:
+        """The model ids of ``GET {base}/models`` (OpenAI's list), in the order given.
+
+        Raises a :class:`JobError` as a call does: an error status, a failed connection."""
+        path = self._url.path.removesuffix("/chat/completions") + "/models"
+        headers = {k: v for k, v in self._headers.items() if k != "content-type"}
+        request = httpx.Request(
+            "GET", self._url.copy_with(path=path), headers=headers, extensions=self._extensions
+        )
+        try:
+            response = await self._transport.handle_async_request(request)
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+        except TRANSPORT_ERRORS as exc:
+            raise _connection_failed(exc) from exc
+        if response.status_code >= 300:
+            raise _status_error(response.status_code, response.headers, content)
+        try:
+            listed = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            listed = None
+        data = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamError(
+                "upstream sent a body that is not a list of models",
+                status_code=response.status_code,
+            )
+        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def stream(
         self, body: bytes, headers: Mapping[str, str], meta: dict[str, Any]
@@ -348,6 +383,53 @@ def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
         return data
 
     return read
+
+
+def transport_cause(exc: BaseException) -> str:
+    """Why a connection to an upstream failed, in a few words: refused, DNS, TLS, timeout,
+    a broken answer. Host and port only: never the URL (its query may hold a key)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+        return f"TLS: certificate of {exc.host}:{exc.port} not trusted ({reason})"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        where = f"{exc.host}:{exc.port}"
+        cause = exc.os_error
+        if isinstance(cause, socket.gaierror):
+            return f"DNS: cannot resolve {exc.host} ({cause.strerror})"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: handshake with {where} failed ({cause.reason or cause})"
+        if isinstance(cause, ConnectionRefusedError) or cause.errno == errno.ECONNREFUSED:
+            return f"connection refused by {where}"
+        if isinstance(cause, TimeoutError):
+            return f"connect timeout ({CONNECT_TIMEOUT:g}s) to {where}"
+        return f"cannot connect to {where}: {cause.strerror or type(cause).__name__}"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return f"TLS: {getattr(exc, 'reason', None) or type(exc).__name__}"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | httpx.ConnectTimeout):
+        return f"connect timeout ({CONNECT_TIMEOUT:g}s)"
+    if isinstance(exc, aiohttp.ServerTimeoutError | httpx.TimeoutException):
+        return "read timeout"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without an answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer's body broke off"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"malformed HTTP answer ({exc.message})"
+    if isinstance(exc, aiohttp.ClientOSError | httpx.NetworkError):
+        text = str(exc).lower()
+        if "refused" in text:
+            return "connection refused"
+        if "name or service not known" in text or "nodename" in text or "resolve" in text:
+            return "DNS: cannot resolve the host"
+        return f"connection failed ({type(exc).__name__})"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "malformed HTTP answer"
+    return type(exc).__name__
+
+
+def _connection_failed(exc: BaseException) -> UpstreamError:
+    cause = transport_cause(exc)
+    return UpstreamError(f"upstream connection failed: {cause}", cause=cause)
 
 
 def _completion_body(

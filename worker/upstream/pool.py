@@ -104,6 +104,7 @@ class Member:
     failures: int = 0  # retryable failures in a row
     cooling_until: float | None = None  # clock time the cooldown ends; None when healthy
     probing: bool = False  # a probe job holds it
+    cause: str | None = None  # why its last failed attempt failed, in a few words
 
     @property
     def name(self) -> str:
@@ -281,6 +282,20 @@ class UpstreamPool:
         ]
         return min(waits, default=0.0)
 
+    def cooling_cause(self, model: str, endpoint: Endpoint = "chat") -> str | None:
+        """``upstream: cause`` of the member of ``model`` that cooled down last, for the
+        error of a job that finds every one resting (None when none says why)."""
+        resting = [
+            m
+            for tier in self.route(model, endpoint).tiers
+            for m in tier
+            if m.cooling_until is not None
+        ]
+        latest = max(resting, key=lambda m: m.cooling_until or 0.0, default=None)
+        if latest is None or latest.cause is None:
+            return None
+        return f"{latest.name}: {latest.cause}"
+
     # Health -----------------------------------------------------------------------------
 
     def report(
@@ -289,6 +304,8 @@ class UpstreamPool:
         """How an attempt on ``member`` ended: ``error`` None is a success. ``probe`` says
         the attempt was the member's probe (``member.probing`` right after :meth:`choose`);
         a cancelled attempt proves nothing and frees the probe for another job."""
+        if error is not None and not cancelled:
+            member.cause = error.cause or error.code.value
         if not self._cooldowns:
             return
         if cancelled:
@@ -313,6 +330,7 @@ class UpstreamPool:
             upstream=member.name,
             seconds=seconds,
             reason=reason,
+            cause=member.cause,
             failures=member.failures,
             probe_failed=probe_failed,
         )

@@ -119,7 +119,9 @@ function render(s) {
   const hasToken = !!sessionStorage.getItem(TOKEN_KEY);
   $("signin").hidden = !s.actions || hasToken;
   $("signout").hidden = !s.actions || !hasToken;
-  $("updated").textContent = "updated " + new Date(s.generated_at * 1000).toLocaleTimeString();
+  $("updated").textContent = "updated " + new Date(s.generated_at * 1000).toLocaleTimeString() +
+    (s.heartbeats_dropped ? ` · ${s.heartbeats_dropped} malformed heartbeats dropped` : "");
+  $("updated").title = s.last_drop ? "last dropped: " + s.last_drop : "";
 
   const recent = s.recent;
   $("k-workers").textContent = `${s.alive} / ${s.workers.length}`;
@@ -281,6 +283,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("replay-code").addEventListener("click", () => { const code = $("dl-filter").elements.code.value; replay({ code }, "code " + code); });
   $("signin").addEventListener("click", async () => { await askToken(); if (state) render(state); });
   $("signout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); if (state) render(state); });
+  // The state of when the page was served is in it: drawn at once, before the first event.
+  const initial = document.getElementById("initial-state");
+  if (initial) render(JSON.parse(initial.textContent));  // which loads the dead letters
+  else loadLetters();
   connect();
-  loadLetters();
 });
