@@ -135,7 +135,7 @@ async def test_the_cache_answers_the_same_tenant_and_body_only(
     redis_url: str,
     settings: Any,
 ) -> None:
-    await start_worker(redis_url=redis_url, result_ttl=0, cache=True, trust_tenant_header=True)
+    await start_worker(redis_url=redis_url, result_ttl=0, cache="on", trust_tenant_header=True)
     request = line("cached")
     seen = []
     # The last one: x-cache false turns the cache off for that message.
@@ -173,7 +173,7 @@ async def test_a_streamed_hit_still_gets_its_deltas(
     redis_url: str,
     settings: Any,
 ) -> None:
-    await start_worker(redis_url=redis_url, result_ttl=0, cache=True)
+    await start_worker(redis_url=redis_url, result_ttl=0, cache="on")
     request = line("streamed", stream=True)
     await publish(connection, settings.request_queue, request, reply_to=replies.name)
     await replies.until_results(1)
@@ -202,7 +202,7 @@ async def test_redis_on_a_closed_port_skips_the_store_and_jobs_succeed(
     mock: MockUpstream,
     settings: Any,
 ) -> None:
-    worker = await start_worker(redis_url=f"redis://127.0.0.1:{free_port()}/0", cache=True)
+    worker = await start_worker(redis_url=f"redis://127.0.0.1:{free_port()}/0", cache="on")
     for n in range(3):
         await publish(
             connection, settings.request_queue, line(f"closed {n}"), reply_to=replies.name
