@@ -108,9 +108,35 @@ class AmqpProxy:
         writer.close()
 
 
-async def publish_raw(broker_url: str, queue: str, data: bytes) -> None:
+def _raw_content_header(
+    channel: int, size: int, headers: dict[str, bytes], reply_to: str | None
+) -> bytes:
+    """A content header frame whose headers are long strings of raw bytes (not UTF-8, as
+    some clients send bytes), which pamqp would not encode."""
+    table = b"".join(
+        bytes((len(k),)) + k.encode() + b"S" + struct.pack(">I", len(v)) + v
+        for k, v in headers.items()
+    )
+    flags = 0x2000 | 0x1000  # headers, delivery_mode
+    fields = struct.pack(">I", len(table)) + table + b"\x02"
+    if reply_to:
+        flags |= 0x0200
+        fields += bytes((len(reply_to),)) + reply_to.encode()
+    payload = struct.pack(">HHQH", 60, 0, size, flags) + fields
+    return struct.pack(">BHI", 2, channel, len(payload)) + payload + bytes((FRAME_END,))
+
+
+async def publish_raw(
+    broker_url: str,
+    queue: str,
+    data: bytes,
+    *,
+    raw_headers: dict[str, bytes] | None = None,
+    reply_to: str | None = None,
+) -> None:
     """Publish one persistent message with no ``message_id`` at all, as a bare AMQP client
-    (pika, a shell tool) can: aiormq always fills one in, so the test speaks AMQP itself."""
+    (pika, a shell tool) can: aiormq always fills one in, so the test speaks AMQP itself.
+    ``raw_headers``: header values sent as long strings of these exact bytes."""
     from pamqp import header
 
     parts = urlsplit(broker_url)
@@ -150,8 +176,11 @@ async def publish_raw(broker_url: str, queue: str, data: bytes) -> None:
         send(commands.Confirm.Select(), 1)
         await expect(commands.Confirm.SelectOk)
         send(commands.Basic.Publish(exchange="", routing_key=queue), 1)
-        properties = commands.Basic.Properties(delivery_mode=2)
-        send(header.ContentHeader(0, len(data), properties), 1)
+        if raw_headers or reply_to:
+            writer.write(_raw_content_header(1, len(data), raw_headers or {}, reply_to))
+        else:
+            properties = commands.Basic.Properties(delivery_mode=2)
+            send(header.ContentHeader(0, len(data), properties), 1)
         send(body.ContentBody(data), 1)
         await expect(commands.Basic.Ack)
         send(commands.Connection.Close(200, "done", 0, 0), 0)

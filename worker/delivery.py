@@ -4,19 +4,28 @@ Settlement rules, stated once and applied here (a failure of any step ends in
 :func:`release`):
 
 - A request is acknowledged only after every copy it depends on is published
-  ``mandatory`` and confirmed by the broker:
+  ``mandatory`` and confirmed by the broker (a nack is published again for a while, a
+  return is final: :mod:`worker.amqp.publish`):
   - a finished job (ok or error): its result, to ``reply_to``; if that queue is missing or
     refuses it (return or nack), to the result exchange; if nothing takes it there, the
     result document itself to the dead-letter queue (a paid completion is never dropped);
-  - a failed job: also the copy of its request in the dead-letter queue;
   - a retry that must wait long: the copy in its delay queue;
   - a redelivery on a classic queue: the copy with its redelivery count.
+- **Exactly one result per job.** The result is the contract's one message for a job, and
+  it is the last thing published before the ack: nothing that could fail after it sends
+  the request round again to publish a second one. So a failed job's dead-letter copy goes
+  first, and if the dead-letter queue will not take it (missing, or still refusing at the
+  end of the retry window), the dead letter is given up, logged as an error and counted
+  (``chat_worker_dead_letters_lost_total``), and the result goes out and the request is
+  acknowledged all the same: the result says what failed and why; looping the request
+  instead would charge it a delivery each round and end with no result at all (the
+  broker's delivery limit drops it into the same refusing queue).
 - Anything else (a copy returned or nacked with no fallback left, a publish that failed,
   a lost channel, a bug) leaves the request unacknowledged: after a pause that grows with
   its redeliveries (no hot loop), it is nacked back to the queue, and the delivery count
   bounds the loop.
-- Copies never inherit the request's ``expiration`` (see
-  :func:`~worker.amqp.publish.copy_request`).
+- Copies never inherit the request's ``expiration`` and keep its tenant (see
+  :mod:`worker.amqp.copies`).
 """
 
 from __future__ import annotations
@@ -30,8 +39,9 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker.amqp.blocked import BlockedState
+from worker.amqp.connect import broker_user
 from worker.amqp.envelope import read_envelope
-from worker.amqp.publish import Publisher, render_result
+from worker.amqp.publish import CopyRefused, Publisher, render_result
 from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES
 from worker.heartbeat import JobStats
 from worker.job import Deferral, Envelope, JobOutcome, Rejection, decode_job
@@ -69,6 +79,11 @@ class DeliveryHandler:
         self.stats = stats
         self.blocking = blocking
         self.identity = identity
+        # The worker's own broker users: a message with one of them as user_id is a copy
+        # the worker published again, and names its tenant in a header (worker.tenants).
+        self.republishers = frozenset(
+            user for url in settings.amqp_urls if (user := broker_user(url)) is not None
+        )
 
     async def handle(
         self, message: AbstractIncomingMessage, lane: str, publisher: Publisher
@@ -85,7 +100,10 @@ class DeliveryHandler:
             settings=self.settings,
             lane=lane,
             tenant=tenant_of(
-                message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
+                message.user_id,
+                message.headers,
+                trust_header=self.settings.trust_tenant_header,
+                republishers=self.republishers,
             ),
         )
         if (
@@ -126,7 +144,9 @@ class DeliveryHandler:
                     await deltas.settle()  # the result is the job's last message
                 finally:
                     deltas.discard()
-            await self._settle(publisher, message, envelope, custom_id, model, outcome, trace)
+            dead_lettered = await self._settle(
+                publisher, message, envelope, custom_id, model, outcome, trace
+            )
             if isinstance(outcome, JobOutcome):
                 self.telemetry.record_job(
                     span,
@@ -136,6 +156,7 @@ class DeliveryHandler:
                     lane=lane,
                     tenant=envelope.tenant,
                     usage=outcome.usage,
+                    dead_lettered=dead_lettered,
                 )
                 self.stats.record(
                     error_code=outcome.error.code.value if outcome.error else None,
@@ -154,7 +175,9 @@ class DeliveryHandler:
         model: str | None,
         outcome: JobOutcome | Deferral,
         trace: dict[str, str],
-    ) -> None:
+    ) -> bool:
+        """Publish what the outcome needs and acknowledge (the module docstring's rules);
+        True when a dead letter was kept."""
         if isinstance(outcome, Deferral):
             tier = await publisher.defer(message, envelope, outcome)
             await message.ack()
@@ -164,16 +187,30 @@ class DeliveryHandler:
                 attempts=outcome.attempts,
                 retry_in_s=tier,
             )
-            return
+            return False
         document = render_result(envelope, custom_id, model, outcome, self.identity)
         error = outcome.error
-        if error is None:
-            await publisher.result(envelope, custom_id, outcome, document, trace)
-        else:
-            await asyncio.gather(
-                publisher.result(envelope, custom_id, outcome, document, trace),
-                publisher.dead_letter(message, envelope, error, outcome.attempts),
-            )
+        dead_lettered = False
+        if error is not None:
+            try:
+                await publisher.dead_letter(message, envelope, error, outcome.attempts)
+                dead_lettered = True
+            except CopyRefused as refused:
+                log.error(
+                    "dead-letter queue did not take the failed request; "
+                    "publishing the result all the same",
+                    destination=refused.destination,
+                    reason=refused.reason,
+                    error_code=error.code.value,
+                )
+                self.telemetry.dead_letters_lost.add(
+                    1,
+                    {
+                        "lane": envelope.lane or "",
+                        "reason": "returned" if refused.returned else "refused",
+                    },
+                )
+        await publisher.result(envelope, custom_id, outcome, document, trace)
         await message.ack()
         usage = outcome.usage or {}
         log.info(
@@ -186,6 +223,7 @@ class DeliveryHandler:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
         )
+        return dead_lettered
 
 
 async def release(message: AbstractIncomingMessage, stopping: asyncio.Event) -> None:

@@ -163,6 +163,11 @@ class Settings(BaseSettings):
     stream_idle_timeout: PositiveSeconds = 60.0
     stream_flush_interval: float = Field(0.05, ge=0)
     shutdown_grace: float = Field(30.0, ge=0)
+    # The broker's consumer timeout (RabbitMQ's consumer_timeout, 30 min by default): a
+    # delivery held longer closes its channel. Retries leave through a delay queue before.
+    consumer_timeout: PositiveSeconds = 1800.0
+    # How long a copy the broker nacks (a quorum queue electing a leader) is published again.
+    publish_retry_window: float = Field(60.0, ge=0)
     allowed_models: Annotated[frozenset[str], NoDecode] = frozenset()
     reply_to_pattern: re.Pattern[str] | None = None
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1)

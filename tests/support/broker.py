@@ -51,6 +51,13 @@ class Replies:
         async with asyncio.timeout(timeout):
             return await self._inbox.get()
 
+    def drain(self) -> list[AbstractIncomingMessage]:
+        """Every message arrived and not read yet, without waiting."""
+        found = []
+        while not self._inbox.empty():
+            found.append(self._inbox.get_nowait())
+        return found
+
     async def until_results(self, count: int, timeout: float = 30) -> list[AbstractIncomingMessage]:
         """Every message until ``count`` results have arrived (deltas included, in order)."""
         seen: list[AbstractIncomingMessage] = []

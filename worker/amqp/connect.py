@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractConnection
 __all__ = [
     "NoNodeAnswers",
     "Nodes",
+    "broker_user",
     "connect_any",
     "reachable",
     "redact",
@@ -37,6 +38,19 @@ def redact(url: str) -> str:
     if parsed.password is not None:
         parsed = parsed.with_password(None)
     return str(parsed)
+
+
+def broker_user(url: str | yarl.URL) -> str | None:
+    """The broker user a connection to ``url`` authenticates as, as aiormq logs in: the
+    URL's user (``guest`` when none) with PLAIN; None when the broker decides (EXTERNAL:
+    the user is the TLS certificate's)."""
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError):
+        return None
+    if parsed.query.get("auth", "plain").lower() != "plain":
+        return None
+    return parsed.user or "guest"
 
 
 class Nodes:
