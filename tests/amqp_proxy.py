@@ -55,6 +55,12 @@ class AmqpProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def cut(self) -> None:
+        """Drop every connection through the proxy, as a lost network or node would."""
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.close()
+
     def block(self, reason: str, *, hold: bool = False) -> None:
         self._inject(commands.Connection.Blocked(reason=reason))
         self._holding = hold

@@ -47,6 +47,12 @@ log = structlog.get_logger(__name__)
 # an error, so that an orchestrator restarts it rather than keeping a silent zombie.
 RESUME_DEADLINE = 60.0
 RECONNECT_MAX_DELAY = 5.0
+# A connection lost within QUICK_LOSS seconds of opening (a message that makes the broker
+# close it, a flapping node) is not reopened at once, again and again: from the second
+# such loss in a row, the worker pauses first, RECONNECT_PAUSE doubling up to
+# RECONNECT_MAX_DELAY (a first loss reconnects at once: a node gone, another one answers).
+QUICK_LOSS = 30.0
+RECONNECT_PAUSE = 0.5
 CONNECT_TIMEOUT = 10.0
 # How often queues that were out of reach at start are declared again.
 REDECLARE_INTERVAL = 5.0
@@ -181,13 +187,26 @@ class Worker:
     async def run(self) -> None:
         """Serve until stopped. Raises :class:`BrokerUnavailable` when consuming cannot
         (re)start within :data:`RESUME_DEADLINE`."""
+        quick_losses = 0
         try:
             while not self._stopping.is_set():
                 self._not_consuming_since = time.monotonic()
+                if quick_losses > 1:
+                    pause = min(RECONNECT_PAUSE * 2 ** (quick_losses - 2), RECONNECT_MAX_DELAY)
+                    log.warning(
+                        "connection lost soon after it opened again; pausing first",
+                        losses_in_a_row=quick_losses,
+                        pause_s=pause,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), pause)
                 connection = await self._connect()
                 if connection is None:
                     break
+                opened = time.monotonic()
                 await self._serve(connection)
+                quick = time.monotonic() - opened < QUICK_LOSS
+                quick_losses = quick_losses + 1 if quick else 0
         finally:
             await self.upstreams.aclose()
             await self.runner.aclose()

@@ -1,13 +1,16 @@
-"""The worker's life cycle in-process: lost consumers, an unreachable broker."""
+"""The worker's life cycle in-process: lost consumers and connections, an unreachable broker,
+stopping."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 from aio_pika.abc import AbstractConnection
-from support.broker import Replies, make_settings, publish
+from amqp_proxy import AmqpProxy
+from support.broker import Replies, fresh_telemetry, make_settings, publish
 
 import worker.service
 from worker.messages import JobResult
@@ -45,3 +48,31 @@ async def test_an_unreachable_broker_ends_the_worker_with_an_error(
     with pytest.raises(BrokerUnavailable, match="not consuming for 1s"):
         await asyncio.wait_for(running.run(), 20)
     assert not running.ready
+
+
+async def test_item2_quick_losses_in_a_row_reconnect_after_a_growing_pause(
+    amqp_url: str, names: dict[str, str], mock: MockUpstream, connection: AbstractConnection
+) -> None:
+    """A connection the broker closes right after it opens (a message that breaks it) is
+    not reopened at once again and again: the first loss reconnects at once, the next ones
+    after a pause that doubles."""
+    async with AmqpProxy(amqp_url) as proxy:
+        running = Worker(make_settings(proxy.url, names, mock), telemetry=fresh_telemetry())
+        task = asyncio.create_task(running.run())
+        try:
+            async with asyncio.timeout(15):
+                await running.wait_ready()
+            took = []
+            for _ in range(4):
+                proxy.cut()
+                cut = time.monotonic()
+                async with asyncio.timeout(15):
+                    while running.ready:
+                        await asyncio.sleep(0.005)
+                    await running.wait_ready()
+                took.append(time.monotonic() - cut)
+        finally:
+            running.stop()
+            await asyncio.wait_for(task, 30)
+    assert took[0] < 0.45, took  # at once
+    assert took[1] >= 0.5 and took[2] >= 1.0 and took[3] >= 2.0, took
