@@ -86,9 +86,15 @@ class DeliveryHandler:
         )
 
     async def handle(
-        self, message: AbstractIncomingMessage, lane: str, publisher: Publisher
+        self,
+        message: AbstractIncomingMessage,
+        lane: str,
+        publisher: Publisher,
+        received: float | None = None,
     ) -> None:
-        """Read, check, run and settle one delivery; raise when it could not be settled."""
+        """Read, check, run and settle one delivery; raise when it could not be settled.
+        ``received``: when the delivery arrived (``time.monotonic``), now by default."""
+        received = time.monotonic() if received is None else received
         started = time.perf_counter()
         envelope = read_envelope(
             body=message.body,
@@ -140,7 +146,7 @@ class DeliveryHandler:
                 structlog.contextvars.bind_contextvars(custom_id=custom_id, model=model)
                 deltas = publisher.deltas(envelope, custom_id, trace, self.blocking)
                 try:
-                    outcome = await self.runner.run(decoded, deltas)
+                    outcome = await self.runner.run(decoded, deltas, held_since=received)
                     await deltas.settle()  # the result is the job's last message
                 finally:
                     deltas.discard()

@@ -2,6 +2,14 @@
 
 Nothing here touches the broker: :mod:`worker.delivery` hands in a checked job and a sink
 for its deltas, and settles what :meth:`JobRunner.run` returns.
+
+A delivery is held while its job runs, and the broker closes the channel of a delivery
+held past its consumer timeout (``WORKER_CONSUMER_TIMEOUT``, RabbitMQ's 30 minutes by
+default), cancelling every job on it. So before each further attempt the runner checks
+the worst case: the time held so far, the wait before the attempt, a rate-limit wait and
+a whole ``WORKER_REQUEST_TIMEOUT``. Past :data:`HOLD_SHARE` of the consumer timeout the
+job leaves through a delay queue instead (a :class:`~worker.job.Deferral`), and the next
+delivery starts a fresh hold.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ BACKOFF_CAP = 60.0
 # Waiting for rate-limit budget holds the consumer slot up to this long (well inside the
 # broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
 RATE_LIMIT_INLINE_WAIT = 30.0
+# The share of WORKER_CONSUMER_TIMEOUT a delivery may be held at worst: the rest is margin
+# for settling (publishes, their confirms) and for the clocks' disagreement.
+HOLD_SHARE = 0.8
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -97,7 +108,12 @@ class JobRunner:
         for member in self.pool.members:
             await _gate_of(member).aclose()
 
-    async def run(self, job: Job, send_delta: DeltaSink) -> JobOutcome | Deferral:
+    async def run(
+        self, job: Job, send_delta: DeltaSink, held_since: float | None = None
+    ) -> JobOutcome | Deferral:
+        """Run the job's attempts. ``held_since``: when its delivery arrived
+        (``time.monotonic``), now by default (see the module docstring)."""
+        held_since = time.monotonic() if held_since is None else held_since
         attempt = job.envelope.prior_attempts
         waited = job.envelope.rate_limit_wait_ms / 1000  # seconds, across deliveries
         if attempt >= self.settings.max_attempts:
@@ -172,6 +188,8 @@ class JobRunner:
             if member is not None:
                 tried.append(member)
                 member, probe = self._choose(job.model, tried)
+                if member is not None and self._overstays(held_since, 0.0):
+                    return self._leave(exc, attempt, waited, 0.0)
                 if member is not None:
                     self.telemetry.retries.add(
                         1, {"error_code": exc.code.value, "upstream": tried[-1].name}
@@ -191,9 +209,28 @@ class JobRunner:
                 return Deferral(
                     wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000
                 )
+            if self._overstays(held_since, wait):
+                return self._leave(exc, attempt, waited, wait)
             await asyncio.sleep(wait)
             tried.clear()
             member, probe = self._choose(job.model)
+
+    def _overstays(self, held_since: float, wait: float) -> bool:
+        """Whether one more attempt after ``wait`` seconds could hold the delivery past
+        :data:`HOLD_SHARE` of the broker's consumer timeout (the module docstring)."""
+        settings = self.settings
+        worst = (
+            time.monotonic() - held_since + wait + RATE_LIMIT_INLINE_WAIT + settings.request_timeout
+        )
+        return worst > HOLD_SHARE * settings.consumer_timeout
+
+    @staticmethod
+    def _leave(exc: JobError, attempt: int, waited: float, wait: float) -> Deferral:
+        log.info(
+            "retrying through a delay queue: the delivery has been held long",
+            error_code=exc.code.value,
+        )
+        return Deferral(wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000)
 
     def _choose(
         self, model: str, exclude: list[Member] | None = None, *, ready: bool = False

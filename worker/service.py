@@ -360,6 +360,7 @@ class Worker:
     # --- one delivery ----------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage, lane: str) -> None:
+        received = time.monotonic()  # the broker's consumer timeout runs from now
         if self._draining:
             return  # not acknowledged: it goes back to the queue when the channel closes
         task = asyncio.current_task()
@@ -368,7 +369,7 @@ class Worker:
         try:
             if self.blocking.blocked and not await self._wait_unblocked():
                 return  # draining: not acknowledged, it goes back to the queue
-            await self._handle(message, lane)
+            await self._handle(message, lane, received)
         except asyncio.CancelledError:
             raise
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -395,9 +396,9 @@ class Worker:
     async def _release(self, message: AbstractIncomingMessage) -> None:
         await release(message, self._stopping)
 
-    async def _handle(self, message: AbstractIncomingMessage, lane: str) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, lane: str, received: float) -> None:
         assert self._publisher is not None
-        await self.delivery.handle(message, lane, self._publisher)
+        await self.delivery.handle(message, lane, self._publisher, received)
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:

@@ -251,6 +251,17 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _held_within_the_consumer_timeout(self) -> Settings:
+        # A call longer than the broker's consumer timeout would have its delivery's
+        # channel closed under it, every job on it cancelled, on every attempt.
+        if self.request_timeout >= self.consumer_timeout:
+            raise ValueError(
+                "WORKER_REQUEST_TIMEOUT must be below WORKER_CONSUMER_TIMEOUT (the broker's "
+                "consumer_timeout): raise both together"
+            )
+        return self
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``WORKER_*`` variables, secrets included: for a child process."""
         env = {}
@@ -448,5 +459,7 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**extra, **overrides)
     except ValidationError as exc:
         error = exc.errors()[0]
+        if not error["loc"]:  # a rule between settings: its message names them
+            raise SettingsError(error["msg"].removeprefix("Value error, ")) from None
         name = ENV_PREFIX + "_".join(str(p) for p in error["loc"]).upper()
         raise SettingsError(f"{name}: {error['msg']}") from None
