@@ -6,8 +6,10 @@ Raising a real alarm would stall every other user of the shared broker, so the p
 plays it on one connection: :meth:`AmqpProxy.block` writes a real ``connection.blocked``
 frame into the broker-to-client stream (between two frames) and, with ``hold=True``,
 holds the broker's later frames (publish confirms among them) until :meth:`unblock`
-writes ``connection.unblocked`` and lets them through. The client's aiormq reads the
-frames as it would read the broker's.
+writes ``connection.unblocked`` and lets them through; with ``deaf=True`` it also stops
+passing the client's frames to the broker, as RabbitMQ stops reading the socket of a
+blocked connection (a ``channel.close`` or ``basic.cancel`` then gets no answer). The
+client's aiormq reads the frames as it would read the broker's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class AmqpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._holding = False
         self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self._deaf = False
+        self._unheard: list[tuple[asyncio.StreamWriter, bytes]] = []
         self.port = 0
 
     @property
@@ -61,12 +65,17 @@ class AmqpProxy:
         for writer in writers:
             writer.close()
 
-    def block(self, reason: str, *, hold: bool = False) -> None:
+    def block(self, reason: str, *, hold: bool = False, deaf: bool = False) -> None:
         self._inject(commands.Connection.Blocked(reason=reason))
         self._holding = hold
+        self._deaf = deaf
 
     def unblock(self) -> None:
         self._holding = False
+        self._deaf = False
+        unheard, self._unheard = self._unheard, []
+        for writer, data in unheard:
+            writer.write(data)
         self._inject(commands.Connection.Unblocked())
         held, self._held = self._held, []
         for writer, data in held:
@@ -95,6 +104,9 @@ class AmqpProxy:
     async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if self._deaf:
+                    self._unheard.append((writer, data))
+                    continue
                 writer.write(data)
                 await writer.drain()
         writer.close()

@@ -1,6 +1,10 @@
 """The worker's life, top to bottom: connect, declare, consume, drain on a signal, reconnect.
 
 What happens to one delivery, and the settlement rules, are :mod:`worker.delivery`'s.
+A drain is bounded as a whole: the first signal sets a deadline ``WORKER_SHUTDOWN_GRACE``
+away, and every step (the heartbeat's channel, the consumers' cancel, the jobs in flight,
+the connection's close) gives up when it passes, for a blocked broker (a resource alarm)
+reads nothing and answers nothing; a second signal ends every step at once.
 While the broker blocks the connection (a resource alarm, :mod:`worker.amqp.blocked`), no
 new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
 result waits for them), so the wait is not charged to the upstream's idle timeout.
@@ -14,6 +18,8 @@ import os
 import signal
 import socket
 import time
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
@@ -56,6 +62,11 @@ RECONNECT_PAUSE = 0.5
 CONNECT_TIMEOUT = 10.0
 # How often queues that were out of reach at start are declared again.
 REDECLARE_INTERVAL = 5.0
+# How long closing a lost connection (its heartbeat, its consumers) may take: the broker
+# may not answer at all.
+CLOSE_TIMEOUT = 5.0
+# A clean close takes milliseconds; it gets this long even when the grace has run out.
+LAST_CLOSE = 1.0
 
 
 class BrokerUnavailable(RuntimeError):
@@ -87,6 +98,7 @@ class Worker:
         self._consuming = asyncio.Event()
         self._stopping = asyncio.Event()
         self._hard_stop = asyncio.Event()
+        self._drain_deadline = 0.0  # time.monotonic() when the grace ends (after a stop)
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publisher: Publisher | None = None
@@ -177,6 +189,8 @@ class Worker:
         if self._stopping.is_set():
             log.warning("second stop signal: ending now, unfinished jobs return to the queue")
             self._hard_stop.set()
+        else:
+            self._drain_deadline = time.monotonic() + self.settings.shutdown_grace
         self._stopping.set()
 
     def install_signal_handlers(self) -> None:
@@ -317,45 +331,74 @@ class Worker:
         if self._redeclare is not None:
             self._redeclare.cancel()
             self._redeclare = None
-        await self.heartbeat.stop()
         if self._stopping.is_set():
-            await self._drain(self._queue, self._consumer_tag)
-        else:
-            log.warning("broker connection or consumer lost; reconnecting")
-            # Jobs in flight cannot be acknowledged on a new channel: the broker has
-            # already put them back, so stop paying for their upstream calls.
-            for task in list(self._tasks):
-                task.cancel()
-            if self._lane_consumer is not None:
-                await self._lane_consumer.stop(cancel_consumers=False)
-        await _close_quietly(connection)
-
-    async def _drain(self, queue: AbstractQueue | None, tag: str) -> None:
-        """Stop deliveries at once; give in-flight jobs the grace period; cancel the rest."""
-        self._draining = True
-        if queue is not None:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        if self._lane_consumer is not None:
-            await self._lane_consumer.stop()
-        grace = self.settings.shutdown_grace
-        pending = set(self._tasks)
-        log.info("draining", in_flight=len(pending), grace_seconds=grace)
-        if not pending:
+            await self._drain(self._queue, self._consumer_tag, self._drain_deadline)
+            last = max(self._drain_deadline, time.monotonic() + LAST_CLOSE)
+            await self._within(last, "closing the connection", _close_quietly(connection))
             return
-        hard = asyncio.ensure_future(self._hard_stop.wait())
-        deadline = time.monotonic() + grace
-        while pending and not hard.done() and (remaining := deadline - time.monotonic()) > 0:
-            await asyncio.wait(
-                {*pending, hard}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            pending = {task for task in pending if not task.done()}
-        hard.cancel()
+        log.warning("broker connection or consumer lost; reconnecting")
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        await self._within(deadline, "stopping the heartbeat", self.heartbeat.stop())
+        # Jobs in flight cannot be acknowledged on a new channel: the broker has
+        # already put them back, so stop paying for their upstream calls.
+        for task in list(self._tasks):
+            task.cancel()
+        if self._lane_consumer is not None:
+            await self._lane_consumer.stop(cancel_consumers=False)
+        await self._within(deadline, "closing the connection", _close_quietly(connection))
+
+    async def _drain(self, queue: AbstractQueue | None, tag: str, deadline: float) -> None:
+        """Stop deliveries and heartbeats at once; give in-flight jobs until ``deadline``;
+        cancel the rest. No wait outlasts the deadline or a second signal."""
+        self._draining = True  # a delivery still on its way is not started
+        pending = set(self._tasks)
+        log.info(
+            "draining",
+            in_flight=len(pending),
+            grace_seconds=round(max(deadline - time.monotonic(), 0.0), 1),
+        )
+        quiet = asyncio.ensure_future(self._quiet(queue, tag))
+        await self._until(deadline, {quiet, *pending})
+        if not quiet.done():
+            log.warning("gave up waiting for the broker to cancel the consumers")
+            quiet.cancel()
+        pending = {task for task in pending if not task.done()}
         if pending:
             log.warning("returning unfinished jobs to the queue", jobs=len(pending))
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(pending, timeout=LAST_CLOSE)
+
+    async def _quiet(self, queue: AbstractQueue | None, tag: str) -> None:
+        """Cancel the consumers and stop the heartbeat (a blocked broker never answers)."""
+        steps: list[Awaitable[Any]] = [self.heartbeat.stop()]
+        if queue is not None:
+            steps.append(queue.cancel(tag))
+        if self._lane_consumer is not None:
+            steps.append(self._lane_consumer.stop())
+        await asyncio.gather(*steps, return_exceptions=True)
+
+    async def _until(self, deadline: float, tasks: set[asyncio.Future[Any]]) -> None:
+        """Wait for all of ``tasks`` until ``deadline`` (``time.monotonic``) or a second
+        signal, whichever comes first."""
+        hard = asyncio.ensure_future(self._hard_stop.wait())
+        pending = set(tasks)
+        try:
+            while pending and not hard.done() and (left := deadline - time.monotonic()) > 0:
+                await asyncio.wait({*pending, hard}, timeout=left, return_when=FIRST_COMPLETED)
+                pending = {task for task in pending if not task.done()}
+        finally:
+            hard.cancel()
+
+    async def _within(self, deadline: float, what: str, step: Awaitable[Any]) -> None:
+        """One step of a stop, given up (cancelled) at ``deadline`` or a second signal."""
+        task = asyncio.ensure_future(step)
+        await self._until(deadline, {task})
+        if not task.done():
+            log.warning("gave up waiting for the broker", step=what)
+            task.cancel()
+        elif not task.cancelled() and (exc := task.exception()) is not None:
+            log.info("stop step failed", step=what, error=repr(exc))
 
     # --- one delivery ----------------------------------------------------------------------
 

@@ -76,3 +76,60 @@ async def test_item2_quick_losses_in_a_row_reconnect_after_a_growing_pause(
             await asyncio.wait_for(task, 30)
     assert took[0] < 0.45, took  # at once
     assert took[1] >= 0.5 and took[2] >= 1.0 and took[3] >= 2.0, took
+
+
+async def _blocked_with_a_job_in_flight(
+    proxy: AmqpProxy, running: Worker, connection: AbstractConnection
+) -> asyncio.Task[None]:
+    """Start ``running``, give it a slow job, then play a resource alarm: the broker stops
+    reading the connection (no answer to a cancel or a close) and holds its frames."""
+    task = asyncio.create_task(running.run())
+    async with asyncio.timeout(15):
+        await running.wait_ready()
+    slow = {"body": {**BODY["body"], "mock": {"latency": 60}}}
+    await publish(connection, running.settings.request_queue, slow)
+    async with asyncio.timeout(10):
+        while not running.in_flight:
+            await asyncio.sleep(0.01)
+    proxy.block("memory alarm (test)", hold=True, deaf=True)
+    await asyncio.sleep(0.3)
+    return task
+
+
+async def test_item12_a_stop_while_the_broker_blocks_ends_within_the_grace(
+    amqp_url: str, names: dict[str, str], mock: MockUpstream, connection: AbstractConnection
+) -> None:
+    async with AmqpProxy(amqp_url) as proxy:
+        settings = make_settings(proxy.url, names, mock, shutdown_grace=2.0)
+        running = Worker(settings, telemetry=fresh_telemetry())
+        task = await _blocked_with_a_job_in_flight(proxy, running, connection)
+        stopped = time.monotonic()
+        running.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 15)
+        finally:
+            proxy.unblock()
+            running.stop()
+            await asyncio.wait_for(task, 30)
+        took = time.monotonic() - stopped
+    assert took < settings.shutdown_grace + 1.5, took
+
+
+async def test_item12_a_second_stop_ends_at_once_while_the_broker_blocks(
+    amqp_url: str, names: dict[str, str], mock: MockUpstream, connection: AbstractConnection
+) -> None:
+    async with AmqpProxy(amqp_url) as proxy:
+        settings = make_settings(proxy.url, names, mock, shutdown_grace=30.0)
+        running = Worker(settings, telemetry=fresh_telemetry())
+        task = await _blocked_with_a_job_in_flight(proxy, running, connection)
+        running.stop()
+        await asyncio.sleep(0.5)
+        again = time.monotonic()
+        running.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 10)
+        finally:
+            proxy.unblock()
+            await asyncio.wait_for(task, 60)
+        took = time.monotonic() - again
+    assert took < 1.0, took
