@@ -38,6 +38,7 @@ class AmqpProxy:
         self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
         self._deaf = False
         self._unheard: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self._silenced: set[asyncio.StreamWriter] = set()
         self.port = 0
 
     @property
@@ -58,6 +59,11 @@ class AmqpProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def silence(self) -> None:
+        """Drop every byte of the connections open now, both ways, without closing them:
+        a node cut off by a firewall (iptables DROP). New connections pass."""
+        self._silenced.update(self._writers)
 
     def cut(self) -> None:
         """Drop every connection through the proxy, as a lost network or node would."""
@@ -104,12 +110,15 @@ class AmqpProxy:
     async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if writer in self._silenced:
+                    continue
                 if self._deaf:
                     self._unheard.append((writer, data))
                     continue
                 writer.write(data)
                 await writer.drain()
-        writer.close()
+        if writer not in self._silenced:  # a dropped link carries no FIN either
+            writer.close()
 
     async def _downstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Whole frames only, so an injected frame never lands inside another."""
@@ -119,11 +128,14 @@ class AmqpProxy:
                 (size,) = struct.unpack(">I", header[3:7])
                 data = header + await reader.readexactly(size + 1)
                 assert data[-1] == FRAME_END
+                if writer in self._silenced:
+                    continue
                 if self._holding:
                     self._held.append((writer, data))
                 else:
                     writer.write(data)
-        writer.close()
+        if writer not in self._silenced:
+            writer.close()
 
 
 def _raw_content_header(

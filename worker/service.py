@@ -37,6 +37,7 @@ from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
 from worker.amqp.lanes import LaneConsumer
 from worker.amqp.publish import Publisher
 from worker.amqp.topology import TopologyUnavailable, declare
+from worker.amqp.watchdog import ConfirmWatchdog
 from worker.delivery import DeliveryHandler, release
 from worker.heartbeat import Heartbeat, JobStats
 from worker.runner import JobRunner
@@ -112,6 +113,7 @@ class Worker:
         # Queues out of reach (a node down): consuming goes on; they are declared again.
         self._missing: dict[str, str] = {}
         self._redeclare: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
         self.stats = JobStats()
         self.delivery = DeliveryHandler(
@@ -240,6 +242,7 @@ class Worker:
                     name=f"chat-worker {self.identity}",
                     wait=CONNECT_TIMEOUT,
                     log_failures=True,
+                    heartbeat=self.settings.amqp_heartbeat,
                 )
                 if await self._start_consuming(connection):
                     return connection
@@ -268,6 +271,9 @@ class Worker:
             # up and the consumer silently gone: treat it as a loss and start again.
             underlay.on_consumer_cancel_callbacks.add(lambda *_: interrupted.set())
             self._publisher = await Publisher.open(channel, self.settings)
+            probes = (
+                await ConfirmWatchdog.open(connection) if self.settings.amqp_heartbeat else None
+            )
             await self._consume(connection, channel, interrupted)
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError, TopologyUnavailable) as exc:
             log.warning("could not start consuming", error=repr(exc))
@@ -277,6 +283,9 @@ class Worker:
         log.info("connected", node=self._node, queues_out_of_reach=len(self._missing))
         if self._missing:
             self._redeclare = asyncio.create_task(self._declare_missing(connection))
+        if probes is not None:
+            watchdog = ConfirmWatchdog(self.settings.amqp_heartbeat, self.blocking, interrupted.set)
+            self._watchdog = asyncio.create_task(watchdog.watch(probes), name="watchdog")
         return True
 
     async def _declare_missing(self, connection: AbstractConnection) -> None:
@@ -328,9 +337,10 @@ class Worker:
         stop.cancel()
         lost.cancel()
         self._consuming.clear()
-        if self._redeclare is not None:
-            self._redeclare.cancel()
-            self._redeclare = None
+        for task in (self._redeclare, self._watchdog):
+            if task is not None:
+                task.cancel()
+        self._redeclare = self._watchdog = None
         if self._stopping.is_set():
             await self._drain(self._queue, self._consumer_tag, self._drain_deadline)
             last = max(self._drain_deadline, time.monotonic() + LAST_CLOSE)

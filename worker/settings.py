@@ -168,6 +168,8 @@ class Settings(BaseSettings):
     consumer_timeout: PositiveSeconds = 1800.0
     # How long a copy the broker nacks (a quorum queue electing a leader) is published again.
     publish_retry_window: float = Field(60.0, ge=0)
+    # The AMQP heartbeat, in seconds (0: none); a silent connection is left within about two.
+    amqp_heartbeat: int = Field(10, ge=0)
     allowed_models: Annotated[frozenset[str], NoDecode] = frozenset()
     reply_to_pattern: re.Pattern[str] | None = None
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1)

@@ -133,3 +133,37 @@ async def test_item12_a_second_stop_ends_at_once_while_the_broker_blocks(
             await asyncio.wait_for(task, 60)
         took = time.monotonic() - again
     assert took < 1.0, took
+
+
+async def test_item20_a_silent_connection_is_left_within_two_heartbeats(
+    amqp_url: str, names: dict[str, str], mock: MockUpstream, connection: AbstractConnection
+) -> None:
+    """A node cut off without a reset (packets dropped both ways): the worker notices from
+    its unconfirmed probe and connects again (to the next node; here the proxy again)."""
+    async with AmqpProxy(amqp_url) as proxy:
+        settings = make_settings(proxy.url, names, mock, amqp_heartbeat=2)
+        running = Worker(settings, telemetry=fresh_telemetry())
+        task = asyncio.create_task(running.run())
+        try:
+            async with asyncio.timeout(15):
+                await running.wait_ready()
+            proxy.silence()
+            silenced = time.monotonic()
+            async with asyncio.timeout(30):
+                while running.ready:
+                    await asyncio.sleep(0.05)
+            noticed = time.monotonic() - silenced
+            async with asyncio.timeout(15):
+                await running.wait_ready()
+            replies_queue = f"{names['request_queue']}.replies"
+            channel = await connection.channel()
+            replies = await channel.declare_queue(replies_queue, exclusive=True)
+            await publish(connection, settings.request_queue, BODY, reply_to=replies_queue)
+            async with asyncio.timeout(15):
+                while (answer := await replies.get(fail=False, no_ack=True)) is None:
+                    await asyncio.sleep(0.05)
+            assert JobResult.model_validate_json(answer.body).error is None
+        finally:
+            running.stop()
+            await asyncio.wait_for(task, 30)
+    assert noticed < 2 * settings.amqp_heartbeat + 0.5, noticed

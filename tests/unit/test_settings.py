@@ -52,6 +52,7 @@ def test_defaults_are_the_contracts() -> None:
     assert settings.shutdown_grace == 30
     assert settings.consumer_timeout == 1800
     assert settings.publish_retry_window == 60
+    assert settings.amqp_heartbeat == 10
     assert settings.allowed_models == frozenset()
     assert settings.reply_to_pattern is None
     assert settings.max_message_bytes == 10_485_760
@@ -96,6 +97,7 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_SHUTDOWN_GRACE", "2.5", "shutdown_grace", 2.5),
     ("WORKER_CONSUMER_TIMEOUT", "3600", "consumer_timeout", 3600.0),
     ("WORKER_PUBLISH_RETRY_WINDOW", "15", "publish_retry_window", 15.0),
+    ("WORKER_AMQP_HEARTBEAT", "30", "amqp_heartbeat", 30),
     ("WORKER_ALLOWED_MODELS", "gpt-4o, llama-3 ,,", "allowed_models", {"gpt-4o", "llama-3"}),
     ("WORKER_MAX_MESSAGE_BYTES", "1024", "max_message_bytes", 1024),
     ("WORKER_HTTP_PORT", "0", "http_port", 0),

@@ -87,12 +87,14 @@ async def connect_any(
     name: str,
     wait: float = CONNECT_TIMEOUT,
     log_failures: bool = False,
+    heartbeat: int | None = None,
 ) -> AbstractConnection:
     """A connection to the first node of ``nodes`` that answers, named ``name``.
 
     ``nodes`` may be one URL or a comma-separated list, as in ``WORKER_AMQP_URL``. Raises
     :class:`NoNodeAnswers` when none answers. Silent unless ``log_failures`` (the worker's
-    choice): the command-line tools' output is their own.
+    choice): the command-line tools' output is their own. ``heartbeat``: the AMQP
+    heartbeat in seconds, unless a URL names its own (``?heartbeat=``).
     """
     if isinstance(nodes, str):
         nodes = [url.strip() for url in nodes.split(",") if url.strip()]
@@ -100,9 +102,12 @@ async def connect_any(
         nodes = Nodes(nodes)
     problems = []
     for url in nodes.order():
+        target = url
+        if heartbeat is not None and "heartbeat" not in yarl.URL(url).query:
+            target = str(yarl.URL(url).update_query(heartbeat=heartbeat))
         try:
             connection = await aio_pika.connect(
-                url, timeout=wait, client_properties={"connection_name": name}
+                target, timeout=wait, client_properties={"connection_name": name}
             )
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
             problems.append(f"{redact(url)}: {type(exc).__name__}: {exc}")
