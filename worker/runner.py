@@ -38,7 +38,7 @@ from worker.errors import (
 from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
 from worker.limits.gate import Gate, Permit, Wait, estimate_tokens
-from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
+from worker.settings import Settings, UpstreamSpec
 from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
@@ -92,7 +92,7 @@ class JobRunner:
         if isinstance(upstream, UpstreamPool):
             self.pool = upstream
         else:
-            self.pool = _pool_of_one(upstream, settings)
+            self.pool = UpstreamPool.of_client(upstream, settings)
         for member in self.pool.members:
             if member.gate is None:
                 member.gate = gate if gate is not None else gate_for(settings, member.spec)
@@ -396,22 +396,6 @@ class JobRunner:
             usage=completion.body.get("usage"),
             latency_ms=_ms_since(started),
         )
-
-
-def _pool_of_one(client: Upstream, settings: Settings) -> UpstreamPool:
-    """A client made elsewhere (tests, benchmarks) as the pool of one ``default``, with the
-    limits of the ``WORKER_UPSTREAM_*`` variables."""
-    spec = UpstreamSpec(
-        name=DEFAULT_UPSTREAM,
-        base_url=client.url.removesuffix("/chat/completions"),
-        models=["*"],
-        limits=LimitsSpec(
-            rpm=settings.upstream_rpm,
-            tpm=settings.upstream_tpm,
-            max_concurrency=settings.upstream_max_concurrency,
-        ),
-    )
-    return UpstreamPool.single(client, spec)
 
 
 def gate_for(settings: Settings, spec: UpstreamSpec) -> Gate:

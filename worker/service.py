@@ -1,10 +1,11 @@
 """The worker's life, top to bottom: connect, declare, consume, drain on a signal, reconnect.
 
 What happens to one delivery, and the settlement rules, are :mod:`worker.delivery`'s.
-A drain is bounded as a whole: the first signal sets a deadline ``WORKER_SHUTDOWN_GRACE``
-away, and every step (the heartbeat's channel, the consumers' cancel, the jobs in flight,
-the connection's close) gives up when it passes, for a blocked broker (a resource alarm)
-reads nothing and answers nothing; a second signal ends every step at once.
+A drain is bounded as a whole (:mod:`worker.stopping`): the first signal sets a deadline
+``WORKER_SHUTDOWN_GRACE`` away, and every step (the heartbeat's channel, the consumers'
+cancel, the jobs in flight, the connection's close) gives up when it passes, for a
+blocked broker (a resource alarm) reads nothing and answers nothing; a second signal ends
+every step at once.
 While the broker blocks the connection (a resource alarm, :mod:`worker.amqp.blocked`), no
 new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
 result waits for them), so the wait is not charged to the upstream's idle timeout.
@@ -18,7 +19,6 @@ import os
 import signal
 import socket
 import time
-from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable
 from functools import partial
 from typing import Any
@@ -42,6 +42,7 @@ from worker.delivery import DeliveryHandler, release
 from worker.heartbeat import Heartbeat, JobStats
 from worker.runner import JobRunner
 from worker.settings import Settings
+from worker.stopping import Stop
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
 from worker.upstream.pool import UpstreamPool
@@ -97,9 +98,7 @@ class Worker:
         self.blocking = BlockedState()
         self.identity = f"{socket.gethostname()}/{os.getpid()}"
         self._consuming = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._hard_stop = asyncio.Event()
-        self._drain_deadline = 0.0  # time.monotonic() when the grace ends (after a stop)
+        self._stop = Stop(settings.shutdown_grace)
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publisher: Publisher | None = None
@@ -126,26 +125,8 @@ class Worker:
             ready=lambda: self.ready,
             in_flight=lambda: self.in_flight,
             lanes=self.in_flight_by_lane,
-            upstreams=self.upstream_states,
+            upstreams=self.upstreams.gates,
         )
-
-    def upstream_states(self) -> dict[str, dict[str, Any]]:
-        """Each upstream's gate and budget as last read, for the heartbeat (§14)."""
-        now = time.monotonic()
-        states: dict[str, dict[str, Any]] = {}
-        for member in self.upstreams.members:
-            health = member.state(now)
-            state = "cooling" if health != "open" else "open"
-            report: dict[str, Any] = {}
-            if member.gate is not None:
-                gate_state = member.gate.state.value
-                state = gate_state if gate_state != "open" else state
-                for kind, value in member.gate.remaining().items():
-                    report[f"remaining_{kind}"] = value
-            if member.cooling_until is not None:
-                report["cooldown_s"] = round(max(member.cooling_until - now, 0.0), 1)
-            states[member.name] = {"state": state, **report}
-        return states
 
     @property
     def ready(self) -> bool:
@@ -188,12 +169,7 @@ class Worker:
 
     def stop(self) -> None:
         """Stop taking jobs and drain (first call); end at once (second call)."""
-        if self._stopping.is_set():
-            log.warning("second stop signal: ending now, unfinished jobs return to the queue")
-            self._hard_stop.set()
-        else:
-            self._drain_deadline = time.monotonic() + self.settings.shutdown_grace
-        self._stopping.set()
+        self._stop.signal()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,7 +181,7 @@ class Worker:
         (re)start within :data:`RESUME_DEADLINE`."""
         quick_losses = 0
         try:
-            while not self._stopping.is_set():
+            while not self._stop.requested.is_set():
                 self._not_consuming_since = time.monotonic()
                 if quick_losses > 1:
                     pause = min(RECONNECT_PAUSE * 2 ** (quick_losses - 2), RECONNECT_MAX_DELAY)
@@ -214,8 +190,7 @@ class Worker:
                         losses_in_a_row=quick_losses,
                         pause_s=pause,
                     )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), pause)
+                    await self._stop.pause(pause)
                 connection = await self._connect()
                 if connection is None:
                     break
@@ -235,7 +210,7 @@ class Worker:
     async def _connect(self) -> AbstractConnection | None:
         """Connect to a node that answers (§13: the next one after a loss) and consume."""
         delay = 0.2
-        while not self._stopping.is_set():
+        while not self._stop.requested.is_set():
             try:
                 connection = await connect_any(
                     self._nodes,
@@ -251,8 +226,7 @@ class Worker:
                 problem = exc
             self._check_deadline(problem)
             log.warning("broker unavailable; retrying", error=repr(problem), retry_in=delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            await self._stop.pause(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
         return None
 
@@ -331,7 +305,7 @@ class Worker:
             prefetch=self.settings.concurrency,
             worker=self.identity,
         )
-        stop = asyncio.ensure_future(self._stopping.wait())
+        stop = asyncio.ensure_future(self._stop.requested.wait())
         lost = asyncio.ensure_future(self._interrupted.wait())
         await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -341,21 +315,21 @@ class Worker:
             if task is not None:
                 task.cancel()
         self._redeclare = self._watchdog = None
-        if self._stopping.is_set():
-            await self._drain(self._queue, self._consumer_tag, self._drain_deadline)
-            last = max(self._drain_deadline, time.monotonic() + LAST_CLOSE)
-            await self._within(last, "closing the connection", _close_quietly(connection))
+        if self._stop.requested.is_set():
+            await self._drain(self._queue, self._consumer_tag, self._stop.deadline)
+            last = max(self._stop.deadline, time.monotonic() + LAST_CLOSE)
+            await self._stop.within(last, "closing the connection", _close_quietly(connection))
             return
         log.warning("broker connection or consumer lost; reconnecting")
         deadline = time.monotonic() + CLOSE_TIMEOUT
-        await self._within(deadline, "stopping the heartbeat", self.heartbeat.stop())
+        await self._stop.within(deadline, "stopping the heartbeat", self.heartbeat.stop())
         # Jobs in flight cannot be acknowledged on a new channel: the broker has
         # already put them back, so stop paying for their upstream calls.
         for task in list(self._tasks):
             task.cancel()
         if self._lane_consumer is not None:
             await self._lane_consumer.stop(cancel_consumers=False)
-        await self._within(deadline, "closing the connection", _close_quietly(connection))
+        await self._stop.within(deadline, "closing the connection", _close_quietly(connection))
 
     async def _drain(self, queue: AbstractQueue | None, tag: str, deadline: float) -> None:
         """Stop deliveries and heartbeats at once; give in-flight jobs until ``deadline``;
@@ -368,7 +342,7 @@ class Worker:
             grace_seconds=round(max(deadline - time.monotonic(), 0.0), 1),
         )
         quiet = asyncio.ensure_future(self._quiet(queue, tag))
-        await self._until(deadline, {quiet, *pending})
+        await self._stop.until(deadline, {quiet, *pending})
         if not quiet.done():
             log.warning("gave up waiting for the broker to cancel the consumers")
             quiet.cancel()
@@ -387,28 +361,6 @@ class Worker:
         if self._lane_consumer is not None:
             steps.append(self._lane_consumer.stop())
         await asyncio.gather(*steps, return_exceptions=True)
-
-    async def _until(self, deadline: float, tasks: set[asyncio.Future[Any]]) -> None:
-        """Wait for all of ``tasks`` until ``deadline`` (``time.monotonic``) or a second
-        signal, whichever comes first."""
-        hard = asyncio.ensure_future(self._hard_stop.wait())
-        pending = set(tasks)
-        try:
-            while pending and not hard.done() and (left := deadline - time.monotonic()) > 0:
-                await asyncio.wait({*pending, hard}, timeout=left, return_when=FIRST_COMPLETED)
-                pending = {task for task in pending if not task.done()}
-        finally:
-            hard.cancel()
-
-    async def _within(self, deadline: float, what: str, step: Awaitable[Any]) -> None:
-        """One step of a stop, given up (cancelled) at ``deadline`` or a second signal."""
-        task = asyncio.ensure_future(step)
-        await self._until(deadline, {task})
-        if not task.done():
-            log.warning("gave up waiting for the broker", step=what)
-            task.cancel()
-        elif not task.cancelled() and (exc := task.exception()) is not None:
-            log.info("stop step failed", step=what, error=repr(exc))
 
     # --- one delivery ----------------------------------------------------------------------
 
@@ -438,16 +390,16 @@ class Worker:
     async def _wait_unblocked(self) -> bool:
         """Hold a new delivery while the broker blocks the connection; False on a stop."""
         unblocked = asyncio.ensure_future(self.blocking.wait_unblocked())
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        stopping = asyncio.ensure_future(self._stop.requested.wait())
         try:
             await asyncio.wait({unblocked, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             unblocked.cancel()
             stopping.cancel()
-        return not self._stopping.is_set()
+        return not self._stop.requested.is_set()
 
     async def _release(self, message: AbstractIncomingMessage) -> None:
-        await release(message, self._stopping)
+        await release(message, self._stop.requested)
 
     async def _handle(self, message: AbstractIncomingMessage, lane: str, received: float) -> None:
         assert self._publisher is not None
