@@ -173,6 +173,8 @@ class JobRunner:
                     self.telemetry.rate_limited.add(
                         1, {"upstream": gate.name, "error_code": budget.code.value}
                     )
+                    if self._overstays(held_since, 0.0):
+                        return self._leave(budget, attempt, waited, 0.0)
                     member, probe = self._choose(job.model)
                     continue
                 except JobError as error:

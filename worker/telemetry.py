@@ -261,7 +261,7 @@ class Telemetry:
             return
         # Some AMQP clients send string headers as bytes (longstr).
         carrier = {
-            k: v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+            k: v.decode(errors="replace") if isinstance(v, bytes | bytearray) else str(v)
             for k, v in headers.items()
             if k in ("traceparent", "tracestate")
         }

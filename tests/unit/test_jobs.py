@@ -978,3 +978,18 @@ async def test_item13_a_retry_that_fits_still_waits_inline(
     runner = upstreams.runner(hang, respond(), request_timeout=0.4, consumer_timeout=2.0)
     outcome = await runner.run(make_job(), Deltas(), held_since=time.monotonic())
     assert isinstance(outcome, JobOutcome) and outcome.ok and outcome.attempts == 2
+
+
+async def test_item13_refused_calls_waiting_for_budget_leave_in_time_too(
+    upstreams: Upstreams, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """429s are no attempts and their waits are bounded by WORKER_RATE_LIMIT_MAX_WAIT (an
+    hour), not by the consumer timeout: a delivery held long leaves between two of them."""
+    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    runner = upstreams.runner(
+        respond(429, ERROR_BODY, **{"retry-after": "1"}), request_timeout=0.4, consumer_timeout=2.0
+    )
+    outcome = await runner.run(make_job(), Deltas(), held_since=time.monotonic() - 1.3)
+    assert isinstance(outcome, Deferral), outcome
+    assert outcome.error.code is ErrorCode.RATE_LIMITED
+    assert len(upstreams.requests) == 1

@@ -5,7 +5,7 @@ the socket stays open and every publish waits for a confirm that never comes. Th
 heartbeat (``WORKER_AMQP_HEARTBEAT``, 10 s) makes the broker drop its side after two
 missed beats, and aiormq its own after three and a second; this watchdog notices sooner.
 Every half heartbeat it publishes an empty probe (not persistent, not mandatory, to a
-routing key no queue has: the broker drops it and confirms at once) on a confirm channel
+routing key no queue can have: the broker drops it and confirms at once) on a confirm channel
 of its own; a probe not confirmed within one heartbeat means the connection is silent:
 ``on_silent`` is called (the worker drops the connection and connects to the next node),
 so a silent node is left within about two heartbeats. While the broker blocks the
@@ -29,7 +29,9 @@ __all__ = ["PROBE_ROUTING_KEY", "ConfirmWatchdog"]
 
 log = structlog.get_logger(__name__)
 
-PROBE_ROUTING_KEY = "chat-worker.probe"
+# On the default exchange: routed to a queue of that name, and ``amq.`` names are reserved
+# to the broker, so no queue can ever collect probes.
+PROBE_ROUTING_KEY = "amq.chat-worker.probe"
 
 
 class ConfirmWatchdog:
