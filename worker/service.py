@@ -6,6 +6,7 @@ A drain is bounded as a whole (:mod:`worker.stopping`): the first signal sets a 
 cancel, the jobs in flight, the connection's close) gives up when it passes, for a
 blocked broker (a resource alarm) reads nothing and answers nothing; a second signal ends
 every step at once.
+
 While the broker blocks the connection (a resource alarm, :mod:`worker.amqp.blocked`), no
 new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
 result waits for them), so the wait is not charged to the upstream's idle timeout.

@@ -25,7 +25,7 @@ ways:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +136,7 @@ def _header_payload(properties: Basic.Properties) -> int:
     return len(ContentHeader(0, 0, properties).marshal())
 
 
-def _fitting(headers: Any, room: int) -> tuple[dict[str, Any], list[str]]:
+def _fitting(headers: Iterable[tuple[str, Any]], room: int) -> tuple[dict[str, Any], list[str]]:
     """The headers, in order, that fit in ``room`` bytes of field table; and the names of
     those left out (too large, or of a type AMQP cannot carry)."""
     kept: dict[str, Any] = {}
