@@ -10,7 +10,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,17 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from amqp_proxy import AmqpProxy, publish_raw
-from support.broker import Replies, fresh_telemetry, get_one, make_settings, publish
+from support.broker import (
+    Replies,
+    depth,
+    drain,
+    fresh_telemetry,
+    get_one,
+    make_settings,
+    publish,
+)
+from support.jobs import calls
+from support.jobs import chat_job as job
 
 from worker.amqp.dlq import ReplayFailed, list_dead_letters, replay_dead_letters
 from worker.amqp.publish import render_result
@@ -44,44 +53,6 @@ from worker.service import Worker
 from worker.settings import Settings
 
 StartWorker = Callable[..., Awaitable[Worker]]
-
-
-def job(key: str | None = None, mock: dict[str, Any] | None = None, **body: Any) -> dict[str, Any]:
-    key = key or uuid.uuid4().hex
-    return {
-        "custom_id": key,
-        "body": {
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": f"hardening {key}"}],
-            "mock": {"key": key, **(mock or {})},
-            **body,
-        },
-    }
-
-
-def calls(mock: MockUpstream, request: dict[str, Any]) -> int:
-    return sum(1 for r in mock.requests if r.body.get("messages") == request["body"]["messages"])
-
-
-async def depth(connection: AbstractConnection, queue: str) -> int:
-    channel = await connection.channel()
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
-    finally:
-        await channel.close()
-
-
-async def drain(connection: AbstractConnection, queue: str) -> list[AbstractIncomingMessage]:
-    """Every message now in a durable queue (acknowledged)."""
-    channel = await connection.channel()
-    source = await channel.get_queue(queue)
-    found = []
-    while (message := await source.get(fail=False)) is not None:
-        await message.ack()
-        found.append(message)
-    await channel.close()
-    return found
 
 
 # --- 1. mandatory copies: a return leaves the request unacknowledged ---------------------

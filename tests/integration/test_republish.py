@@ -7,15 +7,15 @@ Each ``test_itemN_...`` failed on the code before the fix and passes now.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from amqp_proxy import publish_raw
 from support.broker import Replies, get_one, make_settings, publish
+from support.jobs import calls
+from support.jobs import chat_job as job
 
 from worker.amqp.dlq import list_dead_letters, replay_dead_letters
 from worker.amqp.topology import H_ERROR_CODE, TYPE_RESULT, declare
@@ -26,23 +26,6 @@ from worker.tenants import H_TENANT_USER
 
 StartWorker = Callable[..., Awaitable[Worker]]
 FRAME_MAX = 131072  # RabbitMQ's default, which the worker's connection negotiates
-
-
-def job(mock: dict[str, Any] | None = None, **body: Any) -> dict[str, Any]:
-    key = uuid.uuid4().hex
-    return {
-        "custom_id": key,
-        "body": {
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": f"copies {key}"}],
-            "mock": {"key": key, **(mock or {})},
-            **body,
-        },
-    }
-
-
-def calls(mock: MockUpstream, request: dict[str, Any]) -> int:
-    return sum(1 for r in mock.requests if r.body.get("messages") == request["body"]["messages"])
 
 
 def results(messages: list[AbstractIncomingMessage]) -> dict[str, JobResult]:

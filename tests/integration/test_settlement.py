@@ -7,14 +7,14 @@ Each ``test_itemN_...`` failed on the code before the fix and passes now.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-from support.broker import Replies, get_one, publish
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from support.broker import Replies, depth, drain, get_one, publish
+from support.jobs import calls
+from support.jobs import chat_job as job
 
 from worker.amqp.topology import DELTA, H_UNROUTABLE_RESULT, TYPE_DELTA, TYPE_RESULT
 from worker.messages import JobResult
@@ -22,43 +22,6 @@ from worker.mock.upstream import MockUpstream
 from worker.service import Worker
 
 StartWorker = Callable[..., Awaitable[Worker]]
-
-
-def job(mock: dict[str, Any] | None = None, **body: Any) -> dict[str, Any]:
-    key = uuid.uuid4().hex
-    return {
-        "custom_id": key,
-        "body": {
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": f"settlement {key}"}],
-            "mock": {"key": key, **(mock or {})},
-            **body,
-        },
-    }
-
-
-def calls(mock: MockUpstream, request: dict[str, Any]) -> int:
-    return sum(1 for r in mock.requests if r.body.get("messages") == request["body"]["messages"])
-
-
-async def depth(connection: AbstractConnection, queue: str) -> int:
-    channel = await connection.channel()
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
-    finally:
-        await channel.close()
-
-
-async def drain(connection: AbstractConnection, queue: str) -> list[AbstractIncomingMessage]:
-    channel = await connection.channel()
-    source = await channel.get_queue(queue)
-    found = []
-    while (message := await source.get(fail=False)) is not None:
-        await message.ack()
-        found.append(message)
-    await channel.close()
-    return found
 
 
 async def full_queue(channel: AbstractChannel, connection: AbstractConnection, name: str) -> None:

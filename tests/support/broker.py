@@ -94,3 +94,25 @@ async def get_one(
             await asyncio.sleep(0.05)
     await message.ack()
     return message
+
+
+async def depth(connection: AbstractConnection, queue: str) -> int:
+    """Messages ready in a durable queue now."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+    finally:
+        await channel.close()
+
+
+async def drain(connection: AbstractConnection, queue: str) -> list[AbstractIncomingMessage]:
+    """Every message now in a durable queue (acknowledged)."""
+    channel = await connection.channel()
+    source = await channel.get_queue(queue)
+    found = []
+    while (message := await source.get(fail=False)) is not None:
+        await message.ack()
+        found.append(message)
+    await channel.close()
+    return found
