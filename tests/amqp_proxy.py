@@ -6,8 +6,10 @@ Raising a real alarm would stall every other user of the shared broker, so the p
 plays it on one connection: :meth:`AmqpProxy.block` writes a real ``connection.blocked``
 frame into the broker-to-client stream (between two frames) and, with ``hold=True``,
 holds the broker's later frames (publish confirms among them) until :meth:`unblock`
-writes ``connection.unblocked`` and lets them through. The client's aiormq reads the
-frames as it would read the broker's.
+writes ``connection.unblocked`` and lets them through; with ``deaf=True`` it also stops
+passing the client's frames to the broker, as RabbitMQ stops reading the socket of a
+blocked connection (a ``channel.close`` or ``basic.cancel`` then gets no answer). The
+client's aiormq reads the frames as it would read the broker's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class AmqpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._holding = False
         self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self._deaf = False
+        self._unheard: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self._silenced: set[asyncio.StreamWriter] = set()
         self.port = 0
 
     @property
@@ -55,12 +60,28 @@ class AmqpProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def block(self, reason: str, *, hold: bool = False) -> None:
+    def silence(self) -> None:
+        """Drop every byte of the connections open now, both ways, without closing them:
+        a node cut off by a firewall (iptables DROP). New connections pass."""
+        self._silenced.update(self._writers)
+
+    def cut(self) -> None:
+        """Drop every connection through the proxy, as a lost network or node would."""
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.close()
+
+    def block(self, reason: str, *, hold: bool = False, deaf: bool = False) -> None:
         self._inject(commands.Connection.Blocked(reason=reason))
         self._holding = hold
+        self._deaf = deaf
 
     def unblock(self) -> None:
         self._holding = False
+        self._deaf = False
+        unheard, self._unheard = self._unheard, []
+        for writer, data in unheard:
+            writer.write(data)
         self._inject(commands.Connection.Unblocked())
         held, self._held = self._held, []
         for writer, data in held:
@@ -89,9 +110,15 @@ class AmqpProxy:
     async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if writer in self._silenced:
+                    continue
+                if self._deaf:
+                    self._unheard.append((writer, data))
+                    continue
                 writer.write(data)
                 await writer.drain()
-        writer.close()
+        if writer not in self._silenced:  # a dropped link carries no FIN either
+            writer.close()
 
     async def _downstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Whole frames only, so an injected frame never lands inside another."""
@@ -101,16 +128,45 @@ class AmqpProxy:
                 (size,) = struct.unpack(">I", header[3:7])
                 data = header + await reader.readexactly(size + 1)
                 assert data[-1] == FRAME_END
+                if writer in self._silenced:
+                    continue
                 if self._holding:
                     self._held.append((writer, data))
                 else:
                     writer.write(data)
-        writer.close()
+        if writer not in self._silenced:
+            writer.close()
 
 
-async def publish_raw(broker_url: str, queue: str, data: bytes) -> None:
+def _raw_content_header(
+    channel: int, size: int, headers: dict[str, bytes], reply_to: str | None
+) -> bytes:
+    """A content header frame whose headers are long strings of raw bytes (not UTF-8, as
+    some clients send bytes), which pamqp would not encode."""
+    table = b"".join(
+        bytes((len(k),)) + k.encode() + b"S" + struct.pack(">I", len(v)) + v
+        for k, v in headers.items()
+    )
+    flags = 0x2000 | 0x1000  # headers, delivery_mode
+    fields = struct.pack(">I", len(table)) + table + b"\x02"
+    if reply_to:
+        flags |= 0x0200
+        fields += bytes((len(reply_to),)) + reply_to.encode()
+    payload = struct.pack(">HHQH", 60, 0, size, flags) + fields
+    return struct.pack(">BHI", 2, channel, len(payload)) + payload + bytes((FRAME_END,))
+
+
+async def publish_raw(
+    broker_url: str,
+    queue: str,
+    data: bytes,
+    *,
+    raw_headers: dict[str, bytes] | None = None,
+    reply_to: str | None = None,
+) -> None:
     """Publish one persistent message with no ``message_id`` at all, as a bare AMQP client
-    (pika, a shell tool) can: aiormq always fills one in, so the test speaks AMQP itself."""
+    (pika, a shell tool) can: aiormq always fills one in, so the test speaks AMQP itself.
+    ``raw_headers``: header values sent as long strings of these exact bytes."""
     from pamqp import header
 
     parts = urlsplit(broker_url)
@@ -150,8 +206,11 @@ async def publish_raw(broker_url: str, queue: str, data: bytes) -> None:
         send(commands.Confirm.Select(), 1)
         await expect(commands.Confirm.SelectOk)
         send(commands.Basic.Publish(exchange="", routing_key=queue), 1)
-        properties = commands.Basic.Properties(delivery_mode=2)
-        send(header.ContentHeader(0, len(data), properties), 1)
+        if raw_headers or reply_to:
+            writer.write(_raw_content_header(1, len(data), raw_headers or {}, reply_to))
+        else:
+            properties = commands.Basic.Properties(delivery_mode=2)
+            send(header.ContentHeader(0, len(data), properties), 1)
         send(body.ContentBody(data), 1)
         await expect(commands.Basic.Ack)
         send(commands.Connection.Close(200, "done", 0, 0), 0)

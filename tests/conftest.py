@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -192,6 +193,24 @@ async def worker(settings: Settings, connection: AbstractConnection) -> AsyncIte
     yield running
     running.stop()
     await asyncio.wait_for(task, 30)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def broker_user(amqp_url: str) -> Iterator[tuple[str, str]]:
+    """A broker user of this test alone, allowed everything on ``/``; deleted after.
+    Yields its name and a URL that logs in as it."""
+    name, password = f"test-tenant-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    _rabbitmqctl("add_user", name, password)
+    try:
+        _rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+        host = amqp_url.split("@", 1)[-1]
+        yield name, f"amqp://{name}:{password}@{host}"
+    finally:
+        _rabbitmqctl("delete_user", name)
 
 
 @pytest.fixture

@@ -4,25 +4,35 @@ Settlement rules, stated once and applied here (a failure of any step ends in
 :func:`release`):
 
 - A request is acknowledged only after every copy it depends on is published
-  ``mandatory`` and confirmed by the broker:
+  ``mandatory`` and confirmed by the broker (a nack is published again for a while, a
+  return is final: :mod:`worker.amqp.publish`):
   - a finished job (ok or error): its result, to ``reply_to``; if that queue is missing or
     refuses it (return or nack), to the result exchange; if nothing takes it there, the
     result document itself to the dead-letter queue (a paid completion is never dropped);
-  - a failed job: also the copy of its request in the dead-letter queue;
   - a retry that must wait long: the copy in its delay queue;
   - a redelivery on a classic queue: the copy with its redelivery count.
+- **Exactly one result per job.** The result is the contract's one message for a job, and
+  it is the last thing published before the ack: nothing that could fail after it sends
+  the request round again to publish a second one. So a failed job's dead-letter copy goes
+  first, and if the dead-letter queue will not take it (missing, or still refusing at the
+  end of the retry window), the dead letter is given up, logged as an error and counted
+  (``chat_worker_dead_letters_lost_total``), and the result goes out and the request is
+  acknowledged all the same: the result says what failed and why; looping the request
+  instead would charge it a delivery each round and end with no result at all (the
+  broker's delivery limit drops it into the same refusing queue).
 - Anything else (a copy returned or nacked with no fallback left, a publish that failed,
   a lost channel, a bug) leaves the request unacknowledged: after a pause that grows with
   its redeliveries (no hot loop), it is nacked back to the queue, and the delivery count
   bounds the loop.
-- Copies never inherit the request's ``expiration`` (see
-  :func:`~worker.amqp.publish.copy_request`).
+- Copies never inherit the request's ``expiration`` and keep its tenant (see
+  :mod:`worker.amqp.copies`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Any
 
@@ -31,8 +41,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from worker.amqp.blocked import BlockedState
 from worker.amqp.cancellations import H_BATCH_ID, CancelledBatches
+from worker.amqp.connect import broker_user
 from worker.amqp.envelope import read_envelope
-from worker.amqp.publish import Publisher, render_result
+from worker.amqp.publish import CopyRefused, Publisher, render_result
 from worker.amqp.topology import H_DELIVERY_COUNT, H_REDELIVERIES
 from worker.errors import Cancelled
 from worker.heartbeat import JobStats
@@ -80,11 +91,22 @@ class DeliveryHandler:
         self.stats = stats
         self.blocking = blocking
         self.identity = identity
+        # The worker's own broker users: a message with one of them as user_id is a copy
+        # the worker published again, and names its tenant in a header (worker.tenants).
+        self.republishers = frozenset(
+            user for url in settings.amqp_urls if (user := broker_user(url)) is not None
+        )
 
     async def handle(
-        self, message: AbstractIncomingMessage, lane: str, publisher: Publisher
+        self,
+        message: AbstractIncomingMessage,
+        lane: str,
+        publisher: Publisher,
+        received: float | None = None,
     ) -> None:
-        """Read, check, run and settle one delivery; raise when it could not be settled."""
+        """Read, check, run and settle one delivery; raise when it could not be settled.
+        ``received``: when the delivery arrived (``time.monotonic``), now by default."""
+        received = time.monotonic() if received is None else received
         started = time.perf_counter()
         envelope = read_envelope(
             body=message.body,
@@ -96,7 +118,10 @@ class DeliveryHandler:
             settings=self.settings,
             lane=lane,
             tenant=tenant_of(
-                message.user_id, message.headers, trust_header=self.settings.trust_tenant_header
+                message.user_id,
+                message.headers,
+                trust_header=self.settings.trust_tenant_header,
+                republishers=self.republishers,
             ),
         )
         if (
@@ -143,9 +168,10 @@ class DeliveryHandler:
                 if self.once is not None:
                     ticket = self.once.ticket(envelope.job_id)
                 try:
+                    call = functools.partial(self._call, held_since=received)
                     if ticket is None or self.once is None:
-                        outcome = await self._call(decoded, deltas)
-                    elif paid := await self.once.run(decoded, deltas, ticket, self._call):
+                        outcome = await call(decoded, deltas)
+                    elif paid := await self.once.run(decoded, deltas, ticket, call):
                         outcome = paid
                     else:  # answered from the result store (§16): publish it again
                         assert ticket.stored is not None
@@ -153,6 +179,7 @@ class DeliveryHandler:
                     await deltas.settle()  # the result is the job's last message
                 finally:
                     deltas.discard()
+            dead_lettered = False
             try:
                 if ticket is not None and ticket.stored is not None:
                     assert isinstance(outcome, JobOutcome)
@@ -160,7 +187,7 @@ class DeliveryHandler:
                     await message.ack()
                     log.info("job answered from the result store", cache="stored")
                 else:
-                    await self._settle(
+                    dead_lettered = await self._settle(
                         publisher, message, envelope, custom_id, model, outcome, trace, ticket
                     )
             finally:
@@ -180,6 +207,7 @@ class DeliveryHandler:
                     usage=outcome.usage,
                     cost=cost,
                     upstream=outcome.upstream,
+                    dead_lettered=dead_lettered,
                 )
                 self.stats.record(
                     error_code=outcome.error.code.value if outcome.error else None,
@@ -190,11 +218,14 @@ class DeliveryHandler:
                 )
             self.telemetry.flush_deferred()  # the job has settled: its attempts' measurements
 
-    async def _call(self, job: Job, deltas: DeltaSink) -> JobOutcome | Deferral:
+    async def _call(
+        self, job: Job, deltas: DeltaSink, *, held_since: float
+    ) -> JobOutcome | Deferral:
         """The upstream calls of a job, within its tenant's budget and priced (§17)."""
+        run = functools.partial(self.runner.run, held_since=held_since)
         if self.spending is None:
-            return await self.runner.run(job, deltas)
-        return await self.spending.run(job, deltas, self.runner.run)
+            return await run(job, deltas)
+        return await self.spending.run(job, deltas, run)
 
     async def _settle(
         self,
@@ -206,7 +237,9 @@ class DeliveryHandler:
         outcome: JobOutcome | Deferral,
         trace: dict[str, str],
         ticket: Ticket | None = None,
-    ) -> None:
+    ) -> bool:
+        """Publish what the outcome needs and acknowledge (the module docstring's rules);
+        True when a dead letter was kept."""
         if isinstance(outcome, Deferral):
             tier = await publisher.defer(message, envelope, outcome)
             await message.ack()
@@ -216,20 +249,34 @@ class DeliveryHandler:
                 attempts=outcome.attempts,
                 retry_in_s=tier,
             )
-            return
+            return False
         document = render_result(envelope, custom_id, model, outcome, self.identity)
         if ticket is not None and self.once is not None:
             await self.once.keep(ticket, document)  # before it is published (§16)
         error = outcome.error
-        if error is None or error.code is ErrorCode.CANCELLED:
-            # A cancelled line is no failure to look into: its result says so, and a dead
-            # letter for each line of a cancelled batch would only bury the real ones.
-            await publisher.result(envelope, custom_id, outcome, document, trace)
-        else:
-            await asyncio.gather(
-                publisher.result(envelope, custom_id, outcome, document, trace),
-                publisher.dead_letter(message, envelope, error, outcome.attempts),
-            )
+        dead_lettered = False
+        # A cancelled line is no failure to look into: its result says so, and a dead
+        # letter for each line of a cancelled batch would only bury the real ones.
+        if error is not None and error.code is not ErrorCode.CANCELLED:
+            try:
+                await publisher.dead_letter(message, envelope, error, outcome.attempts)
+                dead_lettered = True
+            except CopyRefused as refused:
+                log.error(
+                    "dead-letter queue did not take the failed request; "
+                    "publishing the result all the same",
+                    destination=refused.destination,
+                    reason=refused.reason,
+                    error_code=error.code.value,
+                )
+                self.telemetry.dead_letters_lost.add(
+                    1,
+                    {
+                        "lane": envelope.lane or "",
+                        "reason": "returned" if refused.returned else "refused",
+                    },
+                )
+        await publisher.result(envelope, custom_id, outcome, document, trace)
         await message.ack()
         usage = outcome.usage or {}
         log.info(
@@ -242,6 +289,7 @@ class DeliveryHandler:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
         )
+        return dead_lettered
 
 
 async def release(message: AbstractIncomingMessage, stopping: asyncio.Event) -> None:

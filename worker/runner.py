@@ -2,6 +2,14 @@
 
 Nothing here touches the broker: :mod:`worker.delivery` hands in a checked job and a sink
 for its deltas, and settles what :meth:`JobRunner.run` returns.
+
+A delivery is held while its job runs, and the broker closes the channel of a delivery
+held past its consumer timeout (``WORKER_CONSUMER_TIMEOUT``, RabbitMQ's 30 minutes by
+default), cancelling every job on it. So before each further attempt the runner checks
+the worst case: the time held so far, the wait before the attempt, a rate-limit wait and
+a whole ``WORKER_REQUEST_TIMEOUT``. Past :data:`HOLD_SHARE` of the consumer timeout the
+job leaves through a delay queue instead (a :class:`~worker.job.Deferral`), and the next
+delivery starts a fresh hold.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
 from worker.limits.gate import Gate, Permit, Wait, estimate_tokens
 from worker.messages import Endpoint
-from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
+from worker.settings import Settings, UpstreamSpec
 from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
@@ -49,6 +57,9 @@ BACKOFF_CAP = 60.0
 # Waiting for rate-limit budget holds the consumer slot up to this long (well inside the
 # broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
 RATE_LIMIT_INLINE_WAIT = 30.0
+# The share of WORKER_CONSUMER_TIMEOUT a delivery may be held at worst: the rest is margin
+# for settling (publishes, their confirms) and for the clocks' disagreement.
+HOLD_SHARE = 0.8
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -82,7 +93,7 @@ class JobRunner:
         if isinstance(upstream, UpstreamPool):
             self.pool = upstream
         else:
-            self.pool = _pool_of_one(upstream, settings)
+            self.pool = UpstreamPool.of_client(upstream, settings)
         for member in self.pool.members:
             if member.gate is None:
                 member.gate = gate if gate is not None else gate_for(settings, member.spec)
@@ -98,16 +109,21 @@ class JobRunner:
         for member in self.pool.members:
             await _gate_of(member).aclose()
 
-    async def run(self, job: Job, send_delta: DeltaSink) -> JobOutcome | Deferral:
-        """The job's outcome, or its deferral; either counts the upstream calls made for it,
-        429s included, across deliveries (``metadata.calls``, §4)."""
+    async def run(
+        self, job: Job, send_delta: DeltaSink, held_since: float | None = None
+    ) -> JobOutcome | Deferral:
+        """Run the job's attempts: its outcome, or its deferral; either counts the upstream
+        calls made for it, 429s included, across deliveries (``metadata.calls``, §4).
+        ``held_since``: when its delivery arrived (``time.monotonic``), now by default (see
+        the module docstring)."""
+        held_since = time.monotonic() if held_since is None else held_since
         calls = [job.envelope.prior_calls]
-        concluded = await self._run(job, send_delta, calls)
+        concluded = await self._run(job, send_delta, calls, held_since)
         concluded.calls = calls[0]
         return concluded
 
     async def _run(
-        self, job: Job, send_delta: DeltaSink, calls: list[int]
+        self, job: Job, send_delta: DeltaSink, calls: list[int], held_since: float
     ) -> JobOutcome | Deferral:
         attempt = job.envelope.prior_attempts
         waited = job.envelope.rate_limit_wait_ms / 1000  # seconds, across deliveries
@@ -169,6 +185,8 @@ class JobRunner:
                     self.telemetry.rate_limited.add(
                         1, {"upstream": gate.name, "error_code": budget.code.value}
                     )
+                    if self._overstays(held_since, 0.0):
+                        return self._leave(budget, attempt, waited, 0.0)
                     member, probe = self._choose(job)
                     continue
                 except JobError as error:
@@ -184,6 +202,8 @@ class JobRunner:
             if member is not None:
                 tried.append(member)
                 member, probe = self._choose(job, tried)
+                if member is not None and self._overstays(held_since, 0.0):
+                    return self._leave(exc, attempt, waited, 0.0)
                 if member is not None:
                     self.telemetry.retries.add(
                         1, {"error_code": exc.code.value, "upstream": tried[-1].name}
@@ -203,9 +223,28 @@ class JobRunner:
                 return Deferral(
                     wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000
                 )
+            if self._overstays(held_since, wait):
+                return self._leave(exc, attempt, waited, wait)
             await asyncio.sleep(wait)
             tried.clear()
             member, probe = self._choose(job)
+
+    def _overstays(self, held_since: float, wait: float) -> bool:
+        """Whether one more attempt after ``wait`` seconds could hold the delivery past
+        :data:`HOLD_SHARE` of the broker's consumer timeout (the module docstring)."""
+        settings = self.settings
+        worst = (
+            time.monotonic() - held_since + wait + RATE_LIMIT_INLINE_WAIT + settings.request_timeout
+        )
+        return worst > HOLD_SHARE * settings.consumer_timeout
+
+    @staticmethod
+    def _leave(exc: JobError, attempt: int, waited: float, wait: float) -> Deferral:
+        log.info(
+            "retrying through a delay queue: the delivery has been held long",
+            error_code=exc.code.value,
+        )
+        return Deferral(wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000)
 
     def _choose(
         self, job: Job, exclude: list[Member] | None = None, *, ready: bool = False
@@ -388,22 +427,6 @@ class JobRunner:
             usage=completion.body.get("usage"),
             latency_ms=_ms_since(started),
         )
-
-
-def _pool_of_one(client: Upstream, settings: Settings) -> UpstreamPool:
-    """A client made elsewhere (tests, benchmarks) as the pool of one ``default``, with the
-    limits of the ``WORKER_UPSTREAM_*`` variables."""
-    spec = UpstreamSpec(
-        name=DEFAULT_UPSTREAM,
-        base_url=client.base_url,
-        models=["*"],
-        limits=LimitsSpec(
-            rpm=settings.upstream_rpm,
-            tpm=settings.upstream_tpm,
-            max_concurrency=settings.upstream_max_concurrency,
-        ),
-    )
-    return UpstreamPool.single(client, spec)
 
 
 def gate_for(settings: Settings, spec: UpstreamSpec) -> Gate:

@@ -1,6 +1,12 @@
 """The worker's life, top to bottom: connect, declare, consume, drain on a signal, reconnect.
 
 What happens to one delivery, and the settlement rules, are :mod:`worker.delivery`'s.
+A drain is bounded as a whole (:mod:`worker.stopping`): the first signal sets a deadline
+``WORKER_SHUTDOWN_GRACE`` away, and every step (the heartbeat's channel, the consumers'
+cancel, the jobs in flight, the connection's close) gives up when it passes, for a
+blocked broker (a resource alarm) reads nothing and answers nothing; a second signal ends
+every step at once.
+
 While the broker blocks the connection (a resource alarm, :mod:`worker.amqp.blocked`), no
 new job starts, ``/readyz`` answers 503, and deltas stop waiting for their confirms (the
 result waits for them), so the wait is not charged to the upstream's idle timeout.
@@ -14,6 +20,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
@@ -32,12 +39,14 @@ from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
 from worker.amqp.lanes import LaneConsumer
 from worker.amqp.publish import Publisher
 from worker.amqp.topology import TopologyUnavailable, declare
+from worker.amqp.watchdog import ConfirmWatchdog
 from worker.delivery import DeliveryHandler, release
 from worker.heartbeat import Heartbeat, JobStats
 from worker.payonce import open_pay_once
 from worker.runner import JobRunner
 from worker.settings import Settings
 from worker.spend import Spending
+from worker.stopping import Stop
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
 from worker.upstream.pool import UpstreamPool
@@ -50,9 +59,20 @@ log = structlog.get_logger(__name__)
 # an error, so that an orchestrator restarts it rather than keeping a silent zombie.
 RESUME_DEADLINE = 60.0
 RECONNECT_MAX_DELAY = 5.0
+# A connection lost within QUICK_LOSS seconds of opening (a message that makes the broker
+# close it, a flapping node) is not reopened at once, again and again: from the second
+# such loss in a row, the worker pauses first, RECONNECT_PAUSE doubling up to
+# RECONNECT_MAX_DELAY (a first loss reconnects at once: a node gone, another one answers).
+QUICK_LOSS = 30.0
+RECONNECT_PAUSE = 0.5
 CONNECT_TIMEOUT = 10.0
 # How often queues that were out of reach at start are declared again.
 REDECLARE_INTERVAL = 5.0
+# How long closing a lost connection (its heartbeat, its consumers) may take: the broker
+# may not answer at all.
+CLOSE_TIMEOUT = 5.0
+# A clean close takes milliseconds; it gets this long even when the grace has run out.
+LAST_CLOSE = 1.0
 
 
 class BrokerUnavailable(RuntimeError):
@@ -82,8 +102,7 @@ class Worker:
         self.blocking = BlockedState()
         self.identity = f"{socket.gethostname()}/{os.getpid()}"
         self._consuming = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._hard_stop = asyncio.Event()
+        self._stop = Stop(settings.shutdown_grace)
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publisher: Publisher | None = None
@@ -97,6 +116,7 @@ class Worker:
         # Queues out of reach (a node down): consuming goes on; they are declared again.
         self._missing: dict[str, str] = {}
         self._redeclare: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self.telemetry.watch_in_flight(lambda: len(self._tasks))
         self.stats = JobStats()
         self.once = open_pay_once(settings)
@@ -120,26 +140,8 @@ class Worker:
             ready=lambda: self.ready,
             in_flight=lambda: self.in_flight,
             lanes=self.in_flight_by_lane,
-            upstreams=self.upstream_states,
+            upstreams=self.upstreams.gates,
         )
-
-    def upstream_states(self) -> dict[str, dict[str, Any]]:
-        """Each upstream's gate and budget as last read, for the heartbeat (§14)."""
-        now = time.monotonic()
-        states: dict[str, dict[str, Any]] = {}
-        for member in self.upstreams.members:
-            health = member.state(now)
-            state = "cooling" if health != "open" else "open"
-            report: dict[str, Any] = {}
-            if member.gate is not None:
-                gate_state = member.gate.state.value
-                state = gate_state if gate_state != "open" else state
-                for kind, value in member.gate.remaining().items():
-                    report[f"remaining_{kind}"] = value
-            if member.cooling_until is not None:
-                report["cooldown_s"] = round(max(member.cooling_until - now, 0.0), 1)
-            states[member.name] = {"state": state, **report}
-        return states
 
     @property
     def ready(self) -> bool:
@@ -182,10 +184,7 @@ class Worker:
 
     def stop(self) -> None:
         """Stop taking jobs and drain (first call); end at once (second call)."""
-        if self._stopping.is_set():
-            log.warning("second stop signal: ending now, unfinished jobs return to the queue")
-            self._hard_stop.set()
-        self._stopping.set()
+        self._stop.signal()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,13 +194,25 @@ class Worker:
     async def run(self) -> None:
         """Serve until stopped. Raises :class:`BrokerUnavailable` when consuming cannot
         (re)start within :data:`RESUME_DEADLINE`."""
+        quick_losses = 0
         try:
-            while not self._stopping.is_set():
+            while not self._stop.requested.is_set():
                 self._not_consuming_since = time.monotonic()
+                if quick_losses > 1:
+                    pause = min(RECONNECT_PAUSE * 2 ** (quick_losses - 2), RECONNECT_MAX_DELAY)
+                    log.warning(
+                        "connection lost soon after it opened again; pausing first",
+                        losses_in_a_row=quick_losses,
+                        pause_s=pause,
+                    )
+                    await self._stop.pause(pause)
                 connection = await self._connect()
                 if connection is None:
                     break
+                opened = time.monotonic()
                 await self._serve(connection)
+                quick = time.monotonic() - opened < QUICK_LOSS
+                quick_losses = quick_losses + 1 if quick else 0
         finally:
             await self.upstreams.aclose()
             await self.runner.aclose()
@@ -217,13 +228,14 @@ class Worker:
     async def _connect(self) -> AbstractConnection | None:
         """Connect to a node that answers (§13: the next one after a loss) and consume."""
         delay = 0.2
-        while not self._stopping.is_set():
+        while not self._stop.requested.is_set():
             try:
                 connection = await connect_any(
                     self._nodes,
                     name=f"chat-worker {self.identity}",
                     wait=CONNECT_TIMEOUT,
                     log_failures=True,
+                    heartbeat=self.settings.amqp_heartbeat,
                 )
                 if await self._start_consuming(connection):
                     return connection
@@ -232,8 +244,7 @@ class Worker:
                 problem = exc
             self._check_deadline(problem)
             log.warning("broker unavailable; retrying", error=repr(problem), retry_in=delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            await self._stop.pause(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)
         return None
 
@@ -256,6 +267,9 @@ class Worker:
             await follow_cancellations(
                 connection, self.settings.events_exchange, self.delivery.cancelled
             )
+            probes = (
+                await ConfirmWatchdog.open(connection) if self.settings.amqp_heartbeat else None
+            )
             await self._consume(connection, channel, interrupted)
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError, TopologyUnavailable) as exc:
             log.warning("could not start consuming", error=repr(exc))
@@ -265,6 +279,9 @@ class Worker:
         log.info("connected", node=self._node, queues_out_of_reach=len(self._missing))
         if self._missing:
             self._redeclare = asyncio.create_task(self._declare_missing(connection))
+        if probes is not None:
+            watchdog = ConfirmWatchdog(self.settings.amqp_heartbeat, self.blocking, interrupted.set)
+            self._watchdog = asyncio.create_task(watchdog.watch(probes), name="watchdog")
         return True
 
     async def _declare_missing(self, connection: AbstractConnection) -> None:
@@ -310,58 +327,67 @@ class Worker:
             prefetch=self.settings.concurrency,
             worker=self.identity,
         )
-        stop = asyncio.ensure_future(self._stopping.wait())
+        stop = asyncio.ensure_future(self._stop.requested.wait())
         lost = asyncio.ensure_future(self._interrupted.wait())
         await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         lost.cancel()
         self._consuming.clear()
-        if self._redeclare is not None:
-            self._redeclare.cancel()
-            self._redeclare = None
-        await self.heartbeat.stop()
-        if self._stopping.is_set():
-            await self._drain(self._queue, self._consumer_tag)
-        else:
-            log.warning("broker connection or consumer lost; reconnecting")
-            # Jobs in flight cannot be acknowledged on a new channel: the broker has
-            # already put them back, so stop paying for their upstream calls.
-            for task in list(self._tasks):
+        for task in (self._redeclare, self._watchdog):
+            if task is not None:
                 task.cancel()
-            if self._lane_consumer is not None:
-                await self._lane_consumer.stop(cancel_consumers=False)
-        await _close_quietly(connection)
-
-    async def _drain(self, queue: AbstractQueue | None, tag: str) -> None:
-        """Stop deliveries at once; give in-flight jobs the grace period; cancel the rest."""
-        self._draining = True
-        if queue is not None:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        if self._lane_consumer is not None:
-            await self._lane_consumer.stop()
-        grace = self.settings.shutdown_grace
-        pending = set(self._tasks)
-        log.info("draining", in_flight=len(pending), grace_seconds=grace)
-        if not pending:
+        self._redeclare = self._watchdog = None
+        if self._stop.requested.is_set():
+            await self._drain(self._queue, self._consumer_tag, self._stop.deadline)
+            last = max(self._stop.deadline, time.monotonic() + LAST_CLOSE)
+            await self._stop.within(last, "closing the connection", _close_quietly(connection))
             return
-        hard = asyncio.ensure_future(self._hard_stop.wait())
-        deadline = time.monotonic() + grace
-        while pending and not hard.done() and (remaining := deadline - time.monotonic()) > 0:
-            await asyncio.wait(
-                {*pending, hard}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            pending = {task for task in pending if not task.done()}
-        hard.cancel()
+        log.warning("broker connection or consumer lost; reconnecting")
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        await self._stop.within(deadline, "stopping the heartbeat", self.heartbeat.stop())
+        # Jobs in flight cannot be acknowledged on a new channel: the broker has
+        # already put them back, so stop paying for their upstream calls.
+        for task in list(self._tasks):
+            task.cancel()
+        if self._lane_consumer is not None:
+            await self._lane_consumer.stop(cancel_consumers=False)
+        await self._stop.within(deadline, "closing the connection", _close_quietly(connection))
+
+    async def _drain(self, queue: AbstractQueue | None, tag: str, deadline: float) -> None:
+        """Stop deliveries and heartbeats at once; give in-flight jobs until ``deadline``;
+        cancel the rest. No wait outlasts the deadline or a second signal."""
+        self._draining = True  # a delivery still on its way is not started
+        pending = set(self._tasks)
+        log.info(
+            "draining",
+            in_flight=len(pending),
+            grace_seconds=round(max(deadline - time.monotonic(), 0.0), 1),
+        )
+        quiet = asyncio.ensure_future(self._quiet(queue, tag))
+        await self._stop.until(deadline, {quiet, *pending})
+        if not quiet.done():
+            log.warning("gave up waiting for the broker to cancel the consumers")
+            quiet.cancel()
+        pending = {task for task in pending if not task.done()}
         if pending:
             log.warning("returning unfinished jobs to the queue", jobs=len(pending))
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(pending, timeout=LAST_CLOSE)
+
+    async def _quiet(self, queue: AbstractQueue | None, tag: str) -> None:
+        """Cancel the consumers and stop the heartbeat (a blocked broker never answers)."""
+        steps: list[Awaitable[Any]] = [self.heartbeat.stop()]
+        if queue is not None:
+            steps.append(queue.cancel(tag))
+        if self._lane_consumer is not None:
+            steps.append(self._lane_consumer.stop())
+        await asyncio.gather(*steps, return_exceptions=True)
 
     # --- one delivery ----------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage, lane: str) -> None:
+        received = time.monotonic()  # the broker's consumer timeout runs from now
         if self._draining:
             return  # not acknowledged: it goes back to the queue when the channel closes
         task = asyncio.current_task()
@@ -370,7 +396,7 @@ class Worker:
         try:
             if self.blocking.blocked and not await self._wait_unblocked():
                 return  # draining: not acknowledged, it goes back to the queue
-            await self._handle(message, lane)
+            await self._handle(message, lane, received)
         except asyncio.CancelledError:
             raise
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -386,20 +412,20 @@ class Worker:
     async def _wait_unblocked(self) -> bool:
         """Hold a new delivery while the broker blocks the connection; False on a stop."""
         unblocked = asyncio.ensure_future(self.blocking.wait_unblocked())
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        stopping = asyncio.ensure_future(self._stop.requested.wait())
         try:
             await asyncio.wait({unblocked, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             unblocked.cancel()
             stopping.cancel()
-        return not self._stopping.is_set()
+        return not self._stop.requested.is_set()
 
     async def _release(self, message: AbstractIncomingMessage) -> None:
-        await release(message, self._stopping)
+        await release(message, self._stop.requested)
 
-    async def _handle(self, message: AbstractIncomingMessage, lane: str) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, lane: str, received: float) -> None:
         assert self._publisher is not None
-        await self.delivery.handle(message, lane, self._publisher)
+        await self.delivery.handle(message, lane, self._publisher, received)
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:

@@ -219,6 +219,13 @@ class Settings(BaseSettings):
     stream_idle_timeout: PositiveSeconds = 60.0
     stream_flush_interval: float = Field(0.05, ge=0)
     shutdown_grace: float = Field(30.0, ge=0)
+    # The broker's consumer timeout (RabbitMQ's consumer_timeout, 30 min by default): a
+    # delivery held longer closes its channel. Retries leave through a delay queue before.
+    consumer_timeout: PositiveSeconds = 1800.0
+    # How long a copy the broker nacks (a quorum queue electing a leader) is published again.
+    publish_retry_window: float = Field(60.0, ge=0)
+    # The AMQP heartbeat, in seconds (0: none); a silent connection is left within about two.
+    amqp_heartbeat: int = Field(10, ge=0, le=65535)
     allowed_models: Annotated[frozenset[str], NoDecode] = frozenset()
     reply_to_pattern: re.Pattern[str] | None = None
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1)
@@ -254,9 +261,6 @@ class Settings(BaseSettings):
     gateway_lane: str | None = None
     gateway_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
     gateway_max_file_lines: int = Field(50_000, ge=1)
-    # the broker connection
-    consumer_timeout: float = Field(1800.0, gt=0)
-    amqp_heartbeat: int = Field(10, ge=0, le=65535)
 
     @field_validator("amqp_url")
     @classmethod
@@ -355,6 +359,17 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _held_within_the_consumer_timeout(self) -> Settings:
+        # A call longer than the broker's consumer timeout would have its delivery's
+        # channel closed under it, every job on it cancelled, on every attempt.
+        if self.request_timeout >= self.consumer_timeout:
+            raise ValueError(
+                "WORKER_REQUEST_TIMEOUT must be below WORKER_CONSUMER_TIMEOUT (the broker's "
+                "consumer_timeout): raise both together"
+            )
+        return self
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``WORKER_*`` variables, secrets included: for a child process."""
@@ -635,5 +650,7 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**extra, **overrides)
     except ValidationError as exc:
         error = exc.errors()[0]
+        if not error["loc"]:  # a rule between settings: its message names them
+            raise SettingsError(error["msg"].removeprefix("Value error, ")) from None
         name = ENV_PREFIX + "_".join(str(p) for p in error["loc"]).upper()
         raise SettingsError(f"{name}: {error['msg']}") from None

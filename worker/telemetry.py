@@ -186,6 +186,12 @@ class Telemetry:
         self.dead_lettered = Tally(
             meter, "chat_worker.dead_lettered", "{job}", "Requests dead-lettered"
         )
+        self.dead_letters_lost = Tally(
+            meter,
+            "chat_worker.dead_letters.lost",
+            "{job}",
+            "Failed requests the dead-letter queue did not take (their result went out)",
+        )
         # §11 rate limits: gates are read at scrape time (see watch_gate).
         self._gates: list[Any] = []
         meter.create_observable_gauge(
@@ -298,7 +304,7 @@ class Telemetry:
             return
         # Some AMQP clients send string headers as bytes (longstr).
         carrier = {
-            k: v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+            k: v.decode(errors="replace") if isinstance(v, bytes | bytearray) else str(v)
             for k, v in headers.items()
             if k in ("traceparent", "tracestate")
         }
@@ -468,6 +474,7 @@ class Telemetry:
         usage: Mapping[str, Any] | None = None,
         cost: float | None = None,
         upstream: str | None = None,
+        dead_lettered: bool = True,
     ) -> None:
         # Lane and tenant label jobs and tokens (§12); tenants bounded to 100 per process.
         owner = {"lane": lane, "tenant": self.tenant_labels.label(tenant)}
@@ -497,7 +504,8 @@ class Telemetry:
         if error_code:
             span.set_attribute("error.type", error_code)
             span.set_status(Status(StatusCode.ERROR))
-            self.dead_lettered.add(1, {"error_code": error_code})
+            if dead_lettered:
+                self.dead_lettered.add(1, {"error_code": error_code})
 
 
 class Tally:

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiohttp import web
+from amqp_proxy import publish_raw
 from pydantic import SecretStr
 from support.broker import Replies, publish
 
@@ -309,3 +310,29 @@ async def test_item27_the_page_carries_its_first_state(
     assert [w["worker"] for w in state["workers"]] == [hostile]
     assert {"queues", "lanes", "dead_letters", "recent", "series"} <= set(state)
     assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+async def test_item3_the_console_lists_and_replays_letters_with_bytes_headers(
+    worker: Worker,
+    console: tuple[ConsoleApp, httpx.AsyncClient],
+    replies: Replies,
+) -> None:
+    """A header sent as a long string that is not UTF-8 (some clients send bytes so):
+    before, the listing failed with UnicodeDecodeError for every letter of the lane."""
+    _app, client = console
+    settings: Settings = worker.settings
+    await publish_raw(
+        settings.amqp_url.get_secret_value(),
+        settings.dead_letter_queue,
+        orjson.dumps(job("bytes", "hello")),
+        raw_headers={"x-custom-id": b"\xff\xfe", "x-error-code": b"invalid_request"},
+        reply_to=replies.name,
+    )
+    listed = (await client.get("/api/dead-letters")).json()
+    assert [(r["custom_id"], r["error_code"]) for r in listed["items"]] == [
+        ("\ufffd\ufffd", "invalid_request")
+    ]
+    replayed = await client.post("/api/replay", json={"code": "invalid_request"}, headers=auth())
+    assert replayed.json()["replayed"] == 1
+    result = orjson.loads((await replies.until_results(1))[-1].body)
+    assert result["error"] is None

@@ -9,10 +9,18 @@ import sys
 
 import orjson
 from aio_pika.abc import AbstractConnection
-from support.broker import Replies, publish
+from support.broker import Replies, get_one, publish
 
 from worker.amqp.dlq import list_dead_letters, replay_dead_letters
-from worker.amqp.topology import H_ERROR_CODE, H_ERROR_MESSAGE, declare
+from worker.amqp.topology import (
+    H_ATTEMPTS,
+    H_DELIVERY_COUNT,
+    H_ERROR_CODE,
+    H_ERROR_MESSAGE,
+    H_RATE_LIMIT_WAIT,
+    H_REDELIVERIES,
+    declare,
+)
 from worker.messages import JobResult
 from worker.service import Worker
 from worker.settings import Settings
@@ -160,3 +168,58 @@ async def test_item15_dlq_list_prints_producer_text_as_text(
     for text in ("[/]", "[bold]loud[/bold]", "[link=https://evil.test]x[/link]", "\\x1b[31mred"):
         assert text in listed.stdout
     assert "\x1b" not in listed.stdout
+
+
+async def test_item11_a_replay_starts_clean_and_is_marked_replayed(
+    settings: Settings, connection: AbstractConnection
+) -> None:
+    await declare(connection, settings)
+    past = {
+        H_ERROR_CODE: "rate_limited",
+        H_ERROR_MESSAGE: "waited 3600.0s for rate-limit budget",
+        H_ATTEMPTS: 4,
+        H_RATE_LIMIT_WAIT: 3_600_000,
+        H_DELIVERY_COUNT: 2,
+        H_REDELIVERIES: 1,
+        "x-producer-note": "kept",
+    }
+    await publish(
+        connection,
+        settings.dead_letter_queue,
+        failing("clean", "400"),
+        message_id="clean",
+        headers=past,
+    )
+    assert await replay_dead_letters(settings) == 1
+    copy = await get_one(connection, settings.request_queue)
+    headers = copy.headers or {}
+    assert headers["x-producer-note"] == "kept"
+    assert headers["x-replayed"] is True
+    assert headers["x-replays"] == 1
+    # (a quorum queue writes its own x-delivery-count: 0 on a first delivery)
+    assert headers.get(H_DELIVERY_COUNT, 0) == 0
+    assert not set(past) - {"x-producer-note", H_DELIVERY_COUNT} & set(headers), headers
+
+
+async def test_item11_a_replayed_job_gets_its_rate_limit_wait_again(
+    worker: Worker, connection: AbstractConnection, replies: Replies
+) -> None:
+    """Its dead letter says it waited all of WORKER_RATE_LIMIT_MAX_WAIT: replayed with that
+    header, it failed ``rate_limited`` at the first 429."""
+    settings = worker.settings
+    request = failing("waited", "429", times=1)
+    request["body"]["mock"]["retry_after"] = 0.2  # type: ignore[index]
+    await publish(
+        connection,
+        settings.dead_letter_queue,
+        request,
+        message_id="waited",
+        reply_to=replies.name,
+        headers={
+            H_ERROR_CODE: "rate_limited",
+            H_RATE_LIMIT_WAIT: round(settings.rate_limit_max_wait * 1000),
+        },
+    )
+    assert await replay_dead_letters(settings) == 1
+    result = JobResult.model_validate_json((await replies.until_results(1)).pop().body)
+    assert result.error is None, result.error

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,23 +211,6 @@ async def test_x_tenant_counts_only_when_trusted(
     result = JobResult.model_validate_json((await replies.get()).body)
     assert result.metadata.lane == running.settings.request_queue
     assert result.metadata.tenant == ("claimed-team" if trusted else None)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def broker_user(amqp_url: str) -> Iterator[tuple[str, str]]:
-    """A broker user of this test alone, allowed everything on ``/``; deleted after."""
-    name, password = f"test-tenant-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    _rabbitmqctl("add_user", name, password)
-    try:
-        _rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
-        host = amqp_url.split("@", 1)[-1]
-        yield name, f"amqp://{name}:{password}@{host}"
-    finally:
-        _rabbitmqctl("delete_user", name)
 
 
 async def test_user_id_of_a_client_becomes_the_tenant(

@@ -259,7 +259,9 @@ async def test_item12_a_refused_coalesced_delta_fails_the_attempt(
     run = worker.runner.run
     failures: list[tuple[int, int]] = []
 
-    async def run_with_a_failing_timer_flush(job: Job, send_delta: DeltaSink) -> Any:
+    async def run_with_a_failing_timer_flush(
+        job: Job, send_delta: DeltaSink, **options: Any
+    ) -> Any:
         class FailingSecond:
             async def send(self, attempt: int, seq: int, choices: list[dict[str, Any]]) -> None:
                 if seq == 1 and not failures:
@@ -270,7 +272,7 @@ async def test_item12_a_refused_coalesced_delta_fails_the_attempt(
             async def settle(self) -> None:
                 await send_delta.settle()
 
-        outcome: JobOutcome | Any = await run(job, FailingSecond())
+        outcome: JobOutcome | Any = await run(job, FailingSecond(), **options)
         return outcome
 
     worker.runner.run = run_with_a_failing_timer_flush  # type: ignore[method-assign]

@@ -51,6 +51,13 @@ class Replies:
         async with asyncio.timeout(timeout):
             return await self._inbox.get()
 
+    def drain(self) -> list[AbstractIncomingMessage]:
+        """Every message arrived and not read yet, without waiting."""
+        found = []
+        while not self._inbox.empty():
+            found.append(self._inbox.get_nowait())
+        return found
+
     async def until_results(self, count: int, timeout: float = 30) -> list[AbstractIncomingMessage]:
         """Every message until ``count`` results have arrived (deltas included, in order)."""
         seen: list[AbstractIncomingMessage] = []
@@ -87,3 +94,25 @@ async def get_one(
             await asyncio.sleep(0.05)
     await message.ack()
     return message
+
+
+async def depth(connection: AbstractConnection, queue: str) -> int:
+    """Messages ready in a durable queue now."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+    finally:
+        await channel.close()
+
+
+async def drain(connection: AbstractConnection, queue: str) -> list[AbstractIncomingMessage]:
+    """Every message now in a durable queue (acknowledged)."""
+    channel = await connection.channel()
+    source = await channel.get_queue(queue)
+    found = []
+    while (message := await source.get(fail=False)) is not None:
+        await message.ack()
+        found.append(message)
+    await channel.close()
+    return found

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.amqp.connect import Nodes, NoNodeAnswers, connect_any, redact
+from worker.amqp.connect import Nodes, NoNodeAnswers, broker_user, connect_any, redact
 
 URLS = [f"amqp://u:secret@node{n}:5672/" for n in range(1, 4)]
 
@@ -44,3 +44,9 @@ async def test_no_node_answering_says_why_for_each_without_a_password() -> None:
     message = str(caught.value)
     assert "127.0.0.1:1" in message and "127.0.0.1:2" in message
     assert "hunter2" not in message
+
+
+def test_item7_the_broker_user_a_url_logs_in_as() -> None:
+    assert broker_user("amqp://worker:pw@rabbit:5672/") == "worker"
+    assert broker_user("amqp://rabbit/") == "guest", "aiormq's default login"
+    assert broker_user("amqps://rabbit/?auth=external") is None, "the certificate decides"

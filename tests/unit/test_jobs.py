@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -1052,3 +1053,56 @@ async def test_an_embeddings_answer_without_data_is_an_upstream_error(
     assert isinstance(outcome, JobOutcome) and outcome.error is not None
     assert outcome.error.code is ErrorCode.UPSTREAM_ERROR
     assert "not an embeddings list" in outcome.error.message
+
+
+# --- issue 22 item 13: a delivery is never held past the broker's consumer timeout -----------
+
+
+async def test_item13_timeouts_leave_through_a_delay_queue_before_the_consumer_timeout(
+    upstreams: Upstreams, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each timed-out attempt holds the delivery a whole WORKER_REQUEST_TIMEOUT: with 5
+    attempts inline, 5 x 0.4 s plus backoff, past the consumer timeout of 2 s. The job
+    must leave through a delay queue while the next attempt still fits in 80 % of it."""
+    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    runner = upstreams.runner(hang, request_timeout=0.4, consumer_timeout=2.0)
+    started = time.monotonic()
+    outcome = await asyncio.wait_for(run(runner, make_job()), 10)
+    assert isinstance(outcome, Deferral), outcome
+    assert outcome.error.code is ErrorCode.TIMEOUT
+    assert outcome.attempts == 2, "attempt 3 could have ended past 0.8 x 2 s"
+    assert time.monotonic() - started < 0.8 * 2.0
+
+
+async def test_item13_the_hold_counts_from_the_delivery_not_the_first_attempt(
+    upstreams: Upstreams, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery that waited (a blocked connection) before its job started."""
+    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    runner = upstreams.runner(hang, respond(), request_timeout=0.4, consumer_timeout=2.0)
+    outcome = await runner.run(make_job(), Deltas(), held_since=time.monotonic() - 0.5)
+    assert isinstance(outcome, Deferral) and outcome.attempts == 1
+
+
+async def test_item13_a_retry_that_fits_still_waits_inline(
+    upstreams: Upstreams, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    runner = upstreams.runner(hang, respond(), request_timeout=0.4, consumer_timeout=2.0)
+    outcome = await runner.run(make_job(), Deltas(), held_since=time.monotonic())
+    assert isinstance(outcome, JobOutcome) and outcome.ok and outcome.attempts == 2
+
+
+async def test_item13_refused_calls_waiting_for_budget_leave_in_time_too(
+    upstreams: Upstreams, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """429s are no attempts and their waits are bounded by WORKER_RATE_LIMIT_MAX_WAIT (an
+    hour), not by the consumer timeout: a delivery held long leaves between two of them."""
+    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    runner = upstreams.runner(
+        respond(429, ERROR_BODY, **{"retry-after": "1"}), request_timeout=0.4, consumer_timeout=2.0
+    )
+    outcome = await runner.run(make_job(), Deltas(), held_since=time.monotonic() - 1.3)
+    assert isinstance(outcome, Deferral), outcome
+    assert outcome.error.code is ErrorCode.RATE_LIMITED
+    assert len(upstreams.requests) == 1

@@ -50,6 +50,9 @@ def test_defaults_are_the_contracts() -> None:
     assert settings.stream_idle_timeout == 60
     assert settings.stream_flush_interval == 0.05
     assert settings.shutdown_grace == 30
+    assert settings.consumer_timeout == 1800
+    assert settings.publish_retry_window == 60
+    assert settings.amqp_heartbeat == 10
     assert settings.allowed_models == frozenset()
     assert settings.reply_to_pattern is None
     assert settings.max_message_bytes == 10_485_760
@@ -106,6 +109,9 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_STREAM_IDLE_TIMEOUT", "7", "stream_idle_timeout", 7.0),
     ("WORKER_STREAM_FLUSH_INTERVAL", "0", "stream_flush_interval", 0.0),
     ("WORKER_SHUTDOWN_GRACE", "2.5", "shutdown_grace", 2.5),
+    ("WORKER_CONSUMER_TIMEOUT", "3600", "consumer_timeout", 3600.0),
+    ("WORKER_PUBLISH_RETRY_WINDOW", "15", "publish_retry_window", 15.0),
+    ("WORKER_AMQP_HEARTBEAT", "30", "amqp_heartbeat", 30),
     ("WORKER_ALLOWED_MODELS", "gpt-4o, llama-3 ,,", "allowed_models", {"gpt-4o", "llama-3"}),
     ("WORKER_MAX_MESSAGE_BYTES", "1024", "max_message_bytes", 1024),
     ("WORKER_HTTP_PORT", "0", "http_port", 0),
@@ -291,6 +297,16 @@ def test_bad_value_names_the_variable(
     message = str(caught.value)
     assert message.startswith(f"{variable}: ")
     assert "\n" not in message
+
+
+def test_item13_a_request_timeout_past_the_consumer_timeout_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKER_REQUEST_TIMEOUT", "1800")
+    with pytest.raises(SettingsError, match=r"^WORKER_REQUEST_TIMEOUT must be below WORKER_CONS"):
+        load_settings()
+    monkeypatch.setenv("WORKER_CONSUMER_TIMEOUT", "3600")
+    assert load_settings().request_timeout == 1800
 
 
 def test_bad_broker_url_does_not_leak_its_password(monkeypatch: pytest.MonkeyPatch) -> None:

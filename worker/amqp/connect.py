@@ -25,6 +25,7 @@ __all__ = [
     "BrokerRefused",
     "NoNodeAnswers",
     "Nodes",
+    "broker_user",
     "connect_any",
     "reachable",
     "redact",
@@ -52,6 +53,19 @@ def redact(url: str) -> str:
     if parsed.password is not None:
         parsed = parsed.with_password(None)
     return str(parsed)
+
+
+def broker_user(url: str | yarl.URL) -> str | None:
+    """The broker user a connection to ``url`` authenticates as, as aiormq logs in: the
+    URL's user (``guest`` when none) with PLAIN; None when the broker decides (EXTERNAL:
+    the user is the TLS certificate's)."""
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError):
+        return None
+    if parsed.query.get("auth", "plain").lower() != "plain":
+        return None
+    return parsed.user or "guest"
 
 
 class Nodes:
@@ -88,12 +102,14 @@ async def connect_any(
     name: str,
     wait: float = CONNECT_TIMEOUT,
     log_failures: bool = False,
+    heartbeat: int | None = None,
 ) -> AbstractConnection:
     """A connection to the first node of ``nodes`` that answers, named ``name``.
 
     ``nodes`` may be one URL or a comma-separated list, as in ``WORKER_AMQP_URL``. Raises
     :class:`NoNodeAnswers` when none answers. Silent unless ``log_failures`` (the worker's
-    choice): the command-line tools' output is their own.
+    choice): the command-line tools' output is their own. ``heartbeat``: the AMQP
+    heartbeat in seconds, unless a URL names its own (``?heartbeat=``).
     """
     if isinstance(nodes, str):
         nodes = [url.strip() for url in nodes.split(",") if url.strip()]
@@ -101,9 +117,12 @@ async def connect_any(
         nodes = Nodes(nodes)
     problems = []
     for url in nodes.order():
+        target = url
+        if heartbeat is not None and "heartbeat" not in yarl.URL(url).query:
+            target = str(yarl.URL(url).update_query(heartbeat=heartbeat))
         try:
             connection = await aio_pika.connect(
-                url, timeout=wait, client_properties={"connection_name": name}
+                target, timeout=wait, client_properties={"connection_name": name}
             )
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
             refusal = _refusal(url, exc)

@@ -57,8 +57,11 @@ class JobDeltas:
 
     A ``reply_to`` queue that refuses a delta (returned: no such queue; nacked: full) is
     given up for the rest of the job and the delta goes to the result exchange instead, as
-    a result would. While the broker blocks the connection nothing waits for a confirm (the
-    wait would count as upstream silence): :meth:`settle` checks them all.
+    a result would. On the result exchange deltas are for whoever listens: a nack there
+    (a full ``reject-publish`` queue someone bound to ``delta``) is that listener's loss,
+    logged once per job, and never fails the job. While the broker blocks the connection
+    nothing waits for a confirm (the wait would count as upstream silence): :meth:`settle`
+    checks them all.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class JobDeltas:
         self._trace = trace
         self._route: PreparedPublish | None = None
         self._to_reply = False
+        self._refused_on_exchange = False
         # Sent, not yet checked: (confirmation, body, sent to reply_to)
         self._unchecked: list[tuple[asyncio.Future[Any], bytes, bool]] = []
 
@@ -154,9 +158,18 @@ class JobDeltas:
                 raise aiormq.exceptions.ChannelInvalidStateError("a delta was not confirmed")
             if (error := confirmation.exception()) is None:
                 continue
-            if not (to_reply and isinstance(error, aiormq.exceptions.DeliveryError)):
+            if not isinstance(error, aiormq.exceptions.DeliveryError):
                 self.discard()
                 raise error
+            if not to_reply:
+                if not self._refused_on_exchange:
+                    self._refused_on_exchange = True
+                    log.warning(
+                        "a queue bound to the result exchange refused a delta; going on",
+                        job_id=self._envelope.job_id,
+                        reason=refusal(error),
+                    )
+                continue
             if self._routes.reply_to(self._envelope):
                 log.warning(
                     "reply_to queue did not take a delta; using the result exchange",

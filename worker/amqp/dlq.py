@@ -4,11 +4,18 @@ With several lanes (§12) each lane has a dead-letter queue of its own: ``lane``
 lane's request queue (the first lane by default), and a replay goes back to that lane.
 
 Listing is non-destructive: messages are fetched unacknowledged (by one consumer whose
-prefetch covers them: :func:`snapshot`) and all go back when the channel closes. A
-replayed request is republished ``mandatory`` with a fresh attempt count and removed from
-the dead-letter queue only once the broker routed and confirmed the copy; a copy it
-returns (no request queue of that name) or nacks stops the replay with
+prefetch covers them: :func:`snapshot`) and all go back when the channel closes. Header
+values are shown as text whatever a producer sent (bytes are decoded with replacement
+characters). A replayed request is republished ``mandatory`` and
+removed from the dead-letter queue only once the broker routed and confirmed the copy; a
+copy it returns (no request queue of that name) or nacks stops the replay with
 :class:`ReplayFailed`, and that dead letter and the rest stay where they were.
+
+A replay starts clean: the headers of its past failure and of its past deliveries
+(:data:`_FAILURE_HEADERS`: error, attempts, rate-limit wait, delivery counts, ``x-death``)
+are left out, so it gets every attempt and the whole rate-limit wait again. It is marked
+``x-replayed: true`` (and counted in ``x-replays``): the result store runs a replayed job
+again instead of answering it from the store.
 
 A result kept there because nothing took it (AMQP type ``chat.result``, header
 ``x-unroutable-result``) is listed with reason ``result_unroutable``; it is not a request,
@@ -33,15 +40,15 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from worker.amqp.connect import connect_any
-from worker.amqp.publish import copy_request
+from worker.amqp.copies import BOOKKEEPING, Republisher, copy_request
+from worker.amqp.envelope import header_text
 from worker.amqp.topology import (
     H_ATTEMPTS,
     H_CUSTOM_ID,
-    H_DELIVERY_COUNT,
     H_ERROR_CODE,
     H_ERROR_MESSAGE,
     H_JOB_ID,
-    H_REDELIVERIES,
+    H_RATE_LIMIT_WAIT,
     H_UNROUTABLE_RESULT,
     TYPE_RESULT,
     dead_letter_queue_for,
@@ -74,10 +81,16 @@ class ReplayFailed(Exception):
 
 
 H_REPLAYS = "x-replays"
-# Headers that describe a past failure; a replayed request starts clean.
-_FAILURE_HEADERS = frozenset(
-    {H_ERROR_CODE, H_ERROR_MESSAGE, H_ATTEMPTS, H_DELIVERY_COUNT, H_REDELIVERIES, "x-death"}
-)
+H_REPLAYED = "x-replayed"
+# Headers that describe a past failure or past deliveries; a replayed request starts clean.
+_FAILURE_HEADERS = BOOKKEEPING | {
+    H_ERROR_CODE,
+    H_ERROR_MESSAGE,
+    H_ATTEMPTS,
+    H_JOB_ID,
+    H_RATE_LIMIT_WAIT,
+    H_UNROUTABLE_RESULT,
+}
 
 
 @dataclass(frozen=True)
@@ -116,31 +129,25 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     if _is_result(message):
         reason = UNROUTABLE_RESULT
     elif isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        reason = str(deaths[0].get("reason", "broker"))
+        reason = header_text(deaths[0].get("reason")) or "broker"
         died = deaths[0].get("time")
         when = when or (died if isinstance(died, datetime) else None)
     attempts = headers.get(H_ATTEMPTS)
     return DeadLetter(
-        job_id=str(headers.get(H_JOB_ID) or message.message_id or "") or None,
-        error_code=_text(headers.get(H_ERROR_CODE)),
-        error_message=_text(headers.get(H_ERROR_MESSAGE)),
+        job_id=header_text(headers.get(H_JOB_ID) or message.message_id or "") or None,
+        error_code=header_text(headers.get(H_ERROR_CODE)),
+        error_message=header_text(headers.get(H_ERROR_MESSAGE)),
         attempts=int(attempts) if isinstance(attempts, int) else None,
         size=len(message.body),
         reason=reason,
         # The one field read from the body (never shown); a large body is not parsed.
-        custom_id=_text(headers.get(H_CUSTOM_ID)) or custom_id_of(message.body),
+        custom_id=header_text(headers.get(H_CUSTOM_ID)) or custom_id_of(message.body),
         timestamp=when.timestamp() if when is not None else None,
     )
 
 
 def _is_result(message: AbstractIncomingMessage) -> bool:
     return message.type == TYPE_RESULT or H_UNROUTABLE_RESULT in (message.headers or {})
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def browse(
@@ -269,12 +276,14 @@ async def replay_from(
     :class:`ReplayFailed` at the first copy the broker returns or nacks.
     """
     replayed = 0
+    by = Republisher.of(await channel.get_underlay_channel())
     async for message in browse(channel, dead_letter_queue, present_only=True):
         letter = describe(message)
         if _is_result(message) or not select(letter):
             continue
         try:
-            await channel.default_exchange.publish(_replay_copy(message), queue, mandatory=True)
+            copy = _replay_copy(message, by)
+            await channel.default_exchange.publish(copy, queue, mandatory=True)
         except aiormq.exceptions.PublishError:
             raise ReplayFailed(replayed, f"no queue {queue!r} took the request") from None
         except aiormq.exceptions.DeliveryError:
@@ -292,9 +301,17 @@ def _selected(letter: DeadLetter, codes: Collection[str]) -> bool:
     return not codes or (letter.error_code or letter.reason) in codes
 
 
-def _replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
-    headers = {k: v for k, v in (message.headers or {}).items() if k not in _FAILURE_HEADERS}
+def _replay_copy(message: AbstractIncomingMessage, by: Republisher) -> aio_pika.Message:
+    headers = message.headers or {}
     replays = headers.get(H_REPLAYS)
-    headers[H_REPLAYS] = (replays if isinstance(replays, int) else 0) + 1
-    job_id = message.message_id or _text((message.headers or {}).get(H_JOB_ID))
-    return copy_request(message, message_id=job_id, headers=headers)
+    job_id = message.message_id or header_text(headers.get(H_JOB_ID))
+    return copy_request(
+        message,
+        message_id=job_id,
+        headers={
+            H_REPLAYS: (replays if isinstance(replays, int) else 0) + 1,
+            H_REPLAYED: True,
+        },
+        by=by,
+        drop=_FAILURE_HEADERS,
+    )

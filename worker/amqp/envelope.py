@@ -18,7 +18,7 @@ from worker.amqp.topology import (
 from worker.job import Envelope
 from worker.settings import Settings
 
-__all__ = ["read_envelope", "stable_job_id"]
+__all__ = ["header_text", "read_envelope", "stable_job_id"]
 
 
 def read_envelope(
@@ -73,6 +73,17 @@ def stable_job_id(
     return digest.hexdigest()
 
 
+def header_text(value: Any) -> str | None:
+    """A header value as text to show or log. Some clients send strings as bytes (a byte
+    array, or a long string that is not UTF-8, which arrives as ``bytes``): decoded with
+    replacement characters, never an error."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        return value.decode(errors="replace")
+    return str(value)
+
+
 def _prior_attempts(headers: Mapping[str, Any], redelivered: bool) -> int:
     """Upstream attempts this job may already have had, counted across redeliveries.
 
@@ -107,7 +118,7 @@ def _parse_deadline(value: Any) -> tuple[datetime | None, str | None]:
     if isinstance(value, datetime):
         # An AMQP timestamp field (some clients send one): seconds since the epoch, UTC.
         return (value if value.tzinfo else value.replace(tzinfo=UTC)), None
-    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    text = header_text(value) or ""
     try:
         deadline = datetime.fromisoformat(text)
     except ValueError:

@@ -2,23 +2,33 @@
 
 Every publish waits for the broker's confirm, and every copy the worker relies on (result,
 dead letter, delay, counted requeue) is published ``mandatory``: a copy the broker returns
-(no queue) or nacks (a queue that refuses it) raises :class:`CopyRefused` instead of
-passing for delivered. The caller acknowledges the request only after every copy
-succeeded (contract §8; the rules are in :mod:`worker.service`).
+(no queue) or keeps nacking raises :class:`CopyRefused` instead of passing for delivered.
+The caller settles the request by the rules in :mod:`worker.delivery`.
 
-A result goes to ``reply_to``; if that queue returns or refuses it, to the result exchange;
-if nothing takes it there either, the result document itself goes to the dead-letter
-queue (AMQP type ``chat.result``, header ``x-unroutable-result``), so a paid completion is
-never thrown away. Only when that fails too does the request stay unacknowledged.
+A nack is taken as transient: a quorum queue nacks while it elects a leader (a node lost),
+for seconds. A nacked copy is published again, after a pause that doubles (0.1 s up to
+2 s), until ``WORKER_PUBLISH_RETRY_WINDOW`` (60 s) has passed; only then is it refused (a
+full ``reject-publish`` queue stays full). A return (no queue to route to) is final at
+once. On the result exchange a retry may reach a second bound queue twice (the one that
+took the first copy): at least once, as always.
+
+A result goes to ``reply_to``; if that queue returns or nacks it, to the result exchange
+(a reply queue is the producer's: it is not waited for); if nothing takes it there either,
+the result document itself goes to the dead-letter queue (AMQP type ``chat.result``,
+header ``x-unroutable-result``), so a paid completion is never thrown away. Only when that
+fails too does the request stay unacknowledged.
+
+A copy of the request (dead letter, delay, requeue) is made by
+:func:`~worker.amqp.copies.copy_request`: bounded, bytes kept, the tenant kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
 
-import aio_pika
 import aiormq
 import orjson
 import structlog
@@ -26,16 +36,15 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from worker.amqp.blocked import BlockedState
+from worker.amqp.copies import Republisher, copy_request
 from worker.amqp.deltas import JobDeltas, ReplyRoutes
-from worker.amqp.outbox import Outbox, refusal
+from worker.amqp.outbox import Outbox, refusal, returned
 from worker.amqp.topology import (
     APP_ID,
-    DELTA,
     H_ATTEMPTS,
     H_CALLS,
     H_COST,
     H_CUSTOM_ID,
-    H_DELIVERY_COUNT,
     H_ERROR_CODE,
     H_ERROR_MESSAGE,
     H_JOB_ID,
@@ -63,7 +72,6 @@ __all__ = [
     "CopyRefused",
     "JobDeltas",
     "Publisher",
-    "copy_request",
     "render_result",
 ]
 
@@ -75,16 +83,20 @@ Properties = Basic.Properties
 # of one message must fit in one frame (128 KiB by default), or the broker closes the
 # whole connection and every job on it. Longer values are cut (messages) or left out (ids).
 MAX_HEADER_TEXT = 1000
+# Pauses between publishes of a nacked copy: doubling from the first to the last.
+NACK_RETRY_FIRST = 0.1
+NACK_RETRY_MAX = 2.0
 
 
 class CopyRefused(aiormq.exceptions.AMQPError):
-    """The broker returned (unroutable) or nacked a copy the request depends on."""
+    """The broker returned (unroutable) or kept nacking a copy the request depends on."""
 
-    def __init__(self, what: str, destination: str, reason: str) -> None:
-        super().__init__(f"{what} to {destination!r} {reason}")
+    def __init__(self, what: str, destination: str, exc: aiormq.exceptions.DeliveryError) -> None:
+        self.reason = refusal(exc)
+        super().__init__(f"{what} to {destination!r} {self.reason}")
         self.what = what
         self.destination = destination
-        self.reason = reason
+        self.returned = returned(exc)
 
 
 def render_result(
@@ -145,6 +157,7 @@ class Publisher:
     def __init__(self, channel: aiormq.abc.AbstractChannel, settings: Settings) -> None:
         self._channel = channel
         self._settings = settings
+        self._by = Republisher.of(channel)
         # aiormq matches a basic.return to its publish by message_id: two mandatory publishes
         # with one id in flight at once (copies of duplicate jobs) could swap a return for a
         # confirm. One publish per message_id at a time keeps the match exact.
@@ -204,6 +217,32 @@ class Publisher:
         finally:
             if not lock.locked() and self._id_locks.get(message_id) is lock:
                 del self._id_locks[message_id]
+
+    async def _send_held(
+        self, what: str, exchange: str, routing_key: str, body: bytes, properties: Properties
+    ) -> None:
+        """Publish ``mandatory`` a message the request depends on; a nack is published again
+        until the retry window has passed (see the module docstring). Raises
+        :class:`CopyRefused` on a return, or on a nack past the window."""
+        deadline = time.monotonic() + self._settings.publish_retry_window
+        pause = NACK_RETRY_FIRST
+        while True:
+            try:
+                await self._send(exchange, routing_key, body, properties, mandatory=True)
+                return
+            except aiormq.exceptions.DeliveryError as exc:
+                left = deadline - time.monotonic()
+                if returned(exc) or left <= 0:
+                    raise CopyRefused(what, exchange or routing_key, exc) from None
+                log.info(
+                    "the broker refused a copy (nack); publishing it again",
+                    what=what,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    retry_in=round(min(pause, left), 3),
+                )
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, NACK_RETRY_MAX)
 
     def deltas(
         self,
@@ -273,10 +312,7 @@ class Publisher:
         )
         headers[H_UNROUTABLE_RESULT] = f"{exchange}/{routing_key}"[:MAX_HEADER_TEXT]
         queue = dead_letter_queue_for(self._settings, self._lane(envelope))
-        try:
-            await self._send("", queue, document, properties, mandatory=True)
-        except aiormq.exceptions.DeliveryError as exc:
-            raise CopyRefused("the unroutable result", queue, refusal(exc)) from None
+        await self._send_held("the unroutable result", "", queue, document, properties)
 
     async def _reply(
         self, envelope: Envelope, body: bytes, properties: Properties, routing_key: str
@@ -285,7 +321,8 @@ class Publisher:
 
         A ``reply_to`` queue that is missing (return) or refuses the message (nack: full
         with ``overflow=reject-publish``, …) is given up for the rest of the job: retrying
-        into it would only loop.
+        into it would only loop. The result exchange is retried on a nack (a quorum result
+        queue electing a leader) for the retry window.
         """
         if reply_to := self.routes.reply_to(envelope):
             try:
@@ -301,19 +338,15 @@ class Publisher:
                 # Later messages of this job go straight to the exchange.
                 self.routes.give_up(envelope)
         exchange = self._settings.result_exchange
-        if routing_key == DELTA:
-            # Deltas are for whoever listens; with no binding they are simply not wanted.
-            await self._send(exchange, routing_key, body, properties)
-            return True
         try:
-            await self._send(exchange, routing_key, body, properties, mandatory=True)
-        except aiormq.exceptions.DeliveryError as exc:
+            await self._send_held("the result", exchange, routing_key, body, properties)
+        except CopyRefused as refused:
             log.warning(
                 "result exchange did not take a result",
                 job_id=envelope.job_id,
                 exchange=exchange,
                 routing_key=routing_key,
-                reason=refusal(exc),
+                reason=refused.reason,
             )
             return False
         return True
@@ -322,15 +355,12 @@ class Publisher:
         self, message: AbstractIncomingMessage, envelope: Envelope, error: JobError, attempts: int
     ) -> None:
         """Keep the original request, with why it failed, in the dead-letter queue."""
-        headers = _carried_headers(message)
-        headers.update(
-            {
-                H_ERROR_CODE: error.code.value,
-                H_ERROR_MESSAGE: error.message[:MAX_HEADER_TEXT],
-                H_ATTEMPTS: attempts,
-                H_JOB_ID: envelope.job_id,
-            }
-        )
+        headers = {
+            H_ERROR_CODE: error.code.value,
+            H_ERROR_MESSAGE: error.message[:MAX_HEADER_TEXT],
+            H_ATTEMPTS: attempts,
+            H_JOB_ID: envelope.job_id,
+        }
         queue = dead_letter_queue_for(self._settings, self._lane(envelope))
         await self._send_copy("the dead letter", message, envelope, headers, queue)
 
@@ -339,9 +369,7 @@ class Publisher:
     ) -> int:
         """Send the request round a delay queue; returns the tier's seconds."""
         tier = delay_tier(deferral.wait)
-        headers = _carried_headers(message)
-        headers[H_ATTEMPTS] = deferral.attempts
-        headers[H_CALLS] = deferral.calls
+        headers: dict[str, Any] = {H_ATTEMPTS: deferral.attempts, H_CALLS: deferral.calls}
         if deferral.rate_limit_wait_ms:
             headers[H_RATE_LIMIT_WAIT] = round(deferral.rate_limit_wait_ms)
         queue = delay_queue_name(self._lane(envelope), tier, self._settings.queue_type)
@@ -353,10 +381,12 @@ class Publisher:
     ) -> None:
         """Put a redelivered request back with its redelivery count (classic queues keep
         none, and without one a message that crashes workers would loop for ever)."""
-        headers = _carried_headers(message)
-        headers[H_REDELIVERIES] = redeliveries
         await self._send_copy(
-            "the counted requeue", message, envelope, headers, self._lane(envelope)
+            "the counted requeue",
+            message,
+            envelope,
+            {H_REDELIVERIES: redeliveries},
+            self._lane(envelope),
         )
 
     def _lane(self, envelope: Envelope) -> str:
@@ -371,53 +401,5 @@ class Publisher:
         headers: dict[str, Any],
         queue: str,
     ) -> None:
-        copy = copy_request(message, message_id=envelope.job_id, headers=headers)
-        try:
-            await self._send("", queue, copy.body, copy.properties, mandatory=True)
-        except aiormq.exceptions.DeliveryError as exc:
-            raise CopyRefused(what, queue, refusal(exc)) from None
-
-
-def _carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
-    # The broker's own bookkeeping starts again on the copy.
-    return {
-        k: v
-        for k, v in (message.headers or {}).items()
-        if k
-        not in (
-            H_DELIVERY_COUNT,
-            H_REDELIVERIES,
-            "x-death",
-            "x-first-death-queue",
-            "x-first-death-reason",
-            "x-first-death-exchange",
-            "x-last-death-queue",
-            "x-last-death-reason",
-            "x-last-death-exchange",
-        )
-    }
-
-
-def copy_request(
-    message: AbstractIncomingMessage, *, message_id: str | None, headers: dict[str, Any]
-) -> aio_pika.Message:
-    """A persistent copy of a delivered request with other headers, to publish again.
-
-    The copy never inherits the request's ``expiration``: a dead letter, a delayed retry or
-    a requeued job must not vanish when the producer's TTL runs out (RabbitMQ strips it
-    when it dead-letters, for the same reason); a delay queue's own TTL still applies.
-    """
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+        copy = copy_request(message, message_id=envelope.job_id, headers=headers, by=self._by)
+        await self._send_held(what, "", queue, copy.body, copy.properties)

@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -36,7 +36,7 @@ import structlog
 from worker.errors import JobError, ModelNotAllowed, UpstreamError, UpstreamTimeout
 from worker.limits.gate import Gate
 from worker.messages import Endpoint
-from worker.settings import UpstreamSpec
+from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
 from worker.upstream.client import Upstream
 
 __all__ = [
@@ -190,6 +190,23 @@ class UpstreamPool:
         """A pool of one around a client made elsewhere (tests, benchmarks)."""
         host = urlsplit(spec.base_url).hostname
         return cls([Member(spec, client, host=host, provider=provider_for_host(host))])
+
+    @classmethod
+    def of_client(cls, client: Upstream, settings: Settings) -> UpstreamPool:
+        """A client made elsewhere (tests, benchmarks) as the pool of one ``default``, with
+        the limits of the ``WORKER_UPSTREAM_*`` variables."""
+        spec = UpstreamSpec(
+            name=DEFAULT_UPSTREAM,
+            base_url=client.base_url,
+            models=["*"],
+            provider=settings.upstream_provider,
+            limits=LimitsSpec(
+                rpm=settings.upstream_rpm,
+                tpm=settings.upstream_tpm,
+                max_concurrency=settings.upstream_max_concurrency,
+            ),
+        )
+        return cls.single(client, spec)
 
     async def aclose(self) -> None:
         for member in self.members:
@@ -346,3 +363,22 @@ class UpstreamPool:
         """Each member's health now, by name (for metrics and the operator page)."""
         now = self._clock()
         return {m.name: m.state(now) for m in self.members}
+
+    def gates(self) -> dict[str, dict[str, Any]]:
+        """Each upstream's state with its gate's and its budget as last read, by name (for
+        the heartbeat, §14): ``state`` (``open``, ``cooling``, or the gate's own),
+        ``remaining_requests``/``remaining_tokens``, ``cooldown_s``."""
+        now = self._clock()
+        states: dict[str, dict[str, Any]] = {}
+        for member in self.members:
+            state = "cooling" if member.state(now) != "open" else "open"
+            report: dict[str, Any] = {}
+            if member.gate is not None:
+                gate_state = member.gate.state.value
+                state = gate_state if gate_state != "open" else state
+                for kind, value in member.gate.remaining().items():
+                    report[f"remaining_{kind}"] = value
+            if member.cooling_until is not None:
+                report["cooldown_s"] = round(max(member.cooling_until - now, 0.0), 1)
+            states[member.name] = {"state": state, **report}
+        return states
