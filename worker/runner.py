@@ -29,7 +29,7 @@ from worker.errors import (
 )
 from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
-from worker.limits.gate import Gate, Permit, Wait, estimate_tokens
+from worker.limits.gate import Gate, Wait, estimate_tokens
 from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
 from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
@@ -105,74 +105,71 @@ class JobRunner:
                 f"gave up after {attempt} attempts or deliveries without a result"
             )
             return self._finish(failed(error, attempt), waited, None)
+        tokens = estimate_tokens(job.body)
         try:
-            member, probe = self._choose(job.model)
+            lease = self.pool.lease(job.model, tokens)
         except ModelNotAllowed as unserved:
             return self._finish(failed(unserved, attempt), waited, None)
-        tokens = estimate_tokens(job.body)
         bodies: dict[str, bytes] = {}
         tried: list[Member] = []  # failed in a row since the last backoff
         short: list[Member] = []  # had no budget within the wait offered, this delivery
         last: str | None = None  # the upstream of the last attempt
         refused: JobError | None = None  # the last 429, for the result if waiting fails
         while True:
-            if member is None:
+            if lease is None:
                 attempt += 1
                 exc: JobError = self._all_cooling(job.model)
             else:
-                gate = _gate_of(member)
-                left = self._wait_left(job, waited)
-                admitted = await gate.admit(tokens, limit=min(RATE_LIMIT_INLINE_WAIT, left))
-                if admitted.waited > 0:
-                    self.telemetry.rate_limit_wait.record(admitted.waited, {"upstream": gate.name})
-                waited += admitted.waited
-                if isinstance(admitted, Wait):
-                    # No budget here soon: another upstream of the model may have some.
-                    self.pool.report(member, None, probe=probe, cancelled=True)
-                    short.append(closed := member)
-                    member, probe = self._choose(job.model, [*tried, *short], ready=True)
-                    if member is not None:
-                        log.info("upstream has no budget", upstream=closed.name, to=member.name)
-                        continue
-                    return self._wait_longer(job, admitted, waited, attempt, refused, last)
-                attempt += 1
-                structlog.contextvars.bind_contextvars(attempt=attempt)
-                last = member.name
-                used: int | None = None
-                quota_spent = False
+                # Everything the lease takes (a probe, budget, a slot) it gives back as the
+                # block ends, however it ends; it reports the attempt to the pool.
+                outcome: JobOutcome | Wait
                 try:
-                    outcome = await self._attempt(job, member, bodies, attempt, send_delta)
-                    used = _total_tokens(outcome.usage)
-                    self.pool.report(member, None, probe=probe)
-                    return self._finish(outcome, waited, last)
+                    async with lease:
+                        left = self._wait_left(job, waited)
+                        admitted = await lease.admit(min(RATE_LIMIT_INLINE_WAIT, left))
+                        if admitted.waited > 0:
+                            self.telemetry.rate_limit_wait.record(
+                                admitted.waited, {"upstream": lease.name}
+                            )
+                        waited += admitted.waited
+                        if isinstance(admitted, Wait):
+                            outcome = admitted
+                        else:
+                            attempt += 1
+                            structlog.contextvars.bind_contextvars(attempt=attempt)
+                            last = lease.name
+                            outcome = await self._attempt(
+                                job, lease.member, bodies, attempt, send_delta
+                            )
+                            lease.answered(_total_tokens(outcome.usage))
                 except BudgetError as budget:
                     # A call refused for budget is not an attempt (§11): the job goes to an
                     # upstream with budget, or waits, bounded by WORKER_RATE_LIMIT_MAX_WAIT.
                     attempt -= 1
                     refused = budget
-                    quota_spent = isinstance(budget, QuotaExceeded)
-                    if quota_spent:
-                        gate.cool()
-                    self.pool.report(member, budget, probe=probe)
                     self.telemetry.rate_limited.add(
-                        1, {"upstream": gate.name, "error_code": budget.code.value}
+                        1, {"upstream": lease.name, "error_code": budget.code.value}
                     )
-                    member, probe = self._choose(job.model)
+                    lease = self.pool.lease(job.model, tokens)
                     continue
                 except JobError as error:
-                    self.pool.report(member, error, probe=probe)
                     exc = error
-                except BaseException:
-                    self.pool.report(member, None, probe=probe, cancelled=True)
-                    raise
-                finally:
-                    await _release(gate, admitted, used, quota_spent)
+                else:
+                    if isinstance(outcome, JobOutcome):
+                        return self._finish(outcome, waited, last)
+                    # No budget here soon: another upstream of the model may have some.
+                    short.append(closed := lease.member)
+                    lease = self.pool.lease(job.model, tokens, [*tried, *short], ready=True)
+                    if lease is not None:
+                        log.info("upstream has no budget", upstream=closed.name, to=lease.name)
+                        continue
+                    return self._wait_longer(job, outcome, waited, attempt, refused, last)
             if not exc.retryable or attempt >= self.settings.max_attempts:
                 return self._finish(failed(exc, attempt), waited, last)
-            if member is not None:
-                tried.append(member)
-                member, probe = self._choose(job.model, tried)
-                if member is not None:
+            if lease is not None:
+                tried.append(lease.member)
+                lease = self.pool.lease(job.model, tokens, tried)
+                if lease is not None:
                     self.telemetry.retries.add(
                         1, {"error_code": exc.code.value, "upstream": tried[-1].name}
                     )
@@ -181,7 +178,7 @@ class JobRunner:
                         error_code=exc.code.value,
                         error=exc.message,
                         upstream=tried[-1].name,
-                        to=member.name,
+                        to=lease.name,
                     )
                     continue
             wait = backoff(attempt, exc.retry_after)
@@ -193,15 +190,7 @@ class JobRunner:
                 )
             await asyncio.sleep(wait)
             tried.clear()
-            member, probe = self._choose(job.model)
-
-    def _choose(
-        self, model: str, exclude: list[Member] | None = None, *, ready: bool = False
-    ) -> tuple[Member | None, bool]:
-        """The pool's choice, and whether this job is its probe (read at once: another job
-        cannot take a member that is being probed, so the flag is this job's)."""
-        member = self.pool.choose(model, exclude or (), ready=ready)
-        return member, member is not None and member.probing
+            lease = self.pool.lease(job.model, tokens)
 
     def _all_cooling(self, model: str) -> UpstreamError:
         """The attempt that finds every upstream of ``model`` resting: it waits for the
@@ -399,12 +388,6 @@ def _gate_of(member: Member) -> Gate:
     if member.gate is None:  # every member gets one in JobRunner.__init__
         raise RuntimeError(f"upstream {member.name!r} has no gate")
     return member.gate
-
-
-async def _release(gate: Gate, permit: Permit, used: int | None, quota_spent: bool) -> None:
-    # Not shielded (a task per job): a shared slot a cancelled job fails to give back
-    # expires with its lease.
-    await gate.release(permit, used_tokens=used, quota_spent=quota_spent)
 
 
 def _total_tokens(usage: dict[str, Any] | None) -> int | None:
