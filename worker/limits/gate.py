@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -77,14 +78,23 @@ SCOUT_WAIT = 1.0  # the others wait this long at most for the first answer (a sl
 PACE_RECHECK = 0.25  # a paced caller looks again this often (the rate may have grown)
 BACKOFF_ON_429 = 0.7  # a 429 cuts a replica's paced rate by this factor
 CHARS_PER_TOKEN = 4  # the providers' own rule of thumb for an estimate before the call
+# A provider that reports its enforcing window's bucket (see _Pacer.scale): a scale below
+# QUANTISED reads as the minute's figures; deficits below SCALE_MIN_DEFICIT of the limit
+# are not measured.
+QUANTISED = 2.0
+SCALE_MAX = 3600.0
+SCALE_MIN_DEFICIT = 0.01
+SCALE_SMOOTHING = 0.2
+WINDOW_FULL = 0.9
 
 Sleep = Callable[[float], Awaitable[None]]
 
-# When the current task's call was let through, and what this replica had spent by then
-# (requests, tokens). A provider's figures describe the budget when it admitted the call,
-# not when its answer arrived: timing a reading by its call's start keeps the latency
-# (which varies from call to call) out of the spending measured between two readings.
-_CALL: contextvars.ContextVar[tuple[float, float, float] | None] = contextvars.ContextVar(
+# When the current task's call was let through, what this replica had spent by then
+# (requests, tokens), and the call's own tokens. A provider's figures describe the budget
+# when it admitted the call, not when its answer arrived: timing a reading by its call's
+# start keeps the latency (which varies from call to call) out of the spending measured
+# between two readings.
+_CALL: contextvars.ContextVar[tuple[float, float, float, float] | None] = contextvars.ContextVar(
     "gate_call", default=None
 )
 
@@ -152,9 +162,10 @@ def _chars(content: Any) -> int:
 class _Pacer:
     """One budget (requests or tokens) read from headers, and this replica's rate on it."""
 
-    __slots__ = ("anchor", "last", "last_call", "rate", "reading", "slowed", "spent")
+    __slots__ = ("anchor", "last", "last_call", "log_scale", "rate", "reading", "slowed", "spent")
 
     def __init__(self) -> None:
+        self.log_scale = 0.0  # of the units ``remaining`` counts in (see ``scale``)
         self.rate: float | None = None  # units a second this replica may spend
         self.last_call = (0.0, 0.0)  # (when, cost) of the last call let through
         self.spent = 0.0  # units this replica has spent, ever
@@ -163,9 +174,32 @@ class _Pacer:
         self.last = 0.0
         self.slowed = -WINDOW  # when a 429 last cut the rate
 
-    def read(self, dim: Dimension, sent: float, mine_now: float, now: float) -> None:
+    @property
+    def scale(self) -> float:
+        """Units of ``remaining`` one unit of budget takes: 1 for the minute's figures; the
+        minute over the window for a provider that reports its enforcing window's bucket as
+        a share of the minute's limit (3,000 a minute as 50 a second: 60 a call)."""
+        scale = math.exp(self.log_scale)
+        return scale if scale >= QUANTISED else 1.0
+
+    def _learn_scale(self, dim: Dimension) -> None:
+        # ``reset`` is the time until the budget is full: (limit - remaining) / reset is the
+        # rate ``remaining`` refills at, in its own units; over the budget's refill rate,
+        # the units one call's unit takes. Small deficits say nothing (whole numbers, resets
+        # rounded to the millisecond); estimates are smoothed in log space.
+        deficit = dim.limit - dim.remaining
+        if dim.reset is None or dim.reset <= 0 or deficit < dim.limit * SCALE_MIN_DEFICIT:
+            return
+        seen = min(max(deficit / dim.reset / dim.refill_rate, 1.0), SCALE_MAX)
+        self.log_scale += SCALE_SMOOTHING * (math.log(seen) - self.log_scale)
+
+    def read(
+        self, dim: Dimension, sent: float, mine_now: float, now: float, own: float = 0.0
+    ) -> None:
         """A reading of the budget as it was at ``sent``, when this replica had spent
-        ``mine_now``; ``now`` is when it arrived."""
+        ``mine_now``; ``now`` is when it arrived, ``own`` the cost of the call it came
+        with (which the reading includes)."""
+        self._learn_scale(dim)
         refill = dim.refill_rate
         self.reading = dim
         if self.rate is None or self.anchor is None:
@@ -174,14 +208,15 @@ class _Pacer:
             return
         if sent <= self.anchor[0]:
             return  # older than the anchor (answers arrive out of order): nothing to learn
-        if dim.fraction >= FULL:
+        if self._full(dim, own):
             # Nothing spent that we can see: the others are idle, or we all are too slow.
             self.rate = min(refill * TARGET, self.rate * (1 + GROWTH * (now - self.last)))
             self.anchor = (sent, dim.remaining, mine_now)
         elif sent - self.anchor[0] >= WINDOW:
             then, remaining, mine_then = self.anchor
             if remaining < dim.limit * FULL:
-                everybody = refill * (sent - then) - (dim.remaining - remaining)
+                fell = (remaining - dim.remaining) / self.scale
+                everybody = refill * (sent - then) + fell
                 mine = mine_now - mine_then
                 if everybody > 0:
                     share = min(max(mine / everybody, MIN_SHARE), 1.0)
@@ -199,6 +234,16 @@ class _Pacer:
                     )
             self.anchor = (sent, dim.remaining, mine_now)
         self.last = now
+
+    def _full(self, dim: Dimension, own: float) -> bool:
+        """The reading shows no spending but the call it came with. A window's bucket
+        (scale above 1) is a second deep: one call is a visible part of it."""
+        scale = self.scale
+        if scale == 1.0:
+            return dim.fraction >= FULL
+        if dim.fraction >= WINDOW_FULL:
+            return True
+        return dim.limit - dim.remaining <= own * scale + dim.limit * (1 - FULL)
 
     def slowdown(self, now: float) -> None:
         # Once a window: the 429s of one burst are one signal, not one each.
@@ -243,9 +288,12 @@ class _Pacer:
     def spent_out(self, cost: float) -> float:
         """Seconds until the last reading's budget covers ``cost``; 0 when it does."""
         dim = self.reading
-        if dim is None or dim.remaining >= min(cost, dim.limit):
+        if dim is None:
             return 0.0
-        return (min(cost, dim.limit) - dim.remaining) / dim.refill_rate
+        need = min(cost * self.scale, dim.limit)
+        if dim.remaining >= need:
+            return 0.0
+        return (need - dim.remaining) / (dim.refill_rate * self.scale)
 
 
 class Gate:
@@ -356,7 +404,7 @@ class Gate:
                 self._probing = True
             self._requests.take(1, now)
             paced = self._tokens.take(tokens, now)
-            _CALL.set((now, self._requests.spent, self._tokens.spent))
+            _CALL.set((now, self._requests.spent, self._tokens.spent, paced))
             permit = Permit(self.quota.charge(tokens), None, 0.0, probe, now, paced)
             try:
                 return await self._configured(permit, started, limit)
@@ -450,11 +498,16 @@ class Gate:
         now = self._clock()
         self._answered = True
         budget = read_budget(headers)
-        sent, requests, tokens = _CALL.get() or (now, self._requests.spent, self._tokens.spent)
+        sent, requests, tokens, cost = _CALL.get() or (
+            now,
+            self._requests.spent,
+            self._tokens.spent,
+            0.0,
+        )
         if budget.requests is not None:
-            self._requests.read(budget.requests, sent, requests, now)
+            self._requests.read(budget.requests, sent, requests, now, own=1.0)
         if budget.tokens is not None:
-            self._tokens.read(budget.tokens, sent, tokens, now)
+            self._tokens.read(budget.tokens, sent, tokens, now, own=cost)
         if status_code == 429:
             self._requests.slowdown(now)
             self._tokens.slowdown(now)
