@@ -302,18 +302,20 @@ async def test_redis_cut_mid_call_or_away_keeps_limits_per_process_until_it_is_b
     try:
         with capture_logs() as logs:
             async with running(settings) as worker:
-                assert gauge(worker, "chat_worker_shared_limits_degraded") == 0
+                before = gauge(worker, "chat_worker_shared_limits_degraded")
                 await publish(connection, settings.request_queue, {"body": slow}, message_id="cut")
                 async with asyncio.timeout(10):
                     while mock.stats.total < 1:
                         await asyncio.sleep(0.02)
                 await forwarder.stop()  # mid-call
                 await results.until(1, timeout=30)
+                assert results.by_id["cut"]["error"] is None, results.by_id["cut"]["error"]
                 for n in range(5):
                     body = {"body": plain}
                     await publish(connection, settings.request_queue, body, message_id=f"away-{n}")
                 await results.until(6, timeout=30)
-                assert gauge(worker, "chat_worker_shared_limits_degraded") == 1
+                assert all(r["error"] is None for r in results.by_id.values()), results.by_id
+                assert (before, gauge(worker, "chat_worker_shared_limits_degraded")) == (0, 1)
                 await forwarder.start()
                 async with asyncio.timeout(20):
                     n = 0
