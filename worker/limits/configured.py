@@ -383,7 +383,9 @@ class RedisQuota:
         await self._circuit.call("release_slot", lambda: self._redis.zrem(self._slots_key, slot))
 
     async def aclose(self) -> None:
-        for renewal in self._renewals.values():
-            renewal.cancel()
+        renewals = list(self._renewals.values())
         self._renewals.clear()
+        for renewal in renewals:
+            renewal.cancel()
+        await asyncio.gather(*renewals, return_exceptions=True)
         await self._redis.aclose()
