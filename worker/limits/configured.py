@@ -10,7 +10,7 @@ the call and corrected with the usage after it, refunds included.
 One call is charged at most one bucket up front (:meth:`Quota.charge`): an estimate is a
 guess, and a request that asks for a billion tokens must not hold every later call for
 hours. The usage the answer reports corrects the charge; a call that fails without one
-gives its charge back.
+(otherwise than for budget) gives its charge back.
 
 The Redis store does each step in one Lua script on the server's clock, so every replica
 sees one exact budget; concurrency is a sorted set of leases that expire, so a replica

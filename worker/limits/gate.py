@@ -16,7 +16,8 @@ estimated tokens, and fed every answer's status and headers. It is
 Open, it paces calls on each budget it reads (requests, tokens) with a
 :class:`~worker.limits.pacing.Pacer`, by the estimated cost of each call, capped
 (:func:`estimate_tokens`, :data:`~worker.limits.pacing.MAX_CHARGE`) so that no single
-request can hold the gate: a call that fails without usage gives its cost back.
+request can hold the gate: a call that fails without usage (otherwise than for budget:
+:meth:`Gate.release`'s ``failed``) gives its cost back.
 
 Configured limits (rpm, tpm, max_concurrency) are a :class:`~worker.limits.configured.Quota`, local
 or in Redis, checked after the gate lets a call through.
@@ -303,7 +304,8 @@ class Gate:
         failed: bool = False,
     ) -> None:
         """The call is over: free its slot, correct its tokens with the usage returned. A
-        call that ``failed`` without usage gives back the tokens it was charged."""
+        call that ``failed`` without usage gives back the tokens it was charged (a call
+        refused for budget is not ``failed`` so: the refusal says the budget is spent)."""
         if permit.probe:
             self._probing = False
             if not quota_spent and self._cooling:

@@ -5,8 +5,8 @@
 the gate's pacing, configured budget and a concurrency slot. Used as an async context
 manager, the lease gives all of it back on the way out, whatever the way: a success, an
 error, a wait elsewhere, a cancellation. It reports to the pool (health) and to the gate
-(the tokens used, or the charge given back), and a failure to give back never hides how
-the call ended.
+(the tokens used; the charge given back when the call failed otherwise than for budget),
+and a failure to give back never hides how the call ended.
 
     async with lease:
         if isinstance(await lease.admit(limit), Wait):
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from worker.errors import JobError, QuotaExceeded
+from worker.errors import BudgetError, JobError, QuotaExceeded
 from worker.limits.gate import Gate, Permit, Wait
 
 if TYPE_CHECKING:
@@ -99,7 +99,9 @@ class Lease:
                 self.permit,
                 used_tokens=self.used if exc is None else None,
                 quota_spent=quota_spent,
-                failed=exc is not None,
+                # A call refused for budget keeps its charge: the refusal says the budget
+                # is spent, and giving the charge back only brings the next refusal sooner.
+                failed=exc is not None and not isinstance(exc, BudgetError),
             )
         except Exception as failure:  # e.g. Redis cut: the call's outcome stands
             log.warning(
