@@ -7,6 +7,12 @@ Jobs have mixed prompt sizes and ``max_tokens``; one in five is streamed. Tokens
 binding limit. Reported per run: jobs failed, upstream calls per job, and goodput (jobs
 that succeeded a second over the run, divided by the jobs a second the budget admits).
 
+The ``window`` scenarios are a provider that quantises and says so in its headers: its
+budget is a bucket that holds one second of the minute's (3,000 requests a minute enforced
+as 50 a second; requests bind), and ``x-ratelimit-remaining-*`` report that bucket as a
+share of the minute's limit (each call takes 60 from it), ``reset`` the time until it is
+full (the mock's ``--report window``).
+
 The last scenario has no headers at all: a server that answers 429 past N calls at once,
 and workers that share ``WORKER_UPSTREAM_MAX_CONCURRENCY=N`` through Redis.
 
@@ -56,6 +62,7 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india")
 TARGET_GOODPUT, TARGET_CALLS_PER_JOB, TARGET_FAILED = 0.90, 1.10, 0
 STATS_EVERY = 0.5  # seconds between two reads of the simulator's call counters
+MEAN_TOKENS = 330  # about what the provider counts for the mean job of make_jobs
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,16 @@ class Scenario:
     tpm: int | None = None
     retry_after: bool = True
     max_concurrent: int | None = None  # the server's; the workers share the same via Redis
+    report: str = "minute"  # what the headers say: the minute's budget, or the window's
+
+    def budget_jobs_per_s(self, mean_tokens: float) -> float | None:
+        """Jobs a second the budget admits (None: no rate budget)."""
+        limits = []
+        if self.rpm:
+            limits.append(self.rpm / 60)
+        if self.tpm:
+            limits.append(self.tpm / 60 / mean_tokens)
+        return min(limits, default=None)
 
 
 @dataclass
@@ -148,6 +165,8 @@ async def start_simulator(scenario: Scenario, log_dir: Path) -> tuple[Proc, str]
             argv += [flag, str(value)]
     if not scenario.retry_after:
         argv.append("--no-retry-after")
+    if scenario.report != "minute":
+        argv += ["--report", scenario.report]
     proc = Proc("simulator", argv, log_dir, env=clean_env())
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
@@ -166,14 +185,8 @@ async def run_scenario(scenario: Scenario, jobs: int, timeout: float) -> Outcome
     log_dir = log_dir_for(f"s6-{scenario.label}")
     bodies = make_jobs(jobs)
     outcome = Outcome(scenario, jobs, codes=collections.Counter())
-    if scenario.tpm or scenario.rpm:
-        mean_tokens = sum(request_tokens(b) for b in bodies) / len(bodies)
-        limits = []
-        if scenario.rpm:
-            limits.append(scenario.rpm / 60)
-        if scenario.tpm:
-            limits.append(scenario.tpm / 60 / mean_tokens)
-        outcome.budget_jobs_per_s = min(limits)
+    mean_tokens = sum(request_tokens(b) for b in bodies) / len(bodies)
+    outcome.budget_jobs_per_s = scenario.budget_jobs_per_s(mean_tokens)
     simulator, upstream = await start_simulator(scenario, log_dir)
     connection = await aio_pika.connect_robust(AMQP_URL)
     procs: list[Proc] = []
@@ -267,6 +280,9 @@ def scenarios(tpm: int) -> list[Scenario]:
         Scenario("2proc-no-retry-after", 2, rpm, tpm, retry_after=False),
         Scenario("4proc-retry-after", 4, rpm, tpm),
         Scenario("4proc-no-retry-after", 4, rpm, tpm, retry_after=False),
+        # A quantising provider: 3,000 requests a minute as 50 a second bind (tokens do not).
+        Scenario("2proc-window", 2, 3_000, tpm * 10 // 3, report="window"),
+        Scenario("4proc-window", 4, 3_000, tpm * 10 // 3, report="window"),
         Scenario("4proc-redis-concurrency-8", 4, max_concurrent=8, retry_after=False),
     ]
 
@@ -312,9 +328,9 @@ async def run_s6(
     for scenario in scenarios(tpm):
         if only and only not in scenario.label:
             continue
-        budget = scenario.tpm and tpm
-        # Enough jobs for ``seconds`` of the budget; the concurrency run takes as many.
-        count = jobs or int(seconds * (budget / 60 / 330 if budget else 40))
+        # Enough jobs for ``seconds`` of the budget (the mean job counts about 330 tokens);
+        # the concurrency run takes 40 a second.
+        count = jobs or int(seconds * (scenario.budget_jobs_per_s(MEAN_TOKENS) or 40))
         outcome = await run_scenario(scenario, count, timeout)
         print(f"  {row(outcome)}", file=sys.stderr, flush=True)
         outcomes.append(outcome)

@@ -11,7 +11,7 @@ import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import aiormq
 import click
@@ -218,6 +218,15 @@ def submit(
 @click.option("--retry-after/--no-retry-after", default=True, help="Retry-after on 429s.")
 @click.option("--max-concurrent", default=None, type=int, help="429 past this many at once.")
 @click.option(
+    "--report",
+    "report",
+    default="minute",
+    show_default=True,
+    type=click.Choice(["minute", "window"]),
+    help="What the rate-limit headers say: the minute's budget, or the enforcing window's "
+    "bucket as a share of the minute's limit (a provider that quantises).",
+)
+@click.option(
     "--tls-cert",
     default=None,
     type=click.Path(exists=True, dir_okay=False),
@@ -243,11 +252,12 @@ def mock_upstream(
     rate_window: float,
     retry_after: bool,
     max_concurrent: int | None,
+    report: str,
     tls_cert: str | None,
     tls_key: str | None,
 ) -> None:
     """The bundled OpenAI-compatible server, for development, tests and load tests."""
-    from worker.mock.budget import BudgetConfig
+    from worker.mock.budget import BudgetConfig, Report
     from worker.mock.upstream import MockConfig, serve
 
     config = MockConfig(
@@ -257,7 +267,9 @@ def mock_upstream(
         fault_rate=fault_rate,
         api_key=api_key,
         seed=seed,
-        budget=BudgetConfig(rpm, tpm, rate_window, retry_after, max_concurrent),
+        budget=BudgetConfig(
+            rpm, tpm, rate_window, retry_after, max_concurrent, report=cast("Report", report)
+        ),
     )
     context = None
     if tls_cert:

@@ -37,12 +37,13 @@ from worker.errors import (
 )
 from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
-from worker.limits.gate import Gate, Permit, Wait, estimate_tokens
+from worker.limits.gate import Gate, Wait, estimate_tokens
 from worker.messages import Endpoint
 from worker.settings import Settings, UpstreamSpec
 from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
+from worker.upstream.lease import Lease
 from worker.upstream.pool import Member, UpstreamPool
 
 __all__ = ["JobRunner", "backoff", "gate_for"]
@@ -132,79 +133,76 @@ class JobRunner:
                 f"gave up after {attempt} attempts or deliveries without a result"
             )
             return self._finish(failed(error, attempt), waited, None)
+        tokens = estimate_tokens(job.body, job.endpoint)
         try:
-            member, probe = self._choose(job)
+            lease = self._lease(job, tokens)
         except ModelNotAllowed as unserved:
             return self._finish(failed(unserved, attempt), waited, None)
-        tokens = estimate_tokens(job.body, job.endpoint)
         bodies: dict[str, bytes] = {}
         tried: list[Member] = []  # failed in a row since the last backoff
         short: list[Member] = []  # had no budget within the wait offered, this delivery
         last: str | None = None  # the upstream of the last attempt
         refused: JobError | None = None  # the last 429, for the result if waiting fails
         while True:
-            if member is None:
+            if lease is None:
                 attempt += 1
                 exc: JobError = self._all_cooling(job)
             else:
-                gate = _gate_of(member)
-                left = self._wait_left(job, waited)
-                admitted = await gate.admit(tokens, limit=min(RATE_LIMIT_INLINE_WAIT, left))
-                if admitted.waited > 0:
-                    self.telemetry.rate_limit_wait.record(admitted.waited, {"upstream": gate.name})
-                waited += admitted.waited
-                if isinstance(admitted, Wait):
-                    # No budget here soon: another upstream of the model may have some.
-                    self.pool.report(member, None, probe=probe, cancelled=True)
-                    short.append(closed := member)
-                    member, probe = self._choose(job, [*tried, *short], ready=True)
-                    if member is not None:
-                        log.info("upstream has no budget", upstream=closed.name, to=member.name)
-                        continue
-                    return self._wait_longer(job, admitted, waited, attempt, refused, last)
-                attempt += 1
-                structlog.contextvars.bind_contextvars(attempt=attempt)
-                last = member.name
-                used: int | None = None
-                quota_spent = False
+                # Everything the lease takes (a probe, budget, a slot) it gives back as the
+                # block ends, however it ends; it reports the attempt to the pool.
+                outcome: JobOutcome | Wait
                 try:
-                    calls[0] += 1
-                    outcome = await self._attempt(job, member, bodies, attempt, send_delta)
-                    used = _total_tokens(outcome.usage)
-                    self.pool.report(member, None, probe=probe)
-                    return self._finish(outcome, waited, last)
+                    async with lease:
+                        left = self._wait_left(job, waited)
+                        admitted = await lease.admit(min(RATE_LIMIT_INLINE_WAIT, left))
+                        if admitted.waited > 0:
+                            self.telemetry.rate_limit_wait.record(
+                                admitted.waited, {"upstream": lease.name}
+                            )
+                        waited += admitted.waited
+                        if isinstance(admitted, Wait):
+                            outcome = admitted
+                        else:
+                            attempt += 1
+                            structlog.contextvars.bind_contextvars(attempt=attempt)
+                            last = lease.name
+                            calls[0] += 1
+                            outcome = await self._attempt(
+                                job, lease.member, bodies, attempt, send_delta
+                            )
+                            lease.answered(_total_tokens(outcome.usage))
                 except BudgetError as budget:
                     # A call refused for budget is not an attempt (§11): the job goes to an
                     # upstream with budget, or waits, bounded by WORKER_RATE_LIMIT_MAX_WAIT.
                     attempt -= 1
                     refused = budget
-                    quota_spent = isinstance(budget, QuotaExceeded)
-                    if quota_spent:
-                        gate.cool()
-                    self.pool.report(member, budget, probe=probe)
                     self.telemetry.rate_limited.add(
-                        1, {"upstream": gate.name, "error_code": budget.code.value}
+                        1, {"upstream": lease.name, "error_code": budget.code.value}
                     )
                     if self._overstays(held_since, 0.0):
                         return self._leave(budget, attempt, waited, 0.0)
-                    member, probe = self._choose(job)
+                    lease = self._lease(job, tokens)
                     continue
                 except JobError as error:
-                    self.pool.report(member, error, probe=probe)
                     exc = error
-                except BaseException:
-                    self.pool.report(member, None, probe=probe, cancelled=True)
-                    raise
-                finally:
-                    await _release(gate, admitted, used, quota_spent)
+                else:
+                    if isinstance(outcome, JobOutcome):
+                        return self._finish(outcome, waited, last)
+                    # No budget here soon: another upstream of the model may have some.
+                    short.append(closed := lease.member)
+                    lease = self._lease(job, tokens, [*tried, *short], ready=True)
+                    if lease is not None:
+                        log.info("upstream has no budget", upstream=closed.name, to=lease.name)
+                        continue
+                    return self._wait_longer(job, outcome, waited, attempt, refused, last)
             if not exc.retryable or attempt >= self.settings.max_attempts:
                 return self._finish(failed(exc, attempt), waited, last)
-            if member is not None:
-                tried.append(member)
-                member, probe = self._choose(job, tried)
-                if member is not None and self._overstays(held_since, 0.0):
+            if lease is not None:
+                tried.append(lease.member)
+                if self._overstays(held_since, 0.0):
                     return self._leave(exc, attempt, waited, 0.0)
-                if member is not None:
+                lease = self._lease(job, tokens, tried)
+                if lease is not None:
                     self.telemetry.retries.add(
                         1, {"error_code": exc.code.value, "upstream": tried[-1].name}
                     )
@@ -213,7 +211,7 @@ class JobRunner:
                         error_code=exc.code.value,
                         error=exc.message,
                         upstream=tried[-1].name,
-                        to=member.name,
+                        to=lease.name,
                     )
                     continue
             wait = backoff(attempt, exc.retry_after)
@@ -227,7 +225,13 @@ class JobRunner:
                 return self._leave(exc, attempt, waited, wait)
             await asyncio.sleep(wait)
             tried.clear()
-            member, probe = self._choose(job)
+            lease = self._lease(job, tokens)
+
+    def _lease(
+        self, job: Job, tokens: int, exclude: list[Member] | None = None, *, ready: bool = False
+    ) -> Lease | None:
+        """A lease on the pool's choice for the job's model and endpoint (enter it at once)."""
+        return self.pool.lease(job.model, tokens, exclude or (), ready=ready, endpoint=job.endpoint)
 
     def _overstays(self, held_since: float, wait: float) -> bool:
         """Whether one more attempt after ``wait`` seconds could hold the delivery past
@@ -245,15 +249,6 @@ class JobRunner:
             error_code=exc.code.value,
         )
         return Deferral(wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000)
-
-    def _choose(
-        self, job: Job, exclude: list[Member] | None = None, *, ready: bool = False
-    ) -> tuple[Member | None, bool]:
-        """The pool's choice for the job's model and endpoint, and whether this job is its
-        probe (read at once: another job cannot take a member that is being probed, so the
-        flag is this job's)."""
-        member = self.pool.choose(job.model, exclude or (), ready=ready, endpoint=job.endpoint)
-        return member, member is not None and member.probing
 
     def _all_cooling(self, job: Job) -> UpstreamError:
         """The attempt that finds every upstream of the job's model resting: it waits for
@@ -451,12 +446,6 @@ def _gate_of(member: Member) -> Gate:
     if member.gate is None:  # every member gets one in JobRunner.__init__
         raise RuntimeError(f"upstream {member.name!r} has no gate")
     return member.gate
-
-
-async def _release(gate: Gate, permit: Permit, used: int | None, quota_spent: bool) -> None:
-    # Not shielded (a task per job): a shared slot a cancelled job fails to give back
-    # expires with its lease.
-    await gate.release(permit, used_tokens=used, quota_spent=quota_spent)
 
 
 def _total_tokens(usage: dict[str, Any] | None) -> int | None:

@@ -204,6 +204,12 @@ class Telemetry:
             callbacks=[self._observe_budgets],
             description="Rate-limit budget the upstream last reported as remaining",
         )
+        meter.create_observable_gauge(
+            "chat_worker.shared_limits.degraded",
+            callbacks=[self._observe_shared_limits],
+            description="1 while an upstream's limits shared in Redis are kept per process "
+            "(Redis is away), else 0; upstreams whose limits are not shared are not listed",
+        )
         self.rate_limit_wait = meter.create_histogram(
             "chat_worker.rate_limit.wait.duration",
             unit="s",
@@ -271,6 +277,13 @@ class Telemetry:
             Observation(int(gate.state == state), {"upstream": gate.name, "state": state})
             for gate in self._gates
             for state in ("open", "closed", "cooling")
+        ]
+
+    def _observe_shared_limits(self, _: Any) -> list[Observation]:
+        return [
+            Observation(int(degraded), {"upstream": gate.name})
+            for gate in self._gates
+            if (degraded := gate.shared_limits_degraded) is not None
         ]
 
     def _observe_budgets(self, _: Any) -> list[Observation]:

@@ -1,24 +1,32 @@
 """Rate limits end to end (contract §11): worker processes sharing one budget on the mock's
-organisation budget, a job that waits too long, configured limits shared through Redis."""
+organisation budget, a job that waits too long, configured limits shared through Redis (and
+what becomes of them when a job asks for a billion tokens, when Redis goes away, when a
+call outlasts its lease: issue 22)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
-from support.broker import get_one, make_settings, publish
-from support.process import WorkerProcess
+from structlog.testing import capture_logs
+from support.broker import fresh_telemetry, get_one, make_settings, publish
+from support.forward import Forwarder
+from support.process import WorkerProcess, free_port
 
 from worker.amqp.topology import declare
 from worker.limits.configured import ConfiguredLimits, RedisQuota
+from worker.limits.gate import Gate, Permit, Wait
 from worker.mock.budget import BudgetConfig
 from worker.mock.upstream import MockConfig, MockUpstream
+from worker.service import Worker
 from worker.settings import Settings
 
 
@@ -201,3 +209,166 @@ async def test_redis_quota_is_one_budget_for_every_replica(redis_url: str, names
     finally:
         for quota in replicas:
             await quota.aclose()
+
+
+# --- issue 22: hardening the rate-limit gates ----------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker in this event loop, stopped (drained) on the way out."""
+    worker = Worker(settings, telemetry=fresh_telemetry())
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(15):
+            await worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def gauge(worker: Worker, name: str) -> float | None:
+    """The upstream's value of a metric as ``/metrics`` shows it (None: no sample)."""
+    values = [
+        sample.value
+        for metric in worker.telemetry.registry.collect()
+        for sample in metric.samples
+        if sample.name == name and sample.labels.get("upstream") == "default"
+    ]
+    return values[0] if values else None
+
+
+async def test_a_billion_token_job_leaves_shared_limits_open_for_later_replicas(
+    amqp_url: str,
+    names: dict[str, str],
+    mock: MockUpstream,
+    connection: AbstractConnection,
+    redis_url: str,
+) -> None:
+    """Item 1: the upstream answers 400 to a job asking ``max_tokens: 1000000000``; with the
+    tpm shared in Redis, the replica's next jobs and those of a replica started afterwards
+    go at once (they used to fail rate_limited, "waited 0.0s", for hours)."""
+    settings = make_settings(amqp_url, names, mock, redis_url=redis_url, upstream_tpm=60_000)
+    results = await collect(connection, settings)
+    huge = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 1_000_000_000,
+        "mock": {"fault": "400"},
+    }
+    plain = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+    async with running(settings):
+        await publish(connection, settings.request_queue, {"body": huge}, message_id="huge")
+        await results.until(1, timeout=30)
+        await publish(connection, settings.request_queue, {"body": plain}, message_id="same")
+        await results.until(2, timeout=30)
+    async with running(settings):  # a replica started afterwards
+        await publish(connection, settings.request_queue, {"body": plain}, message_id="later")
+        await results.until(3, timeout=30)
+    assert results.by_id["huge"]["error"]["code"] == "invalid_request"
+    for job_id in ("same", "later"):
+        result = results.by_id[job_id]
+        assert result["error"] is None, result["error"]
+        assert result["metadata"]["rate_limit_wait_ms"] < 1000
+
+
+async def test_redis_cut_mid_call_or_away_keeps_limits_per_process_until_it_is_back(
+    amqp_url: str,
+    names: dict[str, str],
+    mock: MockUpstream,
+    connection: AbstractConnection,
+    redis_url: str,
+) -> None:
+    """Item 9: Redis cut while a call is under way: the paid answer is the job's result (no
+    redelivery, no second call); while Redis is away, jobs go under per-process limits (a
+    gauge and one log line say so), and the shared limits come back by themselves."""
+    target = urlsplit(redis_url)
+    forwarder = Forwarder(free_port(), (target.hostname or "127.0.0.1", target.port or 6379))
+    await forwarder.start()
+    through = urlunsplit(target._replace(netloc=f"127.0.0.1:{forwarder.port}"))
+    settings = make_settings(
+        amqp_url,
+        names,
+        mock,
+        redis_url=through,
+        upstream_max_concurrency=4,
+        upstream_tpm=600_000,
+    )
+    results = await collect(connection, settings)
+    slow = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello"}],
+        "mock": {"latency": 1.0},
+    }
+    plain = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+    try:
+        with capture_logs() as logs:
+            async with running(settings) as worker:
+                before = gauge(worker, "chat_worker_shared_limits_degraded")
+                await publish(connection, settings.request_queue, {"body": slow}, message_id="cut")
+                async with asyncio.timeout(10):
+                    while mock.stats.total < 1:
+                        await asyncio.sleep(0.02)
+                await forwarder.stop()  # mid-call
+                await results.until(1, timeout=30)
+                assert results.by_id["cut"]["error"] is None, results.by_id["cut"]["error"]
+                for n in range(5):
+                    body = {"body": plain}
+                    await publish(connection, settings.request_queue, body, message_id=f"away-{n}")
+                await results.until(6, timeout=30)
+                assert all(r["error"] is None for r in results.by_id.values()), results.by_id
+                assert (before, gauge(worker, "chat_worker_shared_limits_degraded")) == (0, 1)
+                await forwarder.start()
+                async with asyncio.timeout(20):
+                    n = 0
+                    while gauge(worker, "chat_worker_shared_limits_degraded") != 0:
+                        n += 1
+                        body = {"body": plain}
+                        await publish(
+                            connection, settings.request_queue, body, message_id=f"back-{n}"
+                        )
+                        await asyncio.sleep(0.5)
+        await asyncio.sleep(1)
+    finally:
+        await forwarder.stop()
+    assert all(r["error"] is None for r in results.by_id.values()), results.by_id
+    assert results.count["cut"] == 1, "the answer paid for is the result: no redelivery"
+    assert mock.stats.total == len(results.by_id), "one call per job"
+    changes = [
+        e["event"]
+        for e in logs
+        if e["event"] in ("Redis unavailable: limits kept per process until it answers",
+                          "shared limits back in Redis")
+    ]  # fmt: skip
+    assert changes == [
+        "Redis unavailable: limits kept per process until it answers",
+        "shared limits back in Redis",
+    ]
+    assert await queue_depth(connection, settings.dead_letter_queue) == 0
+
+
+async def test_a_shared_concurrency_lease_is_renewed_while_its_call_runs(
+    redis_url: str, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 10: a call that outlasts the lease's time to live (a long stream) keeps its
+    shared slot: no second call starts beside it, on this replica or another."""
+    monkeypatch.setattr("worker.limits.configured.LEASE_MARGIN", 0.0)
+    limits = ConfiguredLimits(max_concurrency=1)
+    key = names["request_queue"]  # this test's alone
+    one, other = (
+        Gate.from_limits("default", limits, redis_url=redis_url, shared_as=key, lease_seconds=0.3)
+        for _ in range(2)
+    )
+    try:
+        one.observe(200, {})
+        other.observe(200, {})
+        streaming = await one.admit(1, limit=1)
+        assert isinstance(streaming, Permit)
+        for _ in range(6):  # 1.2 s: four times the lease's time to live
+            assert isinstance(await other.admit(1, limit=0.2), Wait)
+        await one.release(streaming)
+        assert isinstance(await other.admit(1, limit=1), Permit)
+    finally:
+        await one.aclose()
+        await other.aclose()

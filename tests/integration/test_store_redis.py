@@ -4,7 +4,6 @@ expiry, and a Redis that is not there, then is again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from support.forward import Forwarder
 
 from worker.store import (
     Acquired,
@@ -190,38 +190,6 @@ async def test_an_unroutable_redis_is_skipped_within_the_timeout() -> None:
         await backend.aclose()
         server.close()
         await server.wait_closed()
-
-
-class Forwarder:
-    """A TCP forwarder to Redis on a fixed port, to take Redis away and bring it back."""
-
-    def __init__(self, port: int, target: tuple[str, int]) -> None:
-        self.port, self._target = port, target
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in self._writers:
-                writer.close()
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 async def test_the_circuit_closes_by_itself_when_redis_is_back(redis_url: str, prefix: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 
+import httpx
 import pytest
 
 from worker.limits.headers import Dimension, parse_duration, read_budget, retry_after_seconds
@@ -82,6 +83,16 @@ def test_retry_after_forms() -> None:
     past = email.utils.formatdate(NOW - 30, usegmt=True)
     assert retry_after_seconds({"retry-after": past}, NOW) == 0.0
     assert read_budget({"Retry-After": "3"}, NOW).retry_after == 3.0
+
+
+def test_a_negative_retry_after_ms_does_not_hide_retry_after() -> None:
+    """Issue 22 item 6: ``retry-after-ms: -5`` is nonsense; the valid ``retry-after``
+    beside it is the wait."""
+    headers = {"retry-after-ms": "-5", "retry-after": "10"}
+    assert retry_after_seconds(headers) == 10.0
+    assert retry_after_seconds(httpx.Headers(headers)) == 10.0
+    assert read_budget(headers, NOW).retry_after == 10.0
+    assert retry_after_seconds({"retry-after-ms": "-5"}) is None
 
 
 @pytest.mark.parametrize(

@@ -26,18 +26,29 @@ async def test_rpm_is_a_bucket_of_one_seconds_budget_that_refills_continuously()
 
 
 async def test_a_wait_past_the_horizon_takes_nothing() -> None:
+    quota = LocalQuota(ConfiguredLimits(rpm=60, tpm=None, max_concurrency=None), Clock())
+    assert await quota.reserve(0, horizon=0) == 0.0
+    assert await quota.reserve(0, horizon=0.5) == pytest.approx(1.0)  # past the horizon
+    assert await quota.reserve(0, horizon=0.5) == pytest.approx(1.0)  # nothing was taken
+
+
+async def test_a_call_is_charged_at_most_one_bucket() -> None:
+    """Issue 22 item 1: a job asking a billion tokens does not close the gate for hours."""
+    rate = 1000 / 60
     quota = LocalQuota(ConfiguredLimits(rpm=None, tpm=1000, max_concurrency=None), Clock())
-    assert await quota.reserve(1000, horizon=0) == 0.0  # a full bucket, then overdrawn
-    assert await quota.reserve(600, horizon=5) == pytest.approx(60.0)  # the minute's debt
-    assert await quota.reserve(600, horizon=5) == pytest.approx(60.0)  # nothing was taken
+    assert quota.charge(10**9) == pytest.approx(rate, abs=1)
+    assert await quota.reserve(10**9, horizon=0) == 0.0
+    assert await quota.reserve(10, horizon=100) == pytest.approx(10 / rate, rel=0.1)
 
 
 async def test_correct_gives_back_what_an_answer_did_not_use() -> None:
     rate = 1000 / 60
     quota = LocalQuota(ConfiguredLimits(rpm=None, tpm=1000, max_concurrency=None), Clock())
-    assert await quota.reserve(900, horizon=0) == 0.0
-    await quota.correct(-800)  # the answer used 100 of the 900 estimated
-    assert await quota.reserve(10, horizon=100) == pytest.approx((10 + 100 - rate) / rate)
+    assert await quota.reserve(16, horizon=0) == 0.0
+    before = await quota.reserve(10, horizon=0)  # not taken: a wait
+    await quota.correct(-16)  # the answer used none of the 16 estimated
+    after = await quota.reserve(10, horizon=100)
+    assert before > 0 and after == 0.0, (before, after, rate)
 
 
 async def test_max_concurrency_slots() -> None:

@@ -30,6 +30,7 @@ from worker.errors import (
     UpstreamError,
 )
 from worker.job import Deferral, Envelope, Job, JobOutcome, Rejection, decode_job
+from worker.limits.configured import ConfiguredLimits, LocalQuota, Quota
 from worker.limits.gate import Gate
 from worker.messages import ErrorCode
 from worker.runner import JobRunner, backoff
@@ -455,7 +456,7 @@ class Upstreams:
         self._opened: list[Upstream] = []
         self.clock = FakeClock()
 
-    def runner(self, *answers: Answer, **settings: Any) -> JobRunner:
+    def runner(self, *answers: Answer, quota: Quota | None = None, **settings: Any) -> JobRunner:
         script = list(answers)
 
         async def handle(request: httpx.Request) -> httpx.Response:
@@ -466,7 +467,7 @@ class Upstreams:
         config = make_settings(**settings)
         upstream = Upstream(config.upstream_url, "sk-test", transport=httpx.MockTransport(handle))
         self._opened.append(upstream)
-        gate = Gate("default", clock=self.clock.time, sleep=self.clock.sleep)
+        gate = Gate("default", quota, clock=self.clock.time, sleep=self.clock.sleep)
         return JobRunner(config, upstream, self.telemetry, gate)
 
     def counter(self, name: str, **labels: str) -> float:
@@ -627,14 +628,14 @@ async def test_max_attempts_setting(upstreams: Upstreams, sleeps: list[float]) -
 
 
 async def test_long_retry_after_defers(upstreams: Upstreams, sleeps: list[float]) -> None:
-    runner = upstreams.runner(respond(429, ERROR_BODY, **{"Retry-After": "150"}))
+    runner = upstreams.runner(respond(429, ERROR_BODY, **{"Retry-After": "50"}))
     outcome = await run(runner, make_job())
     assert isinstance(outcome, Deferral)
     # The longest delay tier that does not overshoot the budget's return.
-    assert outcome.wait == 120
+    assert outcome.wait == 30
     assert outcome.attempts == 0  # a call refused for budget is not an attempt (§11)
     assert isinstance(outcome.error, RateLimited)
-    assert outcome.rate_limit_wait_ms == 120_000  # carried to the next delivery
+    assert outcome.rate_limit_wait_ms == 30_000  # carried to the next delivery
     assert len(upstreams.requests) == 1
     assert sleeps == [] and upstreams.clock.slept == []
     assert (
@@ -723,6 +724,76 @@ async def test_insufficient_quota_probe_after_cooldown(
     second = await run(runner, make_job())  # the probe
     assert isinstance(second, JobOutcome) and second.ok
     assert runner.gate.state == "open"
+
+
+TOO_LARGE = {
+    "error": {"message": "max_tokens is too large", "type": "invalid_request_error",
+              "param": "max_tokens", "code": None}
+}  # fmt: skip
+TOKEN_BUDGET = {"x-ratelimit-limit-tokens": "60000", "x-ratelimit-remaining-tokens": "59000"}
+
+
+@pytest.mark.parametrize("budget", ["read from headers", "configured tpm"])
+async def test_a_job_asking_a_billion_tokens_fails_alone(
+    upstreams: Upstreams, sleeps: list[float], budget: str
+) -> None:
+    """Issue 22 item 1: the upstream refuses the job that asks ``max_tokens: 1000000000``;
+    the jobs after it go at once (they used to fail rate_limited, "waited 0.0s", for hours)."""
+    if budget == "configured tpm":
+        quota: Quota | None = LocalQuota(ConfiguredLimits(tpm=60_000), upstreams.clock.time)
+        headers: dict[str, str] = {}
+    else:
+        quota, headers = None, TOKEN_BUDGET
+    runner = upstreams.runner(respond(400, TOO_LARGE, **headers), respond(**headers), quota=quota)
+    huge = await run(runner, make_job({**BODY, "max_tokens": 1_000_000_000}))
+    assert isinstance(huge, JobOutcome)
+    assert huge.error is not None and huge.error.code is ErrorCode.INVALID_REQUEST
+    for _ in range(3):
+        outcome = await run(runner, make_job())
+        assert isinstance(outcome, JobOutcome) and outcome.ok, outcome.error
+        assert outcome.rate_limit_wait_ms < 100
+    assert runner.gate.state == "open"
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["31536000", "Fri, 01 Jan 2100 00:00:00 GMT"], ids=["seconds", "date"]
+)
+async def test_a_retry_after_of_years_holds_jobs_a_minute_and_a_success_reopens(
+    upstreams: Upstreams, sleeps: list[float], retry_after: str
+) -> None:
+    """Issue 22 item 6: the gate closes for a minute at most (the job goes round a delay
+    queue instead of failing at once); then one call probes, and its success reopens it."""
+    runner = upstreams.runner(respond(429, ERROR_BODY, **{"retry-after": retry_after}), respond())
+    first = await run(runner, make_job())
+    assert isinstance(first, Deferral), first
+    assert first.wait <= 60 and isinstance(first.error, RateLimited)
+    upstreams.clock.now += 61
+    second = await run(runner, make_job())
+    assert isinstance(second, JobOutcome) and second.ok
+    assert runner.gate.state == "open"
+    third = await run(runner, make_job())
+    assert isinstance(third, JobOutcome) and third.ok and third.rate_limit_wait_ms == 0
+
+
+class SlotsThatBreak(LocalQuota):
+    """Configured limits whose store fails while a call's slot is given back."""
+
+    async def release_slot(self, slot: str) -> None:
+        import redis
+
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+async def test_an_error_giving_budget_back_never_masks_the_outcome(
+    upstreams: Upstreams, sleeps: list[float]
+) -> None:
+    """Issue 22 item 9: the call is made and paid; a store that breaks while its slot is
+    given back must not turn that into an error (and a redelivery: a second payment)."""
+    quota = SlotsThatBreak(ConfiguredLimits(max_concurrency=4), upstreams.clock.time)
+    runner = upstreams.runner(respond(), quota=quota)
+    outcome = await run(runner, make_job())
+    assert isinstance(outcome, JobOutcome) and outcome.ok
+    assert len(upstreams.requests) == 1
 
 
 async def test_connection_error_is_retried(upstreams: Upstreams, sleeps: list[float]) -> None:

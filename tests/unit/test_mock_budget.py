@@ -59,6 +59,39 @@ def test_tokens_bind_and_retry_after_can_be_off() -> None:
     assert read_budget(refused.headers).tokens is not None
 
 
+def test_window_report_gives_the_bucket_as_a_share_of_the_minute() -> None:
+    """Issue 22 item 21: a provider that quantises 3,000 requests a minute as 50 a second
+    reports that bucket as a share of the minute's limit: each call takes 60 from it, and
+    ``reset`` is the time until it is full."""
+    clock = Clock()
+    budget = OrgBudget(BudgetConfig(rpm=3000, report="window"), clock)
+    first = read_budget(budget.admit(BODY).headers)
+    assert first.requests is not None
+    assert (first.requests.limit, first.requests.remaining) == (3000, 2940)
+    assert first.requests.reset == pytest.approx(0.02)
+    verdicts = [budget.admit(BODY) for _ in range(49)]
+    assert [v.refused for v in verdicts] == [None] * 49  # 50 in the bucket
+    spent = read_budget(verdicts[-1].headers)
+    assert spent.requests is not None and spent.requests.remaining == 0
+    assert spent.requests.reset == pytest.approx(1.0)
+    assert budget.admit(BODY).refused == "requests"
+    clock.now = 0.5  # half the bucket back: 25 calls, 1,500 of the minute's 3,000
+    half = read_budget(budget.admit(BODY).headers)
+    assert half.requests is not None and half.requests.remaining == 1440
+    with pytest.raises(ValueError, match="report"):
+        BudgetConfig(rpm=60, report="hour")  # type: ignore[arg-type]
+
+
+async def test_mock_window_report_over_http() -> None:
+    config = MockConfig(budget=BudgetConfig(rpm=3000, report="window"))
+    async with MockUpstream(config) as mock, httpx.AsyncClient() as client:
+        answer = await client.post(f"{mock.base_url}/chat/completions", json=BODY)
+        assert answer.status_code == 200
+        assert answer.headers["x-ratelimit-limit-requests"] == "3000"
+        assert answer.headers["x-ratelimit-remaining-requests"] == "2940"
+        assert answer.headers["x-ratelimit-reset-requests"] == "20ms"
+
+
 def test_concurrency_cap_refuses_without_headers() -> None:
     budget = OrgBudget(BudgetConfig(max_concurrent=1), Clock())
     assert budget.admit(BODY).refused is None

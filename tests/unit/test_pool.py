@@ -3,6 +3,7 @@ clients it builds, and the runner's fallback over it (transports swapped, clock 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from worker.errors import (
     UpstreamTimeout,
 )
 from worker.job import Deferral, Envelope, Job, JobOutcome
+from worker.limits.configured import ConfiguredLimits, LocalQuota
 from worker.limits.gate import Gate
 from worker.runner import JobRunner
 from worker.settings import Settings, UpstreamSpec
@@ -843,3 +845,53 @@ async def test_check_upstreams_asks_an_embeddings_only_upstream_for_an_embedding
         ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": PING, "max_tokens": 1}),
         ("/v1/embeddings", {"model": "e5", "input": "ping"}),
     ]
+
+
+@pytest.mark.parametrize("how", ["cancelled", "store error"])
+async def test_a_probe_cut_short_at_its_gate_frees_the_upstream(
+    how: str, pools: list[UpstreamPool]
+) -> None:
+    """Issue 22 item 8: the job probing an upstream after its cooldown is cut short while it
+    waits at the gate (a drain, a lost Redis): the upstream is not left "being probed" for
+    the life of the process; the next job probes it."""
+    clock = FakeClock()
+    script = Scripted(primary=[200], backup=[200])
+    quota = LocalQuota(ConfiguredLimits(max_concurrency=1))
+    pool = pool_of(
+        spec("primary", cooldown={"failures": 1, "seconds": 30}),
+        spec("backup", priority=1),
+        clock=clock,
+        handler=script,
+        gates={"primary": Gate("primary", quota)},
+    )
+    pools.append(pool)
+    primary = pool.members[0]
+    pool.report(primary, UpstreamError("500"), probe=False)
+    clock.now += 31
+    runner = runner_over(pool)
+    if how == "cancelled":
+        held = await quota.acquire_slot(0)  # the probe waits for this slot
+        assert held is not None
+        job = asyncio.ensure_future(runner.run(make_job(), no_deltas))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not job.done() and primary.probing
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        await quota.release_slot(held)
+    else:
+
+        async def broken(within: float) -> str | None:
+            raise ConnectionError("Redis went away")
+
+        real = quota.acquire_slot
+        quota.acquire_slot = broken  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            await runner.run(make_job(), no_deltas)
+        quota.acquire_slot = real  # type: ignore[method-assign]
+    assert not primary.probing
+    assert script.calls == []
+    outcome = await runner.run(make_job(), no_deltas)
+    assert isinstance(outcome, JobOutcome) and outcome.upstream == "primary"
+    assert pool.states()["primary"] == "open"

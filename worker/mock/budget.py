@@ -3,9 +3,13 @@
 Requests and tokens per minute, each a bucket that refills continuously. Providers state
 limits per minute but enforce them over short windows ("quantised": 60,000 a minute may be
 enforced as 1,000 a second), so a call must also fit a bucket holding ``window`` seconds of
-budget; the headers report the per-minute figures, as OpenAI's do. A call's tokens are
-counted when it is admitted, as OpenAI counts them: its text at four characters a token
-plus its ``max_tokens``. With ``max_concurrent``, calls past that many at once are
+budget. The headers report either the per-minute figures, as OpenAI's do
+(``report="minute"``), or the enforcing bucket itself (``report="window"``), as providers
+that quantise do: ``remaining`` is the bucket's level as a share of the minute's limit (a
+bucket of one second's budget that holds 50 requests reports 3,000 when full, and each call
+takes 60 from it), and ``reset`` is the time until the bucket is full again. A call's tokens
+are counted when it is admitted, as OpenAI counts them: its text at four characters a
+token plus its ``max_tokens``. With ``max_concurrent``, calls past that many at once are
 refused with a 429 and no rate-limit headers (a server that only sheds load).
 """
 
@@ -15,9 +19,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["BudgetConfig", "OrgBudget", "go_duration"]
+__all__ = ["REPORTS", "BudgetConfig", "OrgBudget", "go_duration"]
+
+Report = Literal["minute", "window"]
+REPORTS: tuple[Report, ...] = ("minute", "window")
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,11 @@ class BudgetConfig:
     window: float = 1.0  # seconds over which the per-minute limits are enforced
     retry_after: bool = True  # send retry-after-ms and retry-after on 429s
     max_concurrent: int | None = None
+    report: Report = "minute"  # what the headers say: the minute's figures, or the window's
+
+    def __post_init__(self) -> None:
+        if self.report not in REPORTS:
+            raise ValueError(f"report must be one of {REPORTS}, not {self.report!r}")
 
     @property
     def enabled(self) -> bool:
@@ -34,7 +46,8 @@ class BudgetConfig:
 
 
 class _Bucket:
-    def __init__(self, limit: int, window: float, now: float) -> None:
+    def __init__(self, limit: int, window: float, now: float, report: Report) -> None:
+        self.report = report
         self.limit = float(limit)
         self.rate = limit / 60.0
         self.minute = self.limit  # what the headers report
@@ -58,10 +71,15 @@ class _Bucket:
         self.short -= cost
 
     def headers(self, kind: str) -> dict[str, str]:
+        if self.report == "window":
+            remaining = max(self.short, 0.0) * self.limit / self.short_cap
+            reset = (self.short_cap - self.short) / self.rate
+        else:
+            remaining, reset = self.minute, (self.limit - self.minute) / self.rate
         return {
             f"x-ratelimit-limit-{kind}": str(int(self.limit)),
-            f"x-ratelimit-remaining-{kind}": str(int(self.minute)),
-            f"x-ratelimit-reset-{kind}": go_duration((self.limit - self.minute) / self.rate),
+            f"x-ratelimit-remaining-{kind}": str(int(remaining)),
+            f"x-ratelimit-reset-{kind}": go_duration(reset),
         }
 
 
@@ -81,8 +99,12 @@ class OrgBudget:
         self.config = config
         self._clock = clock
         now = clock()
-        self._requests = None if config.rpm is None else _Bucket(config.rpm, config.window, now)
-        self._tokens = None if config.tpm is None else _Bucket(config.tpm, config.window, now)
+        self._requests = (
+            None if config.rpm is None else _Bucket(config.rpm, config.window, now, config.report)
+        )
+        self._tokens = (
+            None if config.tpm is None else _Bucket(config.tpm, config.window, now, config.report)
+        )
         self.in_flight = 0
         self.admitted = 0
         self.refused = 0

@@ -15,8 +15,9 @@ back, its failure cools it again. Any answer that is not a retryable failure (a 
 (:mod:`worker.limits.gate`): a 429 closes the gate, ``insufficient_quota`` cools the gate, and
 routing skips an upstream whose gate is not open.
 
-This module knows no broker: :mod:`worker.runner` asks it for a member per attempt and
-reports how the attempt ended.
+This module knows no broker: :mod:`worker.runner` asks it for a :class:`Lease` per
+attempt (:meth:`UpstreamPool.lease`), which admits the call at the member's gate and
+reports how it ended, on every path (:mod:`worker.upstream.lease`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from worker.limits.gate import Gate
 from worker.messages import Endpoint
 from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
 from worker.upstream.client import Upstream
+from worker.upstream.lease import Lease
 
 __all__ = [
+    "Lease",
     "Member",
     "UpstreamPool",
     "provider_for_host",
@@ -231,6 +234,24 @@ class UpstreamPool:
                 self._routes.clear()
             route = self._routes[endpoint, model] = _Route(tiers)
         return route
+
+    def lease(
+        self,
+        model: str,
+        tokens: int,
+        exclude: Collection[Member] = (),
+        *,
+        ready: bool = False,
+        endpoint: Endpoint = "chat",
+    ) -> Lease | None:
+        """A :class:`Lease` for one call of ``tokens`` (estimated) on the member
+        :meth:`choose` picks, or None when it picks none. Enter it at once: from here on,
+        leaving it is what frees a probe."""
+        member = self.choose(model, exclude, ready=ready, endpoint=endpoint)
+        if member is None:
+            return None
+        # Read at once: another job cannot take a member being probed, so the flag is ours.
+        return Lease(self, member, probe=member.probing, tokens=tokens)
 
     def choose(
         self,
