@@ -95,6 +95,7 @@ class JobRunner:
             self.pool = upstream
         else:
             self.pool = UpstreamPool.of_client(upstream, settings)
+        self._lane_exclusions: dict[str | None, list[Member]] = {}
         for member in self.pool.members:
             if member.gate is None:
                 member.gate = gate if gate is not None else gate_for(settings, member.spec)
@@ -230,8 +231,20 @@ class JobRunner:
     def _lease(
         self, job: Job, tokens: int, exclude: list[Member] | None = None, *, ready: bool = False
     ) -> Lease | None:
-        """A lease on the pool's choice for the job's model and endpoint (enter it at once)."""
+        """A lease on the pool's choice for the job's model and endpoint among the upstreams
+        that serve its lane (``lanes`` in the file, §17), entered at once by the caller."""
+        elsewhere = self._not_serving(job.envelope.lane)
+        if elsewhere:
+            exclude = [*(exclude or ()), *elsewhere]
         return self.pool.lease(job.model, tokens, exclude or (), ready=ready, endpoint=job.endpoint)
+
+    def _not_serving(self, lane: str | None) -> list[Member]:
+        """The members kept for other lanes than ``lane`` (computed once per lane)."""
+        found = self._lane_exclusions.get(lane)
+        if found is None:
+            found = [m for m in self.pool.members if not m.spec.serves_lane(lane)]
+            self._lane_exclusions[lane] = found
+        return found
 
     def _overstays(self, held_since: float, wait: float) -> bool:
         """Whether one more attempt after ``wait`` seconds could hold the delivery past
@@ -324,12 +337,15 @@ class JobRunner:
         send_delta: DeltaSink,
     ) -> JobOutcome:
         """One upstream call inside its CLIENT span, recorded in the metrics."""
-        sent_model = member.spec.upstream_model(job.model)
-        body = bodies.get(sent_model)
+        spec = member.spec
+        sent_model = spec.upstream_model(job.model)
         upstream_body = job.body if sent_model == job.model else {**job.body, "model": sent_model}
+        if spec.defaults:  # body fields the entry sends when the request does not (§17)
+            upstream_body = {**spec.defaults, **upstream_body}
+        body = bodies.get(member.name)
         if body is None:
             dumped = stream_body(upstream_body) if job.stream else orjson.dumps(upstream_body)
-            body = bodies[sent_model] = dumped
+            body = bodies[member.name] = dumped
         client = member.client
         operation = job.endpoint  # also its gen_ai.operation.name
         with self.telemetry.upstream_span(
@@ -347,7 +363,8 @@ class JobRunner:
                     outcome = await self._stream_once(client, body, attempt, send_delta, headers)
                 else:
                     outcome = await self._call_once(client, body, attempt, headers, job.endpoint)
-            except JobError as exc:
+            except JobError as failure:
+                exc = _capacity_wait(failure, upstream_body)
                 self.telemetry.record_attempt(
                     span,
                     job.model,
@@ -358,7 +375,9 @@ class JobRunner:
                     provider=member.provider,
                     operation=operation,
                 )
-                raise
+                if exc is failure:
+                    raise
+                raise exc from None
             self.telemetry.record_attempt(
                 span,
                 job.model,
@@ -440,6 +459,24 @@ def gate_for(settings: Settings, spec: UpstreamSpec) -> Gate:
         shared_as=f"{spec.name}:{endpoint}",
         lease_seconds=lease,
     )
+
+
+def _capacity_wait(error: JobError, body: Mapping[str, Any]) -> JobError:
+    """A ``flex`` call refused for capacity (503) is a wait on that entry, as a 429 is
+    (§17): the job waits or goes to another entry, and no attempt is spent."""
+    if (
+        body.get("service_tier") == "flex"
+        and error.status_code == 503
+        and not isinstance(error, BudgetError)
+    ):
+        return RateLimited(
+            f"flex capacity unavailable: {error.message}",
+            status_code=error.status_code,
+            response=error.response,
+            request_id=error.request_id,
+            retry_after=error.retry_after,
+        )
+    return error
 
 
 def _gate_of(member: Member) -> Gate:

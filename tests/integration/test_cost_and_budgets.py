@@ -217,3 +217,100 @@ async def test_wait_resumes_when_the_period_turns(
     (result,) = results_of(await replies.until_results(1, timeout=20))
     assert result.ok
     assert result.metadata.rate_limit_wait_ms >= 1000
+
+
+async def test_flex_refused_for_capacity_falls_back_to_the_default_tier(
+    start_worker: StartWorker,
+    connection: AbstractConnection,
+    replies: Replies,
+    mock: MockUpstream,
+    tmp_path: Path,
+    settings: Any,
+) -> None:
+    from worker.mock.upstream import MockConfig
+
+    key = tmp_path / "key"
+    key.write_text(mock.config.api_key or "")
+    # The flex entry's provider has no flex capacity: every call there answers 503.
+    async with MockUpstream(
+        MockConfig(api_key=mock.config.api_key, fault_rate=1.0, random_faults=("503",))
+    ) as busy:
+        entries = [
+            {
+                "name": "flex",
+                "base_url": busy.base_url,
+                "api_key_file": str(key),
+                "models": ["gpt-4o-mini"],
+                "defaults": {"service_tier": "flex"},
+                "priority": 0,
+            },
+            {
+                "name": "standard",
+                "base_url": mock.base_url,
+                "api_key_file": str(key),
+                "models": ["gpt-4o-mini"],
+                "priority": 1,
+            },
+        ]
+        path = tmp_path / "upstreams.yaml"
+        path.write_text(yaml.safe_dump({"upstreams": entries}))
+        await start_worker(upstreams_file=path, upstream_base_url=None)
+        await publish(connection, settings.request_queue, line(), reply_to=replies.name)
+        (result,) = results_of(await replies.until_results(1, timeout=30))
+    assert result.ok and result.metadata.upstream == "standard"
+    assert result.metadata.attempts == 1  # the 503 on flex was a wait, not an attempt
+    assert result.metadata.calls == 2
+    flex_bodies = [r.body for r in busy.requests if r.path.endswith("/chat/completions")]
+    standard_bodies = [r.body for r in mock.requests if r.path.endswith("/chat/completions")]
+    assert [b.get("service_tier") for b in flex_bodies] == ["flex"]
+    assert [b.get("service_tier") for b in standard_bodies] == [None]  # only where set
+
+
+async def test_an_upstream_kept_for_one_lane(
+    start_worker: StartWorker,
+    connection: AbstractConnection,
+    replies: Replies,
+    mock: MockUpstream,
+    tmp_path: Path,
+    names: dict[str, str],
+) -> None:
+    from worker.mock.upstream import MockConfig
+
+    key = tmp_path / "key"
+    key.write_text(mock.config.api_key or "")
+    interactive, batch = names["request_queue"], names["request_queue"] + ".batch"
+    async with MockUpstream(MockConfig(api_key=mock.config.api_key)) as cheap:
+        entries = [
+            {
+                "name": "cheap",
+                "base_url": cheap.base_url,
+                "api_key_file": str(key),
+                "models": ["gpt-4o-mini"],
+                "lanes": [batch],
+                "priority": 0,
+            },
+            {
+                "name": "standard",
+                "base_url": mock.base_url,
+                "api_key_file": str(key),
+                "models": ["gpt-4o-mini"],
+                "priority": 1,
+            },
+        ]
+        path = tmp_path / "upstreams.yaml"
+        path.write_text(yaml.safe_dump({"upstreams": entries}))
+        await start_worker(
+            upstreams_file=path,
+            upstream_base_url=None,
+            request_queue=f"{interactive}:1,{batch}:1",
+        )
+        try:
+            await publish(connection, interactive, line(), reply_to=replies.name)
+            await publish(connection, batch, line(), reply_to=replies.name)
+            results = results_of(await replies.until_results(2, timeout=30))
+        finally:
+            channel = await connection.channel()
+            for queue in (batch, f"{batch}.dlq", f"{interactive}.dlq"):
+                await channel.queue_delete(queue)
+    upstream_of = {r.metadata.lane: r.metadata.upstream for r in results}
+    assert upstream_of == {interactive: "standard", batch: "cheap"}

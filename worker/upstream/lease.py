@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from worker.errors import BudgetError, JobError, QuotaExceeded
+from worker.errors import BudgetError, JobError, QuotaExceeded, RateLimited
 from worker.limits.gate import Gate, Permit, Wait
 
 if TYPE_CHECKING:
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["Lease"]
 
 log = structlog.get_logger(__name__)
+
+# Seconds a flex entry refused for capacity (503) rests when it asks for no wait of its own.
+NO_CAPACITY_REST = 5.0
 
 
 class Lease:
@@ -94,6 +97,10 @@ class Lease:
             return
         if quota_spent:
             gate.cool()
+        elif isinstance(error, RateLimited) and error.status_code == 503:
+            # A flex entry without capacity (§17): rest it as a 429 would, so the job and
+            # the next ones go to the default tier meanwhile.
+            gate.close(error.retry_after or NO_CAPACITY_REST, reason="no capacity (503)")
         try:
             await gate.release(
                 self.permit,
