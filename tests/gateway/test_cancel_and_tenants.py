@@ -65,9 +65,11 @@ async def test_cancel_mid_batch_ends_every_line_and_tells_the_workers(
     assert counts.failed > 0 and counts.completed >= 4
     assert len(output) == counts.completed and len(errors) == counts.failed
     assert {line["error"]["code"] for line in errors} == {"cancelled"}
-    # The workers skipped the lines not yet called: every call made is a completed line.
+    # The workers skipped the lines not yet called: the calls made are the completed lines
+    # and at most the worker's four in flight when it learnt of the cancel (their answers
+    # may come after the gateway's grace and count as cancelled).
     calls = sum(1 for r in mock.requests if r.path.endswith("/chat/completions"))
-    assert calls == counts.completed
+    assert counts.completed <= calls <= counts.completed + 4
     everything = sorted(
         (line["custom_id"] for line in output + errors), key=lambda c: int(c.split("-")[1])
     )
