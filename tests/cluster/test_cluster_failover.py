@@ -9,8 +9,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-
-from .conftest import (
+from support.cluster import (
     Producer,
     Readiness,
     Results,
@@ -22,6 +21,7 @@ from .conftest import (
     wait_for,
     wait_ready,
 )
+
 from .harness import Cluster
 
 JOBS = int(os.environ.get("CW_CLUSTER_JOBS", "3000"))

@@ -16,10 +16,7 @@ from collections.abc import Callable
 
 import aio_pika
 import pytest
-
-from worker.amqp.topology import DELAY_TIERS, delay_queue_name
-
-from .conftest import (
+from support.cluster import (
     Producer,
     Readiness,
     Results,
@@ -32,6 +29,9 @@ from .conftest import (
     wait_for,
     wait_ready,
 )
+
+from worker.amqp.topology import DELAY_TIERS, delay_queue_name
+
 from .harness import Cluster
 
 OUTAGE = float(os.environ.get("CW_CLUSTER_OUTAGE", "120"))
