@@ -56,6 +56,17 @@ def test_defaults_are_the_contracts() -> None:
     assert settings.http_port == 8080
     assert settings.log_format == "json"
     assert settings.log_level == "info"
+    assert settings.database_url.get_secret_value() == "sqlite:///chat-worker.db"
+    assert (settings.gateway_host, settings.gateway_port) == ("127.0.0.1", 8000)
+    assert settings.gateway_keys_file is None
+    assert settings.gateway_batch_lane is None and settings.gateway_lane is None
+    assert settings.gateway_max_file_bytes == 200 * 1024 * 1024
+    assert settings.gateway_max_file_lines == 50_000
+    assert settings.gateway_results_queue == "chat.gateway.results"
+    assert settings.gateway_lease_seconds == 15
+    assert settings.gateway_cancel_grace == 10
+    assert settings.gateway_publish_chunk == 500
+    assert settings.gateway_sweep_interval == 1
 
 
 def test_upstream_url_requires_a_base() -> None:
@@ -116,7 +127,12 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_CACHE", "on", "cache", True),
     ("WORKER_CACHE_TTL", "60", "cache_ttl", 60.0),
     ("WORKER_UPSTREAM_PROVIDER", "anthropic", "upstream_provider", "anthropic"),
-    ("WORKER_DATABASE_URL", "postgresql://db/gw", "database_url", "postgresql://db/gw"),
+    (
+        "WORKER_DATABASE_URL",
+        f"postgresql://gw:{SECRET_PASSWORD}@db/gw",
+        "database_url",
+        f"postgresql://gw:{SECRET_PASSWORD}@db/gw",
+    ),
     ("WORKER_GATEWAY_HOST", "0.0.0.0", "gateway_host", "0.0.0.0"),
     ("WORKER_GATEWAY_PORT", "9000", "gateway_port", 9000),
     ("WORKER_GATEWAY_KEYS_FILE", "/etc/keys.yaml", "gateway_keys_file", Path("/etc/keys.yaml")),
@@ -124,6 +140,11 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_GATEWAY_LANE", "chat.interactive", "gateway_lane", "chat.interactive"),
     ("WORKER_GATEWAY_MAX_FILE_BYTES", "1000", "gateway_max_file_bytes", 1000),
     ("WORKER_GATEWAY_MAX_FILE_LINES", "10", "gateway_max_file_lines", 10),
+    ("WORKER_GATEWAY_RESULTS_QUEUE", "gw.results", "gateway_results_queue", "gw.results"),
+    ("WORKER_GATEWAY_LEASE_SECONDS", "4.5", "gateway_lease_seconds", 4.5),
+    ("WORKER_GATEWAY_CANCEL_GRACE", "0", "gateway_cancel_grace", 0.0),
+    ("WORKER_GATEWAY_PUBLISH_CHUNK", "50", "gateway_publish_chunk", 50),
+    ("WORKER_GATEWAY_SWEEP_INTERVAL", "0.25", "gateway_sweep_interval", 0.25),
 ]
 
 
@@ -133,7 +154,7 @@ def test_variable_from_environment(
 ) -> None:
     monkeypatch.setenv(variable, value)
     got = getattr(load_settings(), attribute)
-    if attribute in ("amqp_url", "upstream_api_key", "redis_url", "console_token"):
+    if attribute in ("amqp_url", "upstream_api_key", "redis_url", "console_token", "database_url"):
         got = _secret(got)
     assert got == expected
 
@@ -187,6 +208,27 @@ def test_reply_to_pattern_is_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_reply_to_pattern_allows_any(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_REPLY_TO_PATTERN", "")
     assert load_settings().reply_to_pattern is None
+
+
+def test_gateway_lanes_default_to_the_first_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_REQUEST_QUEUE", "chat.interactive:4,chat.batch")
+    settings = load_settings()
+    assert (settings.batch_lane, settings.call_lane) == ("chat.interactive", "chat.interactive")
+    monkeypatch.setenv("WORKER_GATEWAY_BATCH_LANE", "chat.batch")
+    monkeypatch.setenv("WORKER_GATEWAY_LANE", "")
+    settings = load_settings()
+    assert (settings.batch_lane, settings.call_lane) == ("chat.batch", "chat.interactive")
+
+
+def test_a_database_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_DATABASE_URL", f"postgresql://gw:{SECRET_PASSWORD}@db/gw")
+    settings = load_settings()
+    for text in (repr(settings), str(settings), settings.model_dump_json()):
+        assert SECRET_PASSWORD not in text
+    monkeypatch.setenv("WORKER_DATABASE_URL", f"mysql://gw:{SECRET_PASSWORD}@db/gw")
+    with pytest.raises(SettingsError, match=r"^WORKER_DATABASE_URL: ") as caught:
+        load_settings()
+    assert SECRET_PASSWORD not in str(caught.value)
 
 
 def test_upstream_url_from_base(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,6 +295,14 @@ BAD = [
     ("WORKER_MAX_MESSAGE_BYTES", "0"),
     ("WORKER_LOG_FORMAT", "xml"),
     ("WORKER_LOG_LEVEL", "loud"),
+    ("WORKER_DATABASE_URL", "mysql://db/gw"),
+    ("WORKER_GATEWAY_PORT", "-1"),
+    ("WORKER_GATEWAY_MAX_FILE_BYTES", "0"),
+    ("WORKER_GATEWAY_RESULTS_QUEUE", ""),
+    ("WORKER_GATEWAY_LEASE_SECONDS", "0"),
+    ("WORKER_GATEWAY_CANCEL_GRACE", "-1"),
+    ("WORKER_GATEWAY_PUBLISH_CHUNK", "0"),
+    ("WORKER_GATEWAY_SWEEP_INTERVAL", "0"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front door: Files and Batches over the queues (contract §15)."""
+"""The OpenAI-compatible HTTP front door: Files, Batches and calls over the queues (§15)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import Any
 __all__ = [
     "CancelledBatches",
     "Gateway",
-    "GatewaySettings",
     "follow_cancellations",
-    "load_gateway_settings",
     "publish_cancel",
     "serve_gateway",
 ]
@@ -22,8 +20,6 @@ _LAZY = {
     "publish_cancel": "worker.gateway.cancel",
     "Gateway": "worker.gateway.app",
     "serve_gateway": "worker.gateway.app",
-    "GatewaySettings": "worker.gateway.config",
-    "load_gateway_settings": "worker.gateway.config",
 }
 
 

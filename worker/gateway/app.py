@@ -22,7 +22,6 @@ from worker.amqp.topology import declare
 from worker.gateway import batches as batch_routes
 from worker.gateway import files as file_routes
 from worker.gateway.batchstore import BatchStore
-from worker.gateway.config import GatewaySettings
 from worker.gateway.context import CONTEXT, GatewayContext
 from worker.gateway.errors import error_middleware
 from worker.gateway.keys import Keys, auth_middleware, load_keys
@@ -63,18 +62,17 @@ class Gateway:
     def __init__(
         self,
         settings: Settings,
-        gateway: GatewaySettings,
         *,
         keys: Keys | None = None,
         registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
-        self.settings, self.gateway = settings, gateway
-        if keys is None and gateway.gateway_keys_file is not None:
-            keys = load_keys(gateway.gateway_keys_file)
+        self.settings = settings
+        if keys is None and settings.gateway_keys_file is not None:
+            keys = load_keys(settings.gateway_keys_file)
         self.keys = keys
         self.metrics = GatewayMetrics(registry)
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
-        self.port = gateway.gateway_port
+        self.port = settings.gateway_port
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -82,7 +80,7 @@ class Gateway:
         self._consumer: ResultConsumer | None = None
 
     async def start(self) -> None:
-        self._store = store = await Store.open(self.gateway.database_url.get_secret_value())
+        self._store = store = await Store.open(self.settings.database_url.get_secret_value())
         await store.discard_stale_uploads()
         self._connection = connection = await connect_robust(
             self.settings, f"chat-worker gateway {self.owner}"
@@ -97,25 +95,25 @@ class Gateway:
             ledger,
             batches,
             events,
-            self.gateway,
+            self.settings,
             self.settings.events_exchange,
             self.metrics,
         )
         publisher = LinePublisher(
             publishing,
-            self.gateway.batch_lane(self.settings),
-            self.gateway.gateway_results_queue,
+            self.settings.batch_lane,
+            self.settings.gateway_results_queue,
         )
-        runner = BatchRunner(store, batches, publisher, self.gateway, self.metrics, self.owner)
+        runner = BatchRunner(store, batches, publisher, self.settings, self.metrics, self.owner)
         self._consumer = ResultConsumer(ledger, self.metrics, lifecycle.finalize)
         await self._consumer.start(
-            consuming, self.gateway.gateway_results_queue, self.settings.queue_type
+            consuming, self.settings.gateway_results_queue, self.settings.queue_type
         )
         context = GatewayContext(
             store=store,
             batches=batches,
             lifecycle=lifecycle,
-            gateway=self.gateway,
+            settings=self.settings,
             max_line_bytes=self.settings.max_message_bytes,
             wake_runner=runner.wake,
         )
@@ -126,12 +124,12 @@ class Gateway:
         self._runner = web.AppRunner(self.app(context), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, self.gateway.gateway_host, self.gateway.gateway_port, reuse_address=True
+            self._runner, self.settings.gateway_host, self.settings.gateway_port, reuse_address=True
         )
         await site.start()
         if self._runner.addresses:
             self.port = int(self._runner.addresses[0][1])
-        log.info("gateway listening", host=self.gateway.gateway_host, port=self.port)
+        log.info("gateway listening", host=self.settings.gateway_host, port=self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -185,9 +183,9 @@ class Gateway:
         )
 
 
-async def serve_gateway(settings: Settings, gateway: GatewaySettings) -> None:
+async def serve_gateway(settings: Settings) -> None:
     """``chat-worker gateway``: serve until SIGTERM or SIGINT."""
-    server = Gateway(settings, gateway)
+    server = Gateway(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
