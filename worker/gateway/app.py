@@ -1,5 +1,5 @@
 """The gateway's life cycle, top to bottom: store, broker, background tasks, HTTP; and its
-routes (Files, Batches, probes and metrics on one port)."""
+routes (Files, Batches, calls, probes and metrics on one port)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from aiohttp import web
 from worker.amqp.connect import Nodes, NoNodeAnswers, redact
 from worker.amqp.topology import declare
 from worker.gateway import batches as batch_routes
+from worker.gateway import calls as call_routes
 from worker.gateway import files as file_routes
 from worker.gateway.batchstore import BatchStore
 from worker.gateway.context import CONTEXT, GatewayContext
@@ -29,6 +30,7 @@ from worker.gateway.ledger import Ledger
 from worker.gateway.lifecycle import Lifecycle
 from worker.gateway.metrics import GatewayMetrics
 from worker.gateway.publish import LinePublisher
+from worker.gateway.replies import CallReplies, reply_queue_name
 from worker.gateway.results import ResultConsumer
 from worker.gateway.runner import BatchRunner
 from worker.gateway.store import Store
@@ -39,6 +41,9 @@ __all__ = ["Gateway", "serve_gateway"]
 log = structlog.get_logger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+#: connections waiting to be accepted: a burst of new clients (a thousand calls at once)
+#: overflows aiohttp's default of 128, and the kernel then resets some of them
+BACKLOG = 4096
 #: the largest JSON body a request may send (a batch creation is a few hundred bytes)
 MAX_JSON_BODY = 1024 * 1024
 
@@ -78,6 +83,8 @@ class Gateway:
         self._connection: AbstractRobustConnection | None = None
         self._store: Store | None = None
         self._consumer: ResultConsumer | None = None
+        #: the calls waiting for their replies (one reply queue for the process)
+        self.replies = CallReplies(reply_queue_name(settings.gateway_results_queue))
 
     async def start(self) -> None:
         self._store = store = await Store.open(self.settings.database_url.get_secret_value())
@@ -89,6 +96,10 @@ class Gateway:
         publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
         events = await connection.channel(publisher_confirms=False)
         consuming = await connection.channel(publisher_confirms=False)
+        # Calls publish on a channel of their own: a batch's chunks do not hold them up.
+        calling = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self.replies.start(calling)
+        calls = call_routes.Calls(calling, self.replies, self.settings, self.metrics)
         batches, ledger = BatchStore(store.engine), Ledger(store.engine)
         lifecycle = Lifecycle(
             store,
@@ -121,10 +132,21 @@ class Gateway:
             asyncio.create_task(runner.run(), name="gateway-runner"),
             asyncio.create_task(lifecycle.run(), name="gateway-lifecycle"),
         ]
-        self._runner = web.AppRunner(self.app(context), access_log=None, handle_signals=False)
+        # A client that goes away cancels its handler: a call waiting for its job ends at once.
+        self._runner = web.AppRunner(
+            self.app(context, calls),
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=self.settings.shutdown_grace,
+        )
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, self.settings.gateway_host, self.settings.gateway_port, reuse_address=True
+            self._runner,
+            self.settings.gateway_host,
+            self.settings.gateway_port,
+            reuse_address=True,
+            backlog=BACKLOG,
         )
         await site.start()
         if self._runner.addresses:
@@ -133,7 +155,8 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # calls in flight get WORKER_SHUTDOWN_GRACE
+        await self.replies.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -145,7 +168,7 @@ class Gateway:
         if self._store is not None:
             await self._store.close()
 
-    def app(self, context: GatewayContext) -> web.Application:
+    def app(self, context: GatewayContext, calls: call_routes.Calls) -> web.Application:
         app = web.Application(
             middlewares=[error_middleware, auth_middleware(self.keys)],
             client_max_size=MAX_JSON_BODY,
@@ -156,12 +179,14 @@ class Gateway:
         app.router.add_get("/metrics", self._metrics)
         file_routes.add_routes(app)
         batch_routes.add_routes(app)
+        call_routes.add_routes(app, calls)
         return app
 
     @property
     def ready(self) -> bool:
         connected = self._connection is not None and not self._connection.is_closed
-        return connected and self._consumer is not None and self._consumer.consuming
+        consuming = self._consumer is not None and self._consumer.consuming
+        return connected and consuming and self.replies.consuming
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
