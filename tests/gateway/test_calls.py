@@ -202,6 +202,17 @@ async def test_failures_map_to_the_sdks_errors(
     await settled(gateway)
 
 
+async def test_a_lane_no_queue_takes_answers_503(
+    start_gateway: StartGateway, names: dict[str, str]
+) -> None:
+    gateway = await start_gateway(gateway_lane=f"{names['request_queue']}.nowhere")
+    async with client_for(gateway) as client:
+        with pytest.raises(openai.InternalServerError) as refused:
+            await client.chat.completions.create(model=MODEL, messages=ask("anyone?"))
+    assert refused.value.status_code == 503 and "WORKER_GATEWAY_LANE" in refused.value.message
+    assert gateway.replies.pending == 0
+
+
 async def test_an_expired_call_answers_504(
     start_gateway: StartGateway, start_worker: StartWorker, mock: MockUpstream
 ) -> None:

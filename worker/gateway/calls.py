@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
+from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from worker.amqp.topology import H_DEADLINE, H_JOB_ID
@@ -63,7 +63,12 @@ class Calls:
         self.lane = settings.call_lane
 
     async def publish(self, call: Call, raw: bytes, tenant: str | None) -> None:
-        """The call as one request message (§3), confirmed by the broker."""
+        """The call as one request message (§3), confirmed by the broker.
+
+        Published on the channel's aiormq core with the properties built directly (as the
+        worker publishes): an ``aio_pika.Message`` would cost about half the gateway's
+        time per call.
+        """
         line = orjson.dumps(
             {
                 "custom_id": call.id,
@@ -75,10 +80,9 @@ class Calls:
         headers: dict[str, Any] = {H_DEADLINE: call.deadline.isoformat()}
         if tenant is not None:
             headers[H_TENANT] = tenant
-        message = aio_pika.Message(
-            line,
+        properties = Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=2,
             message_id=call.id,
             correlation_id=call.id,
             reply_to=self.replies.name,
@@ -86,7 +90,10 @@ class Calls:
             app_id=APP_ID,
         )
         try:
-            await self.channel.default_exchange.publish(message, self.lane, mandatory=True)
+            channel = await self.channel.get_underlay_channel()
+            await channel.basic_publish(
+                line, exchange="", routing_key=self.lane, properties=properties, mandatory=True
+            )
         except aiormq.exceptions.PublishError:
             raise Unavailable(f"no queue {self.lane!r} takes calls (WORKER_GATEWAY_LANE)") from None
         except aiormq.exceptions.DeliveryError:
