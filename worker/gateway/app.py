@@ -99,6 +99,13 @@ class Gateway:
         # Calls publish on a channel of their own: a batch's chunks do not hold them up.
         calling = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await self.replies.start(calling)
+        pattern = self.settings.reply_to_pattern
+        if pattern is not None and not pattern.fullmatch(self.replies.name):
+            log.warning(
+                "WORKER_REPLY_TO_PATTERN does not admit the gateway's reply queue: workers "
+                "with it send calls' results elsewhere, and calls time out",
+                reply_queue=self.replies.name,
+            )
         calls = call_routes.Calls(calling, self.replies, self.settings, self.metrics)
         batches, ledger = BatchStore(store.engine), Ledger(store.engine)
         lifecycle = Lifecycle(

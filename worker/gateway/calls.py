@@ -54,12 +54,10 @@ class Calls:
         settings: Settings,
         metrics: GatewayMetrics,
     ) -> None:
-        self.channel, self.replies, self.settings, self.metrics = (
-            channel,
-            replies,
-            settings,
-            metrics,
-        )
+        self.channel = channel
+        self.replies = replies
+        self.settings = settings
+        self.metrics = metrics
         self.lane = settings.call_lane
 
     async def publish(self, call: Call, raw: bytes, tenant: str | None) -> None:
