@@ -112,6 +112,37 @@ async def test_a_streamed_call_reads_as_openais_stream(
     await settled(gateway)
 
 
+async def test_the_sdks_stream_helper_assembles_tool_calls(
+    start_gateway: StartGateway, start_worker: StartWorker, mock: MockUpstream
+) -> None:
+    gateway = await start_gateway()
+    await start_worker()
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    async with client_for(gateway) as client, direct(mock) as upstream:
+        async with client.chat.completions.stream(
+            model=MODEL, messages=ask("Weather in Oslo?"), tools=tools
+        ) as stream:
+            final = await stream.get_final_completion()
+        expected = await upstream.chat.completions.create(
+            model=MODEL, messages=ask("Weather in Oslo?"), tools=tools
+        )
+    got, want = final.choices[0].message, expected.choices[0].message
+    assert got.tool_calls is not None and want.tool_calls is not None
+    assert [(c.id, c.function.name, c.function.arguments) for c in got.tool_calls] == [
+        (c.id, c.function.name, c.function.arguments) for c in want.tool_calls
+    ]
+    assert final.choices[0].finish_reason == "tool_calls"
+    await settled(gateway)
+
+
 async def test_a_stream_retried_mid_way_is_one_clean_stream(
     start_gateway: StartGateway, start_worker: StartWorker, mock: MockUpstream
 ) -> None:
