@@ -278,9 +278,10 @@ def show(report: dict[str, Any]) -> None:
             f"{name:<28}{run['rate']:>9.0f}{run['p50_ms']:>9.1f}{run['p99_ms']:>9.1f}"
             f"{sum(workers):>20.2f}"
         )
+    busy = gateway["cpu_ms_per_call"][0] * gateway["rate"] / 1000
     print(
         f"gateway: {gateway['rate'] / queue['rate']:.0%} of the workers' own rate; "
-        f"CPU {gateway['cpu_ms_per_call'][0]:.2f} ms per call; "
+        f"CPU {gateway['cpu_ms_per_call'][0]:.2f} ms per call ({busy:.0%} of one core); "
         f"RSS {report['gateway_idle_rss_mib']:.0f} MiB idle, "
         f"{gateway['peak_rss_mib'][0]:.0f} MiB peak under load"
     )
