@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -193,6 +194,8 @@ async def test_a_stream_whose_every_attempt_fails_ends_with_an_error_event(
     assert full.startswith("".join(pieces)) and len("".join(pieces)) < len(full)
     assert isinstance(caught.value.body, dict) and caught.value.body["code"] == "upstream_error"
     await settled(gateway)
+    outcome = {"endpoint": "/v1/chat/completions", "outcome": "upstream_error"}
+    assert gateway.metrics.registry.get_sample_value("chat_gateway_calls_total", outcome) == 1
 
 
 async def test_failures_map_to_the_sdks_errors(
@@ -232,6 +235,30 @@ async def test_failures_map_to_the_sdks_errors(
                 model="text-embedding-3-small", input="x", extra_body={"stream": True}
             )
     await settled(gateway)
+
+
+async def test_bodies_that_are_not_a_request_are_refused_before_publishing(
+    start_gateway: StartGateway, connection: AbstractConnection, names: dict[str, str]
+) -> None:
+    gateway = await start_gateway(max_message_bytes=4096)
+    url = f"http://127.0.0.1:{gateway.port}/v1/chat/completions"
+    big = orjson.dumps({"model": MODEL, "messages": ask("x" * 5000)})
+    async with aiohttp.ClientSession() as session:
+        for data, status, code in (
+            (big, 413, None),
+            (b"{not json", 400, "invalid_json"),
+            (b"[]", 400, "invalid_json"),
+            (orjson.dumps({"model": MODEL}), 400, "invalid_request"),
+        ):
+            async with session.post(url, data=data) as response:
+                document = await response.json()
+                assert response.status == status, document
+                assert document["error"]["code"] == code
+    channel = await connection.channel()
+    queue = await channel.declare_queue(names["request_queue"], passive=True)
+    assert queue.declaration_result.message_count == 0
+    await channel.close()
+    assert gateway.replies.pending == 0
 
 
 async def test_a_lane_no_queue_takes_answers_503(

@@ -131,7 +131,7 @@ class Call:
     endpoint: str
     body: dict[str, Any]
     deadline: datetime
-    until: float  # loop-independent monotonic time after which the call gives up
+    until: float  # the time.monotonic() after which the call gives up
     idle: float  # after each reply, the wait allowed for the next
     outcome: str = "client_gone"  # for the metrics: ok, or the error code
 
@@ -237,6 +237,7 @@ async def _streamed(request: web.Request, call: Call, inbox: CallInbox) -> web.S
     fold = CleanStream(call.id, str(call.body.get("model")), call.include_usage)
     response: web.StreamResponse | None = None
     ended = False
+    failure: str | None = None
     try:
         while not ended:
             try:
@@ -263,7 +264,7 @@ async def _streamed(request: web.Request, call: Call, inbox: CallInbox) -> web.S
             except ApiError as error:
                 if response is None:
                     raise
-                call.outcome = error.code or str(error.status)
+                failure = error.code or str(error.status)
                 await response.write(event(error.document()))
                 break
             if events:
@@ -278,11 +279,10 @@ async def _streamed(request: web.Request, call: Call, inbox: CallInbox) -> web.S
                     await response.prepare(request)
                 await response.write(b"".join(events))
         assert response is not None
-        if call.outcome == "client_gone":
-            call.outcome = "ok"
         await response.write_eof()
+        call.outcome = failure or "ok"
     except ConnectionError:
-        call.outcome = "client_gone"  # it went away mid-stream: nothing left to tell it
+        pass  # the client went away mid-stream (outcome client_gone): nothing to tell it
     assert response is not None
     return response
 
