@@ -9,7 +9,8 @@ same run:
     of two worker processes, against the same workers fed straight from the queue with N
     jobs in flight; calls/s, p50/p99, CPU per call, and the gateway's RSS.
 
-    python bench/gateway_calls.py [--sequential 300] [--calls 10000] [--concurrency 1000]
+    python bench/gateway_calls.py [--sequential 300] [--calls 5000] [--rounds 3]
+                                  [--concurrency 1000] [--worker-concurrency 256]
 
 The load generator is this process (aiohttp and aio-pika on uvloop); on a small shared
 machine it competes with the processes it measures, so read the ratios, not the absolutes.
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import tempfile
 import time
 import uuid
@@ -217,10 +219,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             }
             latency = await sequential(args.sequential, paths)
             idle_rss = gateway.rss() / 2**20
-            queue_run = await in_flight(args.calls, args.concurrency, direct.call, workers)
-            gateway_run = await in_flight(
-                args.calls, args.concurrency, paths["gateway"], [gateway, *workers]
-            )
+            # Rounds in turn (queue, gateway; gateway, queue; ...): the machine's load drifts
+            # over minutes, and each round's ratio compares two runs close in time.
+            queue_runs: list[dict[str, Any]] = []
+            gateway_runs: list[dict[str, Any]] = []
+            for round_no in range(args.rounds):
+                order = ["queue", "gateway"] if round_no % 2 == 0 else ["gateway", "queue"]
+                for path in order:
+                    if path == "queue":
+                        queue_runs.append(
+                            await in_flight(args.calls, args.concurrency, direct.call, workers)
+                        )
+                    else:
+                        gateway_runs.append(
+                            await in_flight(
+                                args.calls, args.concurrency, paths["gateway"], [gateway, *workers]
+                            )
+                        )
     finally:
         for proc in procs:
             proc.stop()
@@ -235,8 +250,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             name: {"p50": percentile(values, 50), "p99": percentile(values, 99)}
             for name, values in latency.items()
         },
-        "straight_to_queue": queue_run,
-        "through_gateway": gateway_run,
+        "straight_to_queue": queue_runs,
+        "through_gateway": gateway_runs,
         "gateway_idle_rss_mib": idle_rss,
         "args": vars(args),
     }
@@ -266,31 +281,41 @@ def show(report: dict[str, Any]) -> None:
         p50 = lat[high]["p50"] - lat[low]["p50"]
         p99 = lat[high]["p99"] - lat[low]["p99"]
         print(f"{name:<44}{p50:>9.2f}{p99:>9.2f}")
-    queue, gateway = report["straight_to_queue"], report["through_gateway"]
     width = report["args"]["concurrency"]
-    print(f"\n(b) {queue['calls']} non-streamed calls, {width} in flight, two workers")
-    print(f"{'path':<28}{'calls/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'worker CPU ms/call':>20}")
-    for name, run, workers in (
-        ("straight to the queue", queue, queue["cpu_ms_per_call"]),
-        ("through the gateway", gateway, gateway["cpu_ms_per_call"][1:]),
-    ):
-        print(
-            f"{name:<28}{run['rate']:>9.0f}{run['p50_ms']:>9.1f}{run['p99_ms']:>9.1f}"
-            f"{sum(workers):>20.2f}"
-        )
-    busy = gateway["cpu_ms_per_call"][0] * gateway["rate"] / 1000
+    calls = report["args"]["calls"]
+    print(f"\n(b) {calls} non-streamed calls per run, {width} in flight, two workers")
+    header = f"{'round':<7}{'path':<24}{'calls/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+    print(f"{header}{'worker CPU ms/call':>20}{'gateway CPU ms/call':>21}{'ratio':>7}")
+    pairs = zip(report["straight_to_queue"], report["through_gateway"], strict=True)
+    ratios = []
+    for n, (queue, gateway) in enumerate(pairs, 1):
+        ratios.append(gateway["rate"] / queue["rate"])
+        for name, run, workers in (
+            ("straight to the queue", queue, queue["cpu_ms_per_call"]),
+            ("through the gateway", gateway, gateway["cpu_ms_per_call"][1:]),
+        ):
+            own = f"{gateway['cpu_ms_per_call'][0]:.2f}" if run is gateway else "-"
+            ratio = f"{ratios[-1]:.0%}" if run is gateway else ""
+            print(
+                f"{n:<7}{name:<24}{run['rate']:>9.0f}{run['p50_ms']:>9.0f}{run['p99_ms']:>9.0f}"
+                f"{sum(workers):>20.2f}{own:>21}{ratio:>7}"
+            )
+    gateway_runs = report["through_gateway"]
+    cpu = statistics.median(run["cpu_ms_per_call"][0] for run in gateway_runs)
+    busy = statistics.median(run["cpu_ms_per_call"][0] * run["rate"] / 1000 for run in gateway_runs)
+    peak = max(run["peak_rss_mib"][0] for run in gateway_runs)
     print(
-        f"gateway: {gateway['rate'] / queue['rate']:.0%} of the workers' own rate; "
-        f"CPU {gateway['cpu_ms_per_call'][0]:.2f} ms per call ({busy:.0%} of one core); "
-        f"RSS {report['gateway_idle_rss_mib']:.0f} MiB idle, "
-        f"{gateway['peak_rss_mib'][0]:.0f} MiB peak under load"
+        f"gateway: median {statistics.median(ratios):.0%} of the workers' own rate; "
+        f"CPU {cpu:.2f} ms per call ({busy:.0%} of one core); "
+        f"RSS {report['gateway_idle_rss_mib']:.0f} MiB idle, {peak:.0f} MiB peak under load"
     )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sequential", type=int, default=300)
-    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument("--calls", type=int, default=5000, help="calls per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each path, in turn")
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--worker-concurrency", type=int, default=256)
     show(run_main(main(parser.parse_args())))
