@@ -450,28 +450,27 @@ def budgets() -> None:
 
 @main.command()
 def gateway() -> None:
-    """The OpenAI-compatible Files and Batches API over the queues (WORKER_GATEWAY_*).
+    """The OpenAI-compatible HTTP API over the queues: Files, Batches, chat completions and
+    embeddings (WORKER_GATEWAY_*).
 
     Listens on WORKER_GATEWAY_HOST:WORKER_GATEWAY_PORT (127.0.0.1:8000); keeps its files
     and batches in WORKER_DATABASE_URL (sqlite:///chat-worker.db).
     """
     from worker.amqp.connect import NoNodeAnswers
     from worker.gateway.app import serve_gateway
-    from worker.gateway.config import load_gateway_settings
     from worker.gateway.keys import load_keys
     from worker.logs import configure_logging
 
     settings = settings_or_exit()
     try:
-        gateway_settings = load_gateway_settings()
-        if gateway_settings.gateway_keys_file is not None:
-            load_keys(gateway_settings.gateway_keys_file)  # a bad file stops the start
+        if settings.gateway_keys_file is not None:
+            load_keys(settings.gateway_keys_file)  # a bad file stops the start
     except SettingsError as exc:
         click.echo(f"chat-worker: invalid setting {exc}", err=True)
         sys.exit(2)
     configure_logging(settings.log_format, settings.log_level)
     try:
-        run_async(serve_gateway(settings, gateway_settings))
+        run_async(serve_gateway(settings))
     except NoNodeAnswers as exc:
         click.echo(f"chat-worker gateway: no broker: {exc}", err=True)
         sys.exit(1)

@@ -44,6 +44,13 @@ ENV_PREFIX = "WORKER_"
 DEFAULT_SECRETS_DIR = "/run/secrets"
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+_DATABASE_SCHEMES = (
+    "sqlite:",
+    "sqlite+aiosqlite:",
+    "postgresql:",
+    "postgres:",
+    "postgresql+asyncpg:",
+)
 DEFAULT_UPSTREAM = "default"  # the name of the single upstream of WORKER_UPSTREAM_BASE_URL
 MAX_WEIGHT = 1_000_000.0
 MAX_COOLDOWN = 7 * 24 * 3600.0  # a week: longer is a way of saying "never", which is not one
@@ -252,7 +259,7 @@ class Settings(BaseSettings):
     # §17: cost and budgets
     budgets_file: Path | None = None
     upstream_provider: str | None = None
-    # §15: the gateway
+    # §15: the gateway (a SecretStr: a PostgreSQL URL may hold a password)
     database_url: SecretStr = SecretStr("sqlite:///chat-worker.db")
     gateway_host: str = Field("127.0.0.1", min_length=1)
     gateway_port: int = Field(8000, ge=1, le=65535)
@@ -261,6 +268,13 @@ class Settings(BaseSettings):
     gateway_lane: str | None = None
     gateway_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)
     gateway_max_file_lines: int = Field(50_000, ge=1)
+    # Beyond the contract's rows: the queue batch results come back on (every replica
+    # consumes it), and the pace of the gateway's background work.
+    gateway_results_queue: str = Field("chat.gateway.results", min_length=1)
+    gateway_lease_seconds: float = Field(15.0, gt=0)
+    gateway_cancel_grace: float = Field(10.0, ge=0)
+    gateway_publish_chunk: int = Field(500, ge=1)
+    gateway_sweep_interval: float = Field(1.0, gt=0)
 
     @field_validator("amqp_url")
     @classmethod
@@ -271,6 +285,13 @@ class Settings(BaseSettings):
         for url in urls:
             if not url.startswith(("amqp://", "amqps://")):
                 raise ValueError("each URL must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(_DATABASE_SCHEMES):
+            raise ValueError("must start with sqlite:/// or postgresql://")
         return value
 
     @field_validator(
@@ -400,6 +421,16 @@ class Settings(BaseSettings):
     def lanes(self) -> list[Lane]:
         """The request queues consumed, with their weights (§12); one lane by default."""
         return _parse_lanes(self.request_queue)
+
+    @property
+    def batch_lane(self) -> str:
+        """The queue batch lines go to: ``WORKER_GATEWAY_BATCH_LANE``, else the first lane."""
+        return self.gateway_batch_lane or self.lanes[0].queue
+
+    @property
+    def call_lane(self) -> str:
+        """The queue of the gateway's calls: ``WORKER_GATEWAY_LANE``, else the first lane."""
+        return self.gateway_lane or self.lanes[0].queue
 
     @property
     def upstream_url(self) -> str:

@@ -19,7 +19,6 @@ from aio_pika.abc import AbstractConnection
 from openai import AsyncOpenAI
 
 from worker.gateway.app import Gateway
-from worker.gateway.config import GatewaySettings
 from worker.settings import Settings
 
 
@@ -40,17 +39,20 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(line) + b"\n" for line in lines)
 
 
-def gateway_settings(database_url: str, names: dict[str, str], **overrides: Any) -> GatewaySettings:
+def gateway_settings(settings: Settings, database_url: str, **overrides: Any) -> Settings:
+    """The test's settings with a gateway's: its database, a free port, its own results
+    queue, a brisk pace."""
     values: dict[str, Any] = {
+        **dict(settings),
         "database_url": database_url,
         "gateway_port": 0,
-        "gateway_results_queue": f"{names['request_queue']}.gateway",
+        "gateway_results_queue": f"{settings.request_queue}.gateway",
         "gateway_lease_seconds": 2.0,
         "gateway_cancel_grace": 1.0,
         "gateway_sweep_interval": 0.2,
         **overrides,
     }
-    return GatewaySettings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.fixture
@@ -69,8 +71,7 @@ async def start_gateway(
         overrides.setdefault("database_url", database_url)
         keys = overrides.pop("keys", None)
         gateway = Gateway(
-            settings,
-            gateway_settings(names=names, **overrides),
+            gateway_settings(settings, **overrides),
             keys=keys,
             registry=prometheus_client.CollectorRegistry(),
         )
@@ -112,13 +113,9 @@ async def file_lines(client: AsyncOpenAI, file_id: str | None) -> list[dict[str,
 class GatewayProcess:
     """``python -m worker gateway`` with the test's settings, in its own process."""
 
-    def __init__(self, settings: Settings, gateway: GatewaySettings, port: int) -> None:
+    def __init__(self, settings: Settings, port: int) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
         env.update(settings.to_env())
-        for name, value in gateway:
-            if value is not None:
-                secret = getattr(value, "get_secret_value", None)
-                env[f"WORKER_{name.upper()}"] = str(secret() if secret else value)
         env["WORKER_GATEWAY_PORT"] = str(port)
         env["WORKER_LOG_LEVEL"] = "warning"
         self.port = port

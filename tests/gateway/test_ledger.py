@@ -138,10 +138,10 @@ async def test_the_migrations_build_the_tables_of_the_schema(tmp_path: Path) -> 
 async def test_lines_unfinished_at_expires_at_end_expired(tmp_path: Path) -> None:
     from sqlalchemy import update
 
-    from worker.gateway.config import GatewaySettings
     from worker.gateway.lifecycle import Lifecycle
     from worker.gateway.metrics import GatewayMetrics
     from worker.gateway.schema import batches as table
+    from worker.settings import Settings
 
     store = await Store.open(f"sqlite:///{tmp_path / 'expiry.db'}")
     try:
@@ -166,13 +166,13 @@ async def test_lines_unfinished_at_expires_at_end_expired(tmp_path: Path) -> Non
             await connection.execute(
                 update(table).where(table.c.id == batch["id"]).values(expires_at=0)
             )
-        settings = GatewaySettings(_env_file=None)  # type: ignore[call-arg]
+        config = Settings(_env_file=None)  # type: ignore[call-arg]
         lifecycle = Lifecycle(
             store,
             ledger,
             batches,
             None,
-            settings,
+            config,
             "unused",
             GatewayMetrics(),  # type: ignore[arg-type]
         )

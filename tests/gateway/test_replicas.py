@@ -53,9 +53,9 @@ async def test_a_gateway_killed_mid_batch_finishes_after_a_restart(
 ) -> None:
     total = 2000
     url = f"sqlite:///{tmp_path / 'restart.db'}"
-    config = gateway_settings(url, names, gateway_publish_chunk=25, gateway_lease_seconds=1.0)
+    config = gateway_settings(settings, url, gateway_publish_chunk=25, gateway_lease_seconds=1.0)
     port = free_port()
-    first = GatewayProcess(settings, config, port)
+    first = GatewayProcess(config, port)
     second = None
     store = await Store.open(url)
     try:
@@ -76,7 +76,7 @@ async def test_a_gateway_killed_mid_batch_finishes_after_a_restart(
                 await asyncio.sleep(0.005)
         first.kill()
         killed_at = row["published_upto"]
-        second = GatewayProcess(settings, config, port)
+        second = GatewayProcess(config, port)
         await second.wait_ready()
         async with client_for(port) as client:
             done = await wait_batch(client, batch.id, {"completed"}, timeout=90)

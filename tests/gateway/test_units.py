@@ -11,10 +11,10 @@ import orjson
 import pytest
 
 from worker.amqp.cancellations import CancelledBatches, cancel_message
-from worker.gateway.embeddings import EmbeddingsRequest
 from worker.gateway.keys import load_keys
 from worker.gateway.lines import LineCheck
 from worker.gateway.output import outcome_from_result, parse_job_id
+from worker.messages import EmbeddingsRequest
 from worker.settings import SettingsError
 
 pytestmark = pytest.mark.unit

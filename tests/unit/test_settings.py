@@ -73,6 +73,11 @@ def test_defaults_are_the_contracts() -> None:
     assert settings.upstream_provider is None
     assert settings.consumer_timeout == 1800
     assert settings.amqp_heartbeat == 10
+    assert settings.gateway_results_queue == "chat.gateway.results"
+    assert settings.gateway_lease_seconds == 15
+    assert settings.gateway_cancel_grace == 10
+    assert settings.gateway_publish_chunk == 500
+    assert settings.gateway_sweep_interval == 1
 
 
 def test_upstream_url_requires_a_base() -> None:
@@ -152,6 +157,11 @@ FROM_ENV: list[tuple[str, str, str, Any]] = [
     ("WORKER_UPSTREAM_PROVIDER", "anthropic", "upstream_provider", "anthropic"),
     ("WORKER_CONSUMER_TIMEOUT", "900", "consumer_timeout", 900.0),
     ("WORKER_AMQP_HEARTBEAT", "0", "amqp_heartbeat", 0),
+    ("WORKER_GATEWAY_RESULTS_QUEUE", "gw.results", "gateway_results_queue", "gw.results"),
+    ("WORKER_GATEWAY_LEASE_SECONDS", "4.5", "gateway_lease_seconds", 4.5),
+    ("WORKER_GATEWAY_CANCEL_GRACE", "0", "gateway_cancel_grace", 0.0),
+    ("WORKER_GATEWAY_PUBLISH_CHUNK", "50", "gateway_publish_chunk", 50),
+    ("WORKER_GATEWAY_SWEEP_INTERVAL", "0.25", "gateway_sweep_interval", 0.25),
 ]
 
 
@@ -213,6 +223,27 @@ def test_reply_to_pattern_is_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_reply_to_pattern_allows_any(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_REPLY_TO_PATTERN", "")
     assert load_settings().reply_to_pattern is None
+
+
+def test_gateway_lanes_default_to_the_first_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_REQUEST_QUEUE", "chat.interactive:4,chat.batch")
+    settings = load_settings()
+    assert (settings.batch_lane, settings.call_lane) == ("chat.interactive", "chat.interactive")
+    monkeypatch.setenv("WORKER_GATEWAY_BATCH_LANE", "chat.batch")
+    monkeypatch.setenv("WORKER_GATEWAY_LANE", "")
+    settings = load_settings()
+    assert (settings.batch_lane, settings.call_lane) == ("chat.batch", "chat.interactive")
+
+
+def test_a_database_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_DATABASE_URL", f"postgresql://gw:{SECRET_PASSWORD}@db/gw")
+    settings = load_settings()
+    for text in (repr(settings), str(settings), settings.model_dump_json()):
+        assert SECRET_PASSWORD not in text
+    monkeypatch.setenv("WORKER_DATABASE_URL", f"mysql://gw:{SECRET_PASSWORD}@db/gw")
+    with pytest.raises(SettingsError, match=r"^WORKER_DATABASE_URL: ") as caught:
+        load_settings()
+    assert SECRET_PASSWORD not in str(caught.value)
 
 
 def test_upstream_url_from_base(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,6 +315,14 @@ BAD = [
     ("WORKER_GATEWAY_PORT", "0"),
     ("WORKER_AMQP_HEARTBEAT", "-1"),
     ("WORKER_CONSUMER_TIMEOUT", "0"),
+    ("WORKER_DATABASE_URL", "mysql://db/gw"),
+    ("WORKER_GATEWAY_PORT", "-1"),
+    ("WORKER_GATEWAY_MAX_FILE_BYTES", "0"),
+    ("WORKER_GATEWAY_RESULTS_QUEUE", ""),
+    ("WORKER_GATEWAY_LEASE_SECONDS", "0"),
+    ("WORKER_GATEWAY_CANCEL_GRACE", "-1"),
+    ("WORKER_GATEWAY_PUBLISH_CHUNK", "0"),
+    ("WORKER_GATEWAY_SWEEP_INTERVAL", "0"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front door: Files and Batches over the queues (contract §15)."""
+"""The OpenAI-compatible HTTP front door: Files, Batches and calls over the queues (§15)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from typing import Any
 
 __all__ = [
     "Gateway",
-    "GatewaySettings",
-    "load_gateway_settings",
     "serve_gateway",
 ]
 
@@ -16,8 +14,6 @@ __all__ = [
 _LAZY = {
     "Gateway": "worker.gateway.app",
     "serve_gateway": "worker.gateway.app",
-    "GatewaySettings": "worker.gateway.config",
-    "load_gateway_settings": "worker.gateway.config",
 }
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from worker.gateway.batchstore import BatchStore
-from worker.gateway.config import GatewaySettings
 from worker.gateway.lifecycle import Lifecycle
 from worker.gateway.store import Store
+from worker.settings import Settings
 
 __all__ = ["CONTEXT", "GatewayContext"]
 
@@ -19,7 +19,7 @@ class GatewayContext:
     store: Store
     batches: BatchStore
     lifecycle: Lifecycle
-    gateway: GatewaySettings
+    settings: Settings
     max_line_bytes: int
     wake_runner: object  # Callable[[], None]; kept loose to avoid a cycle with runner
 

@@ -52,7 +52,7 @@ class _Upload:
     row_bytes: int = 0
 
     async def feed(self, chunk: bytes) -> None:
-        limits = self.context.gateway
+        limits = self.context.settings
         self.size += len(chunk)
         if self.size > limits.gateway_max_file_bytes:
             raise BadRequest(
@@ -80,9 +80,9 @@ class _Upload:
         self.line_no += 1
         if data.strip():
             self.lines += 1
-            if self.lines > self.context.gateway.gateway_max_file_lines:
+            if self.lines > self.context.settings.gateway_max_file_lines:
                 raise BadRequest(
-                    f"the file has more than {self.context.gateway.gateway_max_file_lines} "
+                    f"the file has more than {self.context.settings.gateway_max_file_lines} "
                     "request lines",
                     param="file",
                 )

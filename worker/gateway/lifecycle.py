@@ -11,12 +11,12 @@ from sqlalchemy import select
 
 from worker.amqp.cancellations import publish_cancel
 from worker.gateway.batchstore import BatchStore
-from worker.gateway.config import GatewaySettings
 from worker.gateway.ledger import OPEN, Ledger
 from worker.gateway.metrics import GatewayMetrics
 from worker.gateway.output import Outcome
 from worker.gateway.schema import batches
 from worker.gateway.store import Record, Store, now
+from worker.settings import Settings
 
 __all__ = ["Lifecycle"]
 
@@ -35,7 +35,7 @@ class Lifecycle:
         ledger: Ledger,
         batches: BatchStore,
         events: AbstractChannel,
-        settings: GatewaySettings,
+        settings: Settings,
         events_exchange: str,
         metrics: GatewayMetrics,
     ) -> None:

@@ -8,8 +8,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from worker.gateway.embeddings import EmbeddingsRequest
-from worker.messages import MAX_CUSTOM_ID, ChatCompletionRequest
+from worker.messages import MAX_CUSTOM_ID, ChatCompletionRequest, EmbeddingsRequest
 
 __all__ = ["ENDPOINTS", "LineCheck", "LineError"]
 

@@ -53,6 +53,25 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.calls = Counter(
+            "chat_gateway_calls",
+            "Calls answered, by endpoint and outcome (ok, an error code, client_gone)",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.calls_waiting = Gauge(
+            "chat_gateway_calls_waiting",
+            "Calls waiting for their job's replies now",
+            registry=self.registry,
+        )
+        self.call_seconds = Histogram(
+            "chat_gateway_call_seconds",
+            "Seconds from a call's request to the end of its answer, by endpoint",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
+            registry=self.registry,
+        )
+
     def set_batches(self, counts: dict[str, int]) -> None:
         for status in STATUSES:
             self.batches.labels(status).set(counts.get(status, 0))

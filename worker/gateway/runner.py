@@ -10,11 +10,11 @@ import time
 import structlog
 
 from worker.gateway.batchstore import BatchStore
-from worker.gateway.config import GatewaySettings
 from worker.gateway.lines import LineCheck, LineError
 from worker.gateway.metrics import GatewayMetrics
 from worker.gateway.publish import LinePublisher
 from worker.gateway.store import Record, Store
+from worker.settings import Settings
 
 __all__ = ["BatchRunner"]
 
@@ -33,7 +33,7 @@ class BatchRunner:
         store: Store,
         batches: BatchStore,
         publisher: LinePublisher,
-        settings: GatewaySettings,
+        settings: Settings,
         metrics: GatewayMetrics,
         owner: str,
     ) -> None:
