@@ -262,7 +262,7 @@ class Settings(BaseSettings):
     # §15: the gateway (a SecretStr: a PostgreSQL URL may hold a password)
     database_url: SecretStr = SecretStr("sqlite:///chat-worker.db")
     gateway_host: str = Field("127.0.0.1", min_length=1)
-    gateway_port: int = Field(8000, ge=1, le=65535)
+    gateway_port: int = Field(8000, ge=0, le=65535)  # 0: any free port (tests)
     gateway_keys_file: Path | None = None
     gateway_batch_lane: str | None = None
     gateway_lane: str | None = None

@@ -312,7 +312,6 @@ BAD = [
     ("WORKER_LOG_LEVEL", "loud"),
     ("WORKER_CACHE", "maybe"),
     ("WORKER_RESULT_TTL", "-1"),
-    ("WORKER_GATEWAY_PORT", "0"),
     ("WORKER_AMQP_HEARTBEAT", "-1"),
     ("WORKER_CONSUMER_TIMEOUT", "0"),
     ("WORKER_DATABASE_URL", "mysql://db/gw"),
