@@ -32,6 +32,7 @@ from worker.gateway.metrics import GatewayMetrics
 from worker.gateway.publish import LinePublisher
 from worker.gateway.results import ResultConsumer
 from worker.gateway.runner import BatchRunner
+from worker.gateway.status import GatewayStatus
 from worker.gateway.store import Store
 from worker.settings import Settings
 
@@ -122,6 +123,11 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(runner.run(), name="gateway-runner"),
             asyncio.create_task(lifecycle.run(), name="gateway-lifecycle"),
+            asyncio.create_task(  # the operator page's batches panel, and its cancels
+                GatewayStatus(
+                    connection, self.settings.events_exchange, batches, lifecycle, self.owner
+                ).run()
+            ),
         ]
         self._runner = web.AppRunner(self.app(context), access_log=None, handle_signals=False)
         await self._runner.setup()
