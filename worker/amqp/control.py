@@ -27,6 +27,7 @@ __all__ = [
     "EVENT_GATEWAY",
     "TYPE_GATEWAY_CONTROL",
     "TYPE_GATEWAY_STATUS",
+    "cancel_request_of",
     "control_exchange",
     "follow_control",
     "publish_cancel_request",

@@ -37,16 +37,9 @@ MAX_BATCHES = 50
 RECENT = 86_400  # seconds: a day
 ENDED = ("completed", "failed", "expired", "cancelling", "cancelled")
 
-_COLUMNS = (
-    batches.c.id,
-    batches.c.tenant,
-    batches.c.status,
-    batches.c.total,
-    batches.c.completed,
-    batches.c.failed,
-    batches.c.created_at,
-    batches.c.cost,
-)
+# Plain names: the columns' own are ``quoted_name`` (a str subclass orjson refuses as a key).
+_FIELDS = ("id", "tenant", "status", "total", "completed", "failed", "created_at", "cost")
+_COLUMNS = tuple(batches.c[name] for name in _FIELDS)
 
 
 class GatewayStatus:
@@ -81,7 +74,7 @@ class GatewayStatus:
             "type": EVENT_GATEWAY,
             "gateway": self.identity,
             "sent_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "batches": [dict(row._mapping) for row in rows],
+            "batches": [dict(zip(_FIELDS, row, strict=True)) for row in rows],
         }
 
     async def cancel(self, batch_id: str) -> None:
