@@ -35,6 +35,7 @@ __all__ = [
     "TYPE_HEARTBEAT",
     "Heartbeat",
     "JobStats",
+    "cache_counts",
 ]
 
 log = structlog.get_logger(__name__)
@@ -62,7 +63,8 @@ class JobStats:
         self.started_at = datetime.now(UTC)
         self.jobs = {"ok": 0, "error": 0}
         self.errors: dict[str, int] = {}
-        self.tokens: dict[str, dict[str, int]] = {}
+        # input and output tokens by model; cost_usd once a job of the model had a price
+        self.tokens: dict[str, dict[str, float]] = {}
         # jobs, input and output tokens; cost_usd once a job of the tenant had a price (§17)
         self.tenants: dict[str, dict[str, float]] = {}
 
@@ -85,16 +87,18 @@ class JobStats:
         if usage:
             prompt = _count(usage.get("prompt_tokens"))
             completion = _count(usage.get("completion_tokens"))
-            if model is not None and (prompt or completion):
+        if model is not None and (prompt or completion or cost):
+            tokens = self.tokens.get(model)
+            if tokens is None:
+                if len(self.tokens) >= MAX_MODELS or len(model) > MAX_MODEL_NAME:
+                    model = OTHER_MODEL
                 tokens = self.tokens.get(model)
-                if tokens is None:
-                    if len(self.tokens) >= MAX_MODELS or len(model) > MAX_MODEL_NAME:
-                        model = OTHER_MODEL
-                    tokens = self.tokens.get(model)
-                if tokens is None:
-                    tokens = self.tokens[model] = {"input": 0, "output": 0}
-                tokens["input"] += prompt
-                tokens["output"] += completion
+            if tokens is None:
+                tokens = self.tokens[model] = {"input": 0, "output": 0}
+            tokens["input"] += prompt
+            tokens["output"] += completion
+            if cost:
+                tokens["cost_usd"] = round(tokens.get("cost_usd", 0) + cost, 9)
         if tenant is not None:
             if tenant not in self.tenants and len(self.tenants) >= MAX_TENANTS:
                 tenant = OTHER_TENANT
@@ -108,6 +112,19 @@ class JobStats:
             counts["output"] += completion
 
 
+def cache_counts(store: Mapping[str, Any]) -> dict[str, int]:
+    """The heartbeat's ``cache`` (§16) from a ``StoreMetrics.snapshot()``: lookups answered
+    from the cache (``hit``) or called (``miss``), deliveries answered from the result store
+    (``stored``), and store operations skipped while Redis was away (``skipped``)."""
+    skipped = store.get("skipped")
+    return {
+        "hit": _count(store.get("cache_hits")),
+        "miss": _count(store.get("cache_misses")),
+        "stored": _count(store.get("results_served")),
+        "skipped": sum(_count(n) for n in skipped.values()) if isinstance(skipped, dict) else 0,
+    }
+
+
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
@@ -118,6 +135,8 @@ class Heartbeat:
     ``lanes`` gives the jobs in flight per lane queue and ``upstreams`` each upstream's
     gate (``state``, ``remaining_requests``, ``remaining_tokens``, ``cooldown_s``…); both
     default to nothing, so the heartbeat works before the pool and the lanes report.
+    ``store`` (the result store's ``StoreMetrics.snapshot``, when there is one) adds the
+    ``cache`` counts.
     """
 
     def __init__(
@@ -130,6 +149,7 @@ class Heartbeat:
         in_flight: Callable[[], int],
         lanes: Callable[[], Mapping[str, int]] = dict,
         upstreams: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
+        store: Callable[[], Mapping[str, Any]] | None = None,
         interval: float = HEARTBEAT_INTERVAL,
     ) -> None:
         self._settings = settings
@@ -139,6 +159,7 @@ class Heartbeat:
         self._in_flight = in_flight
         self._lanes = lanes
         self._upstreams = upstreams
+        self._store = store
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self.sent = 0
@@ -172,6 +193,7 @@ class Heartbeat:
             "tokens": stats.tokens,
             "tenants": stats.tenants,
             "upstreams": dict(self._upstreams()),
+            **({"cache": cache_counts(self._store())} if self._store is not None else {}),
         }
 
     def start(self, connection: AbstractConnection) -> None:

@@ -141,6 +141,7 @@ class Worker:
             in_flight=lambda: self.in_flight,
             lanes=self.in_flight_by_lane,
             upstreams=self.upstreams.gates,
+            store=self.once.store.metrics.snapshot if self.once is not None else None,
         )
 
     @property

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from worker.producer.submit import (
     job_id_for,
     journal_path,
     reply_queue_name,
+    run_submit,
     submit_file,
 )
 from worker.service import Worker
@@ -340,3 +341,39 @@ async def test_item27_submit_refuses_a_request_queue_that_does_not_exist(
         f"chat-worker submit: no queue {typo.request_queue!r} on the broker: is "
         "WORKER_REQUEST_QUEUE (or --lane) right? Workers declare their queues when they start"
     ]
+
+
+async def test_the_summary_says_what_the_run_cost_and_unknown_without_a_price(
+    start_worker: Callable[..., Awaitable[Worker]],
+    settings: Settings,
+    tmp_path: Path,
+    out: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # genai-prices knows gpt-4o-mini at OpenAI's price, and no price for a made-up model.
+    await start_worker(upstream_provider="openai")
+    source = tmp_path / "priced.jsonl"
+    lines = [job(n) for n in range(4)]
+    lines += [{**job(n), "body": {**job(n)["body"], "model": "no-such-model"}} for n in range(4, 6)]
+    source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+
+    code = await run_submit(settings, source, out, resume=False)
+
+    assert code == 0
+    summary = capsys.readouterr().err
+    assert "6 of 6 lines" in summary
+    cost_line = next(line for line in summary.splitlines() if line.startswith("tokens:"))
+    assert "; cost: 0.0" in cost_line and " USD for 4 results" in cost_line, cost_line
+    assert cost_line.endswith("unknown for 2 without a price"), cost_line
+
+
+def test_the_cost_line_of_a_tally() -> None:
+    tally = Tally()
+    assert tally.cost_line == "cost: none (no result in this run had a price)"
+    tally.priced, tally.cost_usd = 3, 1234.5
+    assert tally.cost_line == "cost: 1,234.50 USD"
+    tally.cost_usd = 0.00012
+    assert tally.cost_line == "cost: 0.00012 USD"
+    tally.unpriced = 2
+    assert tally.cost_line == "cost: 0.00012 USD for 3 results; unknown for 2 without a price"
+    assert Tally(unpriced=5).cost_line == "cost: unknown (no price for the 5 results)"

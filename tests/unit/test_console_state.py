@@ -21,7 +21,7 @@ def beat(
     ok: int = 0,
     error: int = 0,
     errors: dict[str, int] | None = None,
-    tokens: dict[str, dict[str, int]] | None = None,
+    tokens: dict[str, dict[str, float]] | None = None,
     started: str = "2026-01-01T00:00:00+00:00",
     in_flight: int = 0,
     upstreams: dict[str, Any] | None = None,
@@ -198,3 +198,47 @@ def test_a_worker_seen_from_its_start_counts_its_first_jobs() -> None:
     assert fleet.series(T0 + BUCKET_SECONDS)["jobs_ok"][-1] == pytest.approx(
         5 / BUCKET_SECONDS, abs=1e-3
     )
+
+
+def test_spend_by_tenant_and_model_sums_the_workers() -> None:
+    fleet = Fleet()
+    one = beat("h/1", tokens={"m": {"input": 5, "output": 1, "cost_usd": 0.5}})
+    one["tenants"] = {"a": {"jobs": 2, "input": 5, "output": 1, "cost_usd": 0.5}}
+    two = beat(
+        "h/2",
+        tokens={
+            "m": {"input": 1, "output": 1, "cost_usd": 0.25},
+            "n": {"input": 9, "output": 9, "cost_usd": 1.0},
+        },
+    )
+    two["tenants"] = {
+        "a": {"jobs": 1, "input": 1, "output": 1, "cost_usd": 0.25},
+        "b": {"jobs": 1, "input": 9, "output": 9, "cost_usd": 1.0},
+        "free": {"jobs": 1, "input": 0, "output": 0},
+    }
+    assert fleet.observe(one, T0) and fleet.observe(two, T0)
+    spend = fleet.snapshot(T0 + 1)["spend"]
+    assert spend == {
+        "total_usd": 1.75,
+        "tenants": {"b": 1.0, "a": 0.75},
+        "models": {"n": 1.0, "m": 0.75},
+    }
+    # A cost that is not a finite number never reaches the fold: the heartbeat is dropped.
+    assert not fleet.observe({**beat("h/3"), "tokens": {"m": {"cost_usd": -1}}}, T0)
+    assert not fleet.observe({**beat("h/3"), "tenants": {"a": {"cost_usd": "1"}}}, T0)
+
+
+def test_the_fleets_cache_hit_rate_since_start_and_recently() -> None:
+    fleet = Fleet()
+    assert fleet.snapshot(T0)["cache"]["workers"] == 0, "no store anywhere: no rate"
+    assert fleet.snapshot(T0)["cache"]["hit_rate"] is None
+    cache = {"hit": 30, "miss": 10, "stored": 1, "skipped": 0}
+    fleet.observe({**beat("h/1"), "cache": cache}, T0)
+    fleet.observe({**beat("h/2"), "cache": {**cache, "hit": 10, "miss": 10}}, T0)
+    fleet.observe(beat("h/3"), T0)  # a worker without a store
+    fleet.observe({**beat("h/1"), "cache": {**cache, "hit": 36, "miss": 12}}, T0 + 2)
+    state = fleet.snapshot(T0 + BUCKET_SECONDS)["cache"]
+    assert (state["hit"], state["miss"], state["stored"], state["workers"]) == (46, 22, 2, 2)
+    assert state["hit_rate"] == round(46 / 68, 4)
+    assert state["recent_hit_rate"] == 0.75, "6 hits, 2 misses since the console listened"
+    assert not fleet.observe({**beat("h/1"), "cache": {"hit": -1}}, T0 + 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import orjson
 
@@ -92,3 +93,45 @@ def test_item17_token_counts_by_model_are_bounded_like_the_metric_labels() -> No
     body = Heartbeat(settings, "h/1", stats, ready=lambda: True, in_flight=lambda: 0).body()
     assert len(orjson.dumps(body)) < 16_384
     assert Fleet().observe(body, 0.0), "the console takes it"
+
+
+def test_cost_is_counted_by_model_and_tenant_and_bounded() -> None:
+    stats = JobStats()
+    usage = {"prompt_tokens": 10, "completion_tokens": 4}
+    stats.record(error_code=None, model="m", usage=usage, tenant="a", cost=0.001)
+    stats.record(error_code=None, model="m", usage=usage, tenant="b", cost=0.002)
+    stats.record(error_code=None, model="n", usage=usage, tenant="a", cost=None)
+    assert stats.tokens["m"] == {"input": 20, "output": 8, "cost_usd": 0.003}
+    assert stats.tokens["n"] == {"input": 10, "output": 4}, "no price: no cost, never a guess"
+    assert stats.tenants["a"]["cost_usd"] == 0.001
+    for i in range(MAX_MODELS + 3):
+        stats.record(error_code=None, model=f"x{i:03}", usage=usage, tenant=None, cost=0.5)
+    assert len(stats.tokens) == MAX_MODELS + 1
+    assert stats.tokens[OTHER_MODEL]["cost_usd"] == 2.5  # the five past the bound
+
+
+def test_the_heartbeat_carries_cost_by_model_and_the_cache_counts_of_a_store() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    stats = JobStats()
+    stats.record(error_code=None, model="m", usage={"prompt_tokens": 3}, tenant="t", cost=0.25)
+    snapshot = {
+        "cache_hits": 7,
+        "cache_misses": 3,
+        "cache_stored": 3,
+        "results_served": 2,
+        "skipped": {"lookup": 1, "cache_get": 4},
+    }
+
+    def heartbeat(**store: Any) -> dict[str, Any]:
+        return Heartbeat(
+            settings, "h/1", stats, ready=lambda: True, in_flight=lambda: 0, **store
+        ).body()
+
+    beat = heartbeat(store=lambda: snapshot)
+    assert beat["tokens"] == {"m": {"input": 3, "output": 0, "cost_usd": 0.25}}
+    assert beat["tenants"]["t"]["cost_usd"] == 0.25
+    assert beat["cache"] == {"hit": 7, "miss": 3, "stored": 2, "skipped": 5}
+    assert "cache" not in heartbeat(), "no store, no cache counts"
+    # ... and the console takes it as it is.
+    fleet = Fleet()
+    assert fleet.observe(orjson.loads(orjson.dumps(beat)), 1_800_000_000.0)

@@ -1,4 +1,5 @@
-"""The console's HTTP side: the page, ``/api/state``, live updates, dead letters, replay.
+"""The console's HTTP side: the page, ``/api/state``, live updates, dead letters, replay,
+batch cancels.
 
 Reads are open to whoever can reach the port (it binds 127.0.0.1 unless told otherwise);
 actions need ``Authorization: Bearer $WORKER_CONSOLE_TOKEN``, compared in constant time,
@@ -24,6 +25,7 @@ import structlog
 from aiohttp import web
 
 from worker.amqp.dlq import DeadLetter, ReplayFailed
+from worker.console.batches import GatewayBatches
 from worker.console.broker import ConsoleBroker
 from worker.console.state import Fleet
 from worker.settings import Settings
@@ -44,7 +46,8 @@ class ConsoleApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.fleet = Fleet()
-        self.broker = ConsoleBroker(settings, self.fleet)
+        self.batches = GatewayBatches()
+        self.broker = ConsoleBroker(settings, self.fleet, self.batches)
         token = settings.console_token
         self._token = token.get_secret_value().encode() if token else None
         self._closing = asyncio.Event()
@@ -57,6 +60,7 @@ class ConsoleApp:
         app.router.add_get("/api/events", self._events)
         app.router.add_get("/api/dead-letters", self._dead_letters)
         app.router.add_post("/api/replay", self._replay)
+        app.router.add_post("/api/batches/{batch_id}/cancel", self._cancel_batch)
         app.router.add_static("/static/", STATIC)
         app.cleanup_ctx.append(self._broker_task)
         app.on_shutdown.append(self._close_streams)
@@ -79,6 +83,7 @@ class ConsoleApp:
         broker = self.broker
         return {
             **self.fleet.snapshot(now),
+            **self.batches.snapshot(now),
             "queues": dict(broker.depths),
             "lanes": [
                 {
@@ -221,6 +226,31 @@ class ConsoleApp:
             remote=request.remote,
         )
         return _json({"replayed": total, "by_lane": replayed})
+
+    async def _cancel_batch(self, request: web.Request) -> web.Response:
+        """Ask the gateways to cancel a batch they report: the replica whose store holds it
+        cancels it as ``POST /v1/batches/{id}/cancel`` would (``worker.gateway.status``)."""
+        self._authorize(request, "cancel_batch")
+        batch_id = request.match_info["batch_id"]
+        batch = self.batches.known(batch_id, time.time())
+        if batch is None:
+            raise web.HTTPNotFound(text=f"no gateway reports a batch {batch_id[:128]!r}")
+        try:
+            await self.broker.request_batch_cancel(batch.id)
+        except (ConnectionError, aiormq.exceptions.AMQPError) as exc:
+            log.error("console action failed", action="cancel_batch", batch_id=batch.id)
+            raise web.HTTPServiceUnavailable(text=f"cancel not sent: {exc}") from None
+        log.info(
+            "console action",
+            action="cancel_batch",
+            batch_id=batch.id,
+            tenant=batch.tenant,
+            status=batch.status,
+            remote=request.remote,
+        )
+        return web.json_response(
+            {"batch_id": batch.id, "requested": True, "status": batch.status}, status=202
+        )
 
 
 def _matches(

@@ -1,17 +1,19 @@
-"""What the console reads from the broker: heartbeats, queue depths and dead letters.
+"""What the console reads from the broker: heartbeats, queue depths, dead letters, batches.
 
-One connection, three uses. Heartbeats arrive on an exclusive, auto-deleted queue bound
-to the fanout events exchange (the console leaves nothing behind when it stops). Queue
-depths come from passive declares every two seconds: they create nothing and cost the
-broker one round trip each. Dead letters are read with ``worker.amqp.dlq``'s walk: fetched
-unacknowledged on a channel of their own and all returned when that channel closes, so
-reading them never removes one. They are read by one consumer whose prefetch covers the
-queue (``worker.amqp.dlq.snapshot``): the broker streams them, rather than one round trip
-each. The listing is kept until a dead-letter queue's depth changes (or 15 s pass, or ten
-times as long as the listing took to read), so a page left open does not drain the queue
-through the network again and again; requests that arrive during a scan wait for it and
-share it. A replay reuses ``worker.amqp.dlq.replay_from``: a dead letter is
-acknowledged only after its copy is routed to the request queue and confirmed.
+One connection, four uses. Heartbeats (and the gateways' status reports) arrive on an
+exclusive, auto-deleted queue bound to the fanout events exchange (the console leaves
+nothing behind when it stops). Queue depths come from passive declares every two
+seconds: they create nothing and cost the broker one round trip each. Dead letters are
+read with ``worker.amqp.dlq``'s walk: fetched unacknowledged on a channel of their own
+and all returned when that channel closes, so reading them never removes one. They are
+read by one consumer whose prefetch covers the queue (``worker.amqp.dlq.snapshot``): the
+broker streams them, rather than one round trip each. The listing is kept until a
+dead-letter queue's depth changes (or 15 s pass, or ten times as long as the listing
+took to read), so a page left open does not drain the queue through the network again
+and again; requests that arrive during a scan wait for it and share it. A replay reuses
+``worker.amqp.dlq.replay_from``: a dead letter is acknowledged only after its copy is
+routed to the request queue and confirmed. A batch cancel is a request to the gateways
+on their control exchange (``worker.amqp.control``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from worker.amqp.control import EVENT_GATEWAY, publish_cancel_request
 from worker.amqp.dlq import DeadLetter, describe, replay_from, snapshot
 from worker.amqp.topology import DELAY_TIERS, dead_letter_queue_for, delay_queue_name
+from worker.console.batches import GatewayBatches
 from worker.console.state import Fleet
 from worker.settings import Settings
 
@@ -81,9 +85,12 @@ def lane_queues(settings: Settings) -> list[LaneQueue]:
 class ConsoleBroker:
     """Keeps ``fleet`` and :attr:`depths` current while :meth:`run` runs; reconnects."""
 
-    def __init__(self, settings: Settings, fleet: Fleet) -> None:
+    def __init__(
+        self, settings: Settings, fleet: Fleet, batches: GatewayBatches | None = None
+    ) -> None:
         self.settings = settings
         self.fleet = fleet
+        self.batches = batches if batches is not None else GatewayBatches()
         self.queues = lane_queues(settings)
         self.depths: dict[str, int | None] = {q.name: None for q in self.queues}
         self.consumers: dict[str, int | None] = {q.name: None for q in self.queues}
@@ -149,8 +156,9 @@ class ConsoleBroker:
         await queue.consume(self._on_heartbeat, no_ack=True)
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
-        # Anything may be published to the exchange: what is not a heartbeat is dropped
-        # and counted (the fleet checks the rest), never allowed to break the page.
+        # Anything may be published to the exchange: what is not a heartbeat (or a
+        # gateway's status) is dropped and counted (the fleet and the batches check the
+        # rest), never allowed to break the page.
         if len(message.body) > MAX_HEARTBEAT_BYTES:
             self.fleet.drop(f"{len(message.body)} bytes, over {MAX_HEARTBEAT_BYTES}")
             return
@@ -161,6 +169,10 @@ class ConsoleBroker:
             return
         if not isinstance(body, dict):
             self.fleet.drop("not a JSON object")
+            return
+        if body.get("type") == EVENT_GATEWAY:
+            if not self.batches.observe(body, time.time()) and self.batches.dropped == 1:
+                log.warning("gateway status dropped", why=self.batches.last_drop)
             return
         if body.get("type") != "heartbeat":
             return  # another kind of event: not for this page
@@ -299,6 +311,15 @@ class ConsoleBroker:
             finally:
                 self._listing_key = None  # the next listing reads the queues again
         return replayed
+
+    async def request_batch_cancel(self, batch_id: str) -> None:
+        """Ask the gateways to cancel ``batch_id`` (``worker.amqp.control``), confirmed."""
+        channel = await self._require_connection().channel(publisher_confirms=True)
+        try:
+            await publish_cancel_request(channel, self.settings.events_exchange, batch_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     def _require_connection(self) -> AbstractConnection:
         if self._connection is None or self._connection.is_closed:

@@ -30,6 +30,7 @@ __all__ = [
     "Fleet",
     "HeartbeatBody",
     "WorkerView",
+    "spend",
 ]
 
 SILENT_AFTER = 10.0  # a worker not heard from for this long is shown as silent
@@ -75,6 +76,16 @@ class JobsBeat(_Part):
 class TokensBeat(_Part):
     input: Count = 0
     output: Count = 0
+    cost_usd: Amount | None = None  # once a job of the model had a price (§17)
+
+
+class CacheBeat(_Part):
+    """The worker's result store and cache (§16), when it has one."""
+
+    hit: Count = 0
+    miss: Count = 0
+    stored: Count = 0
+    skipped: Count = 0
 
 
 class TenantBeat(_Part):
@@ -110,6 +121,7 @@ class HeartbeatBody(_Part):
     tokens: Annotated[dict[Name, TokensBeat], Entries] = {}
     tenants: Annotated[dict[Name, TenantBeat], Entries] = {}
     upstreams: Annotated[dict[Name, UpstreamBeat], Entries] = {}
+    cache: CacheBeat | None = None
 
     @field_validator("sent_at", "started_at")
     @classmethod
@@ -135,6 +147,10 @@ class _Counters:
         for model, tokens in _map(body.get("tokens")).items():
             tokens = _map(tokens)
             values[("tokens", str(model))] = _int(tokens.get("input")) + _int(tokens.get("output"))
+        cache = _map(body.get("cache"))
+        for kind in ("hit", "miss"):
+            if kind in cache:
+                values[("cache", kind)] = _int(cache.get(kind))
         return cls(values)
 
     def went_back(self, before: _Counters) -> bool:
@@ -276,15 +292,20 @@ class Fleet:
             "errors": {code: rate(("errors", code)) for code in codes},
         }
 
-    def totals(self, now: float, seconds: float = 60.0) -> dict[str, Any]:
-        """Counts over the last ``seconds`` of complete buckets, and their rates."""
-        # Complete buckets only, as many as fill ``seconds``: the rate is then exact.
+    def _counts(self, now: float, seconds: float) -> dict[tuple[str, str], int]:
+        """Counts over the last ``seconds`` of complete buckets."""
+        # Complete buckets only, as many as fill ``seconds``: a rate is then exact.
         last = int(now // BUCKET_SECONDS) * BUCKET_SECONDS - BUCKET_SECONDS
         counts: dict[tuple[str, str], int] = {}
         for bucket in self._buckets.values():
             if last - seconds < bucket.start <= last:
                 for key, value in bucket.counts.items():
                     counts[key] = counts.get(key, 0) + value
+        return counts
+
+    def totals(self, now: float, seconds: float = 60.0) -> dict[str, Any]:
+        """Counts over the last ``seconds`` of complete buckets, and their rates."""
+        counts = self._counts(now, seconds)
         jobs = counts.get(("jobs", "ok"), 0) + counts.get(("jobs", "error"), 0)
         tokens = sum(v for k, v in counts.items() if k[0] == "tokens")
         return {
@@ -319,9 +340,55 @@ class Fleet:
             "upstreams": upstream_gates(workers, now),
             "recent": self.totals(now),
             "series": self.series(now),
+            "spend": spend(workers),
+            "cache": self.cache(workers, now),
             "heartbeats_dropped": self.dropped,
             "last_drop": self.last_drop,
         }
+
+    def cache(self, workers: Iterable[WorkerView], now: float) -> dict[str, Any]:
+        """The fleet's cache (§16): counts since each worker started, summed, and the hit
+        rate (hits over lookups) since then and over the last ten minutes; ``None`` for a
+        rate without a lookup, ``workers`` 0 when no worker has a store."""
+        counts = {"hit": 0, "miss": 0, "stored": 0, "skipped": 0}
+        reporting = 0
+        for view in workers:
+            cache = _map(view.body.get("cache"))
+            if cache:
+                reporting += 1
+                for kind in counts:
+                    counts[kind] += _int(cache.get(kind))
+        recent = self._counts(now, WINDOW_SECONDS)
+        recent_hit, recent_miss = recent.get(("cache", "hit"), 0), recent.get(("cache", "miss"), 0)
+        return {
+            **counts,
+            "workers": reporting,
+            "hit_rate": _ratio(counts["hit"], counts["hit"] + counts["miss"]),
+            "recent_hit_rate": _ratio(recent_hit, recent_hit + recent_miss),
+            "recent_window_seconds": WINDOW_SECONDS,
+        }
+
+
+def spend(workers: Iterable[WorkerView]) -> dict[str, Any]:
+    """Spend in USD by tenant and by model (§17), summed over the workers' heartbeats: what
+    each worker has counted since it started (a restarted worker counts from zero)."""
+    tenants: dict[str, float] = {}
+    models: dict[str, float] = {}
+    for view in workers:
+        for into, part in ((tenants, "tenants"), (models, "tokens")):
+            for name, counts in _map(view.body.get(part)).items():
+                cost = _amount(_map(counts).get("cost_usd"))
+                if cost:
+                    into[str(name)] = into.get(str(name), 0.0) + cost
+
+    def ranked(costs: dict[str, float]) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in sorted(costs.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+    return {
+        "total_usd": round(sum(models.values()), 6),
+        "tenants": ranked(tenants),
+        "models": ranked(models),
+    }
 
 
 def upstream_gates(workers: Iterable[WorkerView], now: float) -> dict[str, Any]:
@@ -359,6 +426,16 @@ def _just_started(body: Mapping[str, Any]) -> bool:
 
 def _map(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _amount(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return max(float(value), 0.0)
 
 
 def _int(value: Any) -> int:

@@ -33,6 +33,7 @@ from worker.gateway.publish import LinePublisher
 from worker.gateway.replies import CallReplies, reply_queue_name
 from worker.gateway.results import ResultConsumer
 from worker.gateway.runner import BatchRunner
+from worker.gateway.status import GatewayStatus
 from worker.gateway.store import Store
 from worker.settings import Settings
 
@@ -138,6 +139,11 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(runner.run(), name="gateway-runner"),
             asyncio.create_task(lifecycle.run(), name="gateway-lifecycle"),
+            asyncio.create_task(  # the operator page's batches panel, and its cancels
+                GatewayStatus(
+                    connection, self.settings.events_exchange, batches, lifecycle, self.owner
+                ).run()
+            ),
         ]
         # A client that goes away cancels its handler: a call waiting for its job ends at once.
         self._runner = web.AppRunner(

@@ -30,6 +30,9 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cost_usd: float = 0.0  #: the sum of ``metadata.cost.total`` over results with a price
+    priced: int = 0  #: results with a price (a cache hit's is 0)
+    unpriced: int = 0  #: successful results without one (§17: null, never a guess)
     complete: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -46,6 +49,18 @@ class Tally:
         return (self.done - self.skipped) / max(self.elapsed, 1e-9)
 
     @property
+    def cost_line(self) -> str:
+        """What this run's results cost, ``unknown`` for those without a price (§17)."""
+        if not self.priced and not self.unpriced:
+            return "cost: none (no result in this run had a price)"
+        if not self.priced:
+            return f"cost: unknown (no price for the {self.unpriced} results)"
+        line = f"cost: {_usd(self.cost_usd)} USD"
+        if self.unpriced:
+            line += f" for {self.priced} results; unknown for {self.unpriced} without a price"
+        return line
+
+    @property
     def exit_code(self) -> int:
         """0 when every line of the output is a success, else 1."""
         clean = not (self.failed or self.invalid or self.earlier_failed)
@@ -56,6 +71,12 @@ class Tally:
             self.ok += 1
         else:
             self.failed += 1
+        cost = result.metadata.cost
+        if cost is not None:
+            self.priced += 1
+            self.cost_usd += cost.total
+        elif result.error is None:
+            self.unpriced += 1
         if result.usage is not None:
             self.prompt_tokens += result.usage.prompt_tokens or 0
             self.completion_tokens += result.usage.completion_tokens or 0
@@ -126,6 +147,13 @@ class RichReporter:
     def close(self) -> None:
         if self.started:
             self.progress.stop()
+
+
+def _usd(amount: float) -> str:
+    """Cents for dollars; six decimals below one (a request costs fractions of a cent)."""
+    if amount >= 1:
+        return f"{amount:,.2f}"
+    return f"{amount:.6f}".rstrip("0").rstrip(".") or "0"
 
 
 def _progress_line(tally: Tally) -> str:

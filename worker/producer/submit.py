@@ -644,7 +644,7 @@ def _summary(tally: Tally, output: Path) -> list[str]:
         f"({tally.rate:.1f} lines/s): {tally.ok} ok, {tally.failed} failed, "
         f"{tally.invalid} invalid, {tally.skipped} already in the output",
         f"tokens: prompt {tally.prompt_tokens}, completion {tally.completion_tokens}, "
-        f"total {tally.total_tokens}",
+        f"total {tally.total_tokens}; {tally.cost_line}",
         f"output: {output}",
     ]
     if tally.earlier_failed:

@@ -50,6 +50,16 @@ function since(iso) {
 function fill(tbody, rows, columns, emptyText) {
   tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colspan: String(columns), text: emptyText }))]));
 }
+function usd(n) {
+  if (n === null || n === undefined) return "–";
+  return "$" + Number(n).toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: n < 1 ? 4 : 2 });
+}
+function percent(ratio) { return ratio === null || ratio === undefined ? "–" : (ratio * 100).toFixed(1) + "%"; }
+function bar(fraction, kind) {
+  const node = el("div", { class: "bar" + (kind ? " " + kind : "") }, el("span"));
+  node.firstChild.style.width = (100 * Math.min(Math.max(fraction, 0), 1)).toFixed(1) + "%";
+  return node;
+}
 function cell(text, cls) { return el("td", { class: cls || "", text: String(text) }); }
 function notice(text, kind) {
   const box = $("notice");
@@ -133,6 +143,10 @@ function render(s) {
   $("k-err").className = "value" + (recent.error_ratio > 0 ? " bad" : "");
   $("k-dlq").textContent = fmt(s.dead_letters, 0);
   $("k-dlq").className = "value" + (s.dead_letters > 0 ? " bad" : "");
+  $("k-spend").textContent = usd(s.spend.total_usd);
+  const cache = s.cache;
+  $("k-cache").textContent = cache.workers ? percent(cache.recent_hit_rate ?? cache.hit_rate) : "off";
+  $("k-cache").title = cache.workers ? `since start: ${percent(cache.hit_rate)} of ${cache.hit + cache.miss} lookups` : "no worker has a result store (WORKER_REDIS_URL)";
 
   const series = s.series;
   chart($("chart-jobs"), [
@@ -167,6 +181,15 @@ function render(s) {
       cell(u.cooldown_s ? ago(u.cooldown_s) : "–", "num"), cell(u.workers, "num"));
   }), 6, "No upstream reported by the workers.");
 
+  renderBatches(s);
+  renderSpend($("spend-tenants"), s.spend.tenants, "No priced job yet (or no tenant).");
+  renderSpend($("spend-models"), s.spend.models, "No priced job yet.");
+  $("cache-line").textContent = cache.workers
+    ? `Cache (${cache.workers} worker${cache.workers === 1 ? "" : "s"} with a store): ${cache.hit} hits, ${cache.miss} misses ` +
+      `(hit rate ${percent(cache.hit_rate)} since start, ${percent(cache.recent_hit_rate)} over 10 min), ` +
+      `${cache.stored} answered from the result store, ${cache.skipped} store operations skipped.`
+    : "Cache: no worker has a result store.";
+
   const deepest = Math.max(1, ...s.lanes.map((q) => q.depth || 0));
   fill($("queues").tBodies[0], s.lanes.map((q) => {
     const bar = el("div", { class: "bar" + (q.kind === "dead letters" ? " dead" : q.kind === "delay" ? " delay" : "") }, el("span"));
@@ -181,6 +204,36 @@ function render(s) {
     lastDeadCount = s.dead_letters;
     loadLetters();
   }
+}
+
+const CANCELLABLE = new Set(["validating", "in_progress"]);
+function renderBatches(s) {
+  const live = s.batches.filter((b) => CANCELLABLE.has(b.status) || b.status === "cancelling" || b.status === "finalizing").length;
+  $("batches-summary").textContent = s.gateways.length
+    ? `${s.batches.length} in the last day, ${live} running · ${s.gateways.filter((g) => g.alive).length} gateway${s.gateways.length === 1 ? "" : "s"} reporting`
+    : "";
+  fill($("batches").tBodies[0], s.batches.map((b) => {
+    const cls = b.status === "completed" ? "tag ok" : b.status === "failed" || b.status === "expired" ? "tag bad"
+      : b.status === "cancelling" || b.status === "cancelled" ? "tag warn" : "tag";
+    const action = el("td");
+    if (CANCELLABLE.has(b.status)) {
+      const button = el("button", { class: "ghost small", "data-batch": b.id, text: "Cancel" });
+      button.disabled = !s.actions;
+      button.title = s.actions ? "cancel this batch (needs the console token)" : "read-only: actions are off";
+      button.addEventListener("click", () => cancelBatch(b.id));
+      action.append(button);
+    }
+    return el("tr", { "data-batch": b.id }, cell(b.id, "mono"), cell(b.tenant ?? "–", "mono"),
+      el("td", {}, el("span", { class: cls, text: b.status })),
+      cell(`${fmt(b.completed + b.failed, 0)} / ${fmt(b.total, 0)}`, "num"), cell(fmt(b.failed, 0), "num"),
+      el("td", { title: percent(b.progress) }, bar(b.progress, b.failed ? "mixed" : "")),
+      cell(ago(b.age_s), "num"), cell(usd(b.cost), "num"), action);
+  }), 9, s.gateways.length ? "No batch in the last day." : "No gateway heard from: gateways report their batches every 2 s.");
+}
+function renderSpend(table, costs, emptyText) {
+  const top = Math.max(...Object.values(costs), 0) || 1;
+  fill(table.tBodies[0], Object.entries(costs).map(([name, cost]) =>
+    el("tr", {}, cell(name, "mono"), cell(usd(cost), "num"), el("td", {}, bar(cost / top)))), 3, emptyText);
 }
 
 // ---- dead letters -----------------------------------------------------------------
@@ -241,17 +294,33 @@ function askToken() {
     dialog.showModal();
   });
 }
-async function replay(selection, what) {
-  let token = sessionStorage.getItem(TOKEN_KEY) || (await askToken());
-  if (!token) { notice("Replay needs the console token: nothing was replayed.", "error"); return; }
-  const response = await fetch("/api/replay", {
+// An action with the console token (asked once, kept in the tab); null when refused.
+async function act(url, body, nothing) {
+  const token = sessionStorage.getItem(TOKEN_KEY) || (await askToken());
+  if (!token) { notice(`This needs the console token: ${nothing}.`, "error"); return null; }
+  const response = await fetch(url, {
     method: "POST",
     headers: { "Content-Type": "application/json", Authorization: "Bearer " + token },
-    body: JSON.stringify(selection),
+    body: JSON.stringify(body),
   });
   if (response.status === 401) {
     sessionStorage.removeItem(TOKEN_KEY);
-    notice("The token was refused: nothing was replayed.", "error");
+    notice(`The token was refused: ${nothing}.`, "error");
+    return null;
+  }
+  return response;
+}
+async function cancelBatch(id) {
+  if (!window.confirm(`Cancel batch ${id}? Lines not yet called end cancelled.`)) return;
+  const response = await act(`/api/batches/${encodeURIComponent(id)}/cancel`, {}, "nothing was cancelled");
+  if (response === null) return;
+  if (!response.ok) notice("Cancel failed: " + (await response.text()), "error");
+  else notice(`Asked the gateways to cancel ${id}: it shows cancelling, then cancelled.`, "info");
+}
+async function replay(selection, what) {
+  const response = await act("/api/replay", selection, "nothing was replayed");
+  if (response === null) {
+    // refused or no token: said so
   } else if (!response.ok) {
     notice("Replay failed: " + (await response.text()), "error");
   } else {
