@@ -196,6 +196,19 @@ UPSTREAMS = {
     ],
 }
 
+FAKE_DATABASE_URL = "postgresql://gateway:db-DO-NOT-LEAK-77c2@postgres.db:5432/gateway"
+GATEWAY_POSTGRES: dict[str, Any] = {
+    "gateway": {
+        "enabled": True,
+        "database": {"url": FAKE_DATABASE_URL},
+        "keys": {"existingSecret": "gateway-keys"},
+        "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5},
+        "maxFileBytes": 104857600,
+        "lane": "chat.interactive",
+        "batchLane": "chat.batch",
+    },
+}
+
 SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "defaults": ({}, ()),
     "upstreams": (merge(SECRETS, UPSTREAMS), (KEDA_API,)),
@@ -216,6 +229,19 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         {
             "secrets": {"existingSecret": "llm-credentials"},
             "console": {"enabled": True, "existingSecret": "console-token"},
+        },
+        (),
+    ),
+    "gateway": (merge(SECRETS, GATEWAY_POSTGRES), (KEDA_API,)),
+    "gateway-existing-secrets": (
+        {
+            "secrets": {"existingSecret": "llm-credentials"},
+            "gateway": {
+                "enabled": True,
+                "database": {"existingSecret": "gateway-db", "secretKey": "url"},
+                "keys": {"existingSecret": "gateway-keys"},
+                "persistence": {"existingClaim": "gateway-data"},
+            },
         },
         (),
     ),
@@ -915,3 +941,258 @@ def test_console_without_a_token_is_read_only_and_reads_an_existing_secret() -> 
     ref = env_of(container)["WORKER_CONSOLE_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "ops", "key": "t"}
     assert "Secret" not in rendered.kinds()
+
+
+# --- the gateway (contract §15) -------------------------------------------------------------
+
+GATEWAY = f"{FULLNAME}-gateway"
+SQLITE_MESSAGE = "several replicas need PostgreSQL"
+
+
+def only_container(rendered: Rendered, name: str) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = named(rendered, "Deployment", name)["spec"]["template"][
+        "spec"
+    ]["containers"]
+    (container,) = containers
+    return container
+
+
+def gateway_container(rendered: Rendered) -> dict[str, Any]:
+    return only_container(rendered, GATEWAY)
+
+
+def test_gateway_is_off_by_default() -> None:
+    for rendered in (render(SECRETS), render(SECRETS, apis=(KEDA_API, MONITORING_API))):
+        names = {doc["metadata"]["name"] for doc in rendered.docs}
+        assert not any(name.startswith(GATEWAY) for name in names)
+        assert "gateway" not in json.dumps(rendered.docs)
+        assert rendered.config_map()["data"]["WORKER_TRUST_TENANT_HEADER"] == "false"
+        assert "WORKER_DATABASE_URL" not in rendered.text
+
+
+def test_gateway_renders_a_deployment_service_and_hpa_that_validate() -> None:
+    rendered = render(merge(SECRETS, GATEWAY_POSTGRES), apis=(KEDA_API,))
+    deployment = named(rendered, "Deployment", GATEWAY)
+    service = named(rendered, "Service", GATEWAY)
+    hpa = named(rendered, "HorizontalPodAutoscaler", GATEWAY)
+    for doc in (deployment, service, hpa, named(rendered, "Secret", GATEWAY)):
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+
+    # The autoscaler owns the count; the workers keep KEDA.
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": GATEWAY,
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["averageUtilization"] == 70
+    assert rendered.one("ScaledObject")["spec"]["scaleTargetRef"]["name"] == FULLNAME
+
+    container = gateway_container(rendered)
+    assert container["args"] == ["gateway"]
+    assert container["image"] == only_container(rendered, FULLNAME)["image"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["resources"]["requests"]["cpu"]  # the HPA needs a CPU request
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # Same broker settings as the workers: their ConfigMap and their Secret.
+    assert {"configMapRef": {"name": FULLNAME}} in container["envFrom"]
+    env = env_of(container)
+    assert env["WORKER_AMQP_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": FULLNAME,
+        "key": "WORKER_AMQP_URL",
+    }
+    assert "WORKER_UPSTREAM_API_KEY" not in env  # the gateway never calls the upstream
+    assert env["WORKER_GATEWAY_HOST"]["value"] == "0.0.0.0"
+    assert env["WORKER_GATEWAY_PORT"]["value"] == "8000"
+    assert env["WORKER_GATEWAY_MAX_FILE_BYTES"]["value"] == "104857600"
+    assert env["WORKER_GATEWAY_LANE"]["value"] == "chat.interactive"
+    assert env["WORKER_GATEWAY_BATCH_LANE"]["value"] == "chat.batch"
+    assert "WORKER_GATEWAY_MAX_FILE_LINES" not in env
+
+    # The Service: port 8000, named http, onto the gateway's pods only.
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    gateway_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for doc in rendered.docs:
+        if doc["metadata"]["name"] == GATEWAY or doc["kind"] not in {"Deployment", "Service"}:
+            continue
+        selector = doc["spec"].get("selector", {})
+        selector = selector.get("matchLabels", selector)
+        assert not all(gateway_labels.get(k) == v for k, v in selector.items()), doc["kind"]
+    pdb_selector = rendered.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    assert not all(gateway_labels.get(k) == v for k, v in pdb_selector.items())
+
+
+def test_gateway_database_url_is_in_a_secret_never_inlined() -> None:
+    rendered = render(merge(SECRETS, GATEWAY_POSTGRES), apis=(KEDA_API,))
+    secret = named(rendered, "Secret", GATEWAY)
+    assert base64.b64decode(secret["data"]["WORKER_DATABASE_URL"]).decode() == FAKE_DATABASE_URL
+    for value in (FAKE_DATABASE_URL, "db-DO-NOT-LEAK"):
+        assert value not in rendered.text  # NOTES.txt included
+    encoded = secret["data"]["WORKER_DATABASE_URL"]
+    for doc in rendered.docs:
+        if doc["kind"] != "Secret":
+            assert encoded not in json.dumps(doc), doc["kind"]
+    ref = env_of(gateway_container(rendered))["WORKER_DATABASE_URL"]
+    assert ref == {
+        "name": "WORKER_DATABASE_URL",
+        "valueFrom": {"secretKeyRef": {"name": GATEWAY, "key": "WORKER_DATABASE_URL"}},
+    }
+    # A new URL rolls the gateway's pods.
+    annotations = named(rendered, "Deployment", GATEWAY)["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    rotated = render(
+        merge(SECRETS, GATEWAY_POSTGRES, {"gateway": {"database": {"url": "postgresql://x/y"}}})
+    )
+    rotated_annotations = named(rotated, "Deployment", GATEWAY)["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert rotated_annotations["checksum/database"] != annotations["checksum/database"]
+
+
+def test_gateway_existing_secrets_are_referenced_not_created() -> None:
+    values = {
+        "secrets": {"existingSecret": "llm-credentials"},
+        "gateway": {
+            "enabled": True,
+            "replicaCount": 3,  # the chart cannot see the URL: no SQLite refusal
+            "database": {
+                "existingSecret": "gateway-db",
+                "secretKey": "url",
+                "url": FAKE_DATABASE_URL,  # ignored when an existing Secret is named
+            },
+            "keys": {"existingSecret": "gateway-keys", "secretKey": "tenants.yaml"},
+        },
+    }
+    rendered = render(values)
+    assert "Secret" not in rendered.kinds()
+    assert FAKE_DATABASE_URL not in rendered.text
+    deployment = named(rendered, "Deployment", GATEWAY)
+    assert deployment["spec"]["replicas"] == 3
+    assert "HorizontalPodAutoscaler" not in {
+        d["kind"] for d in rendered.docs if d["metadata"]["name"] == GATEWAY
+    }
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert env["WORKER_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "gateway-db",
+        "key": "url",
+    }
+    assert env["WORKER_AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"] == "llm-credentials"
+    # The keys file: the Secret mounted as files, the variable pointing at one of them.
+    (keys_volume,) = [v for v in pod["volumes"] if v["name"] == "keys"]
+    assert keys_volume["secret"]["secretName"] == "gateway-keys"
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "keys"]
+    assert mount["readOnly"] is True
+    assert env["WORKER_GATEWAY_KEYS_FILE"]["value"] == f"{mount['mountPath']}/tenants.yaml"
+    assert "checksum/database" not in deployment["spec"]["template"]["metadata"]["annotations"]
+    assert "WARNING: gateway.keys" not in rendered.text
+
+
+def test_gateway_without_keys_is_open_and_says_so() -> None:
+    rendered = render(merge(SECRETS, {"gateway": {"enabled": True}}))
+    container = gateway_container(rendered)
+    assert "WORKER_GATEWAY_KEYS_FILE" not in env_of(container)
+    assert not [m for m in container["volumeMounts"] if m["name"] == "keys"]
+    assert "WARNING: gateway.keys.existingSecret is empty" in rendered.text
+    # The default: one replica on a SQLite file in a writable volume (the root is read-only).
+    deployment = named(rendered, "Deployment", GATEWAY)
+    assert deployment["spec"]["replicas"] == 1
+    secret = named(rendered, "Secret", GATEWAY)
+    url = base64.b64decode(secret["data"]["WORKER_DATABASE_URL"]).decode()
+    assert url.startswith("sqlite:////var/lib/chat-worker/")
+    (data,) = [m for m in container["volumeMounts"] if m["name"] == "data"]
+    assert url.removeprefix("sqlite:///").startswith(data["mountPath"] + "/")
+
+
+@pytest.mark.parametrize("values", [{}, {"gateway": {"enabled": False}}], ids=["unset", "off"])
+def test_workers_trust_the_tenant_header_only_with_the_gateway(values: dict[str, Any]) -> None:
+    assert render(values).config_map()["data"]["WORKER_TRUST_TENANT_HEADER"] == "false"
+    on = render(merge(values, {"gateway": {"enabled": True}}))
+    assert on.config_map()["data"]["WORKER_TRUST_TENANT_HEADER"] == "true"
+    # The workers read it through the ConfigMap, and the change rolls them.
+    assert {"configMapRef": {"name": FULLNAME}} in only_container(on, FULLNAME)["envFrom"]
+    before = render(values).pod_annotations()["checksum/config"]
+    after = named(on, "Deployment", FULLNAME)["spec"]["template"]["metadata"]["annotations"]
+    assert after["checksum/config"] != before
+    # Set by hand without the gateway, it stays.
+    manual = render({"config": {"trustTenantHeader": True}})
+    assert manual.config_map()["data"]["WORKER_TRUST_TENANT_HEADER"] == "true"
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        pytest.param({"replicaCount": 2}, id="replicas"),
+        pytest.param({"autoscaling": {"enabled": True}}, id="autoscaling"),
+        pytest.param(
+            {"replicaCount": 3, "database": {"url": "sqlite:////data/gw.db"}}, id="explicit-url"
+        ),
+    ],
+)
+def test_gateway_on_sqlite_with_several_replicas_fails(gateway: dict[str, Any]) -> None:
+    values = merge(SECRETS, {"gateway": {"enabled": True, **gateway}})
+    # (`helm lint` runs templates in lint mode, where `fail` only logs: render is the check.)
+    with pytest.raises(helm.HelmRenderError, match=SQLITE_MESSAGE):
+        render(values)
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        pytest.param({"replicaCount": 1}, id="one-replica"),
+        pytest.param(
+            {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 1}},
+            id="autoscaling-to-one",
+        ),
+        pytest.param({"replicaCount": 4, "database": {"url": FAKE_DATABASE_URL}}, id="postgres"),
+        pytest.param(
+            {"replicaCount": 4, "database": {"existingSecret": "gateway-db"}}, id="existing"
+        ),
+    ],
+)
+def test_gateway_replicas_that_are_allowed(gateway: dict[str, Any]) -> None:
+    rendered = render(merge(SECRETS, {"gateway": {"enabled": True, **gateway}}))
+    named(rendered, "Deployment", GATEWAY)
+
+
+def test_gateway_min_replicas_above_max_fails() -> None:
+    gateway = {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}
+    values = merge(GATEWAY_POSTGRES, {"gateway": gateway})
+    with pytest.raises(helm.HelmRenderError, match="minReplicas"):
+        render(values)
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        pytest.param({"enable": True}, id="misspelt-key"),
+        pytest.param({"database": {"url": "mysql://x/y"}}, id="database-scheme"),
+        pytest.param({"database": {"password": "pw"}}, id="database-unknown-key"),
+        pytest.param({"keys": {"inline": "keys: []"}}, id="keys-inline"),
+        pytest.param({"keys": {"existingSecret": "Not_A_Name"}}, id="keys-secret-name"),
+        pytest.param({"port": 0}, id="port-0"),
+        pytest.param({"replicaCount": -1}, id="negative-replicas"),
+        pytest.param({"autoscaling": {"minReplicas": 0}}, id="min-replicas-0"),
+        pytest.param({"autoscaling": {"targetCPU": 50}}, id="autoscaling-unknown-key"),
+        pytest.param({"maxFileBytes": "200MB"}, id="max-file-bytes-string"),
+        pytest.param({"lane": "a:1,b:2"}, id="lane-is-a-list"),
+        pytest.param({"service": {"type": "ExternalName"}}, id="service-type"),
+    ],
+)
+def test_gateway_schema_rejects_bad_values(gateway: dict[str, Any]) -> None:
+    values = {"gateway": {"enabled": True, **gateway}}
+    with pytest.raises(helm.HelmValuesError):
+        render(values)

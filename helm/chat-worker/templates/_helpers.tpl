@@ -138,3 +138,51 @@ Where the upstreams file is mounted in the container.
 {{- define "chat-worker.upstreamsFile" -}}
 /etc/chat-worker/upstreams.yaml
 {{- end }}
+
+{{/* The gateway's pods carry their own name label, like the console's. */}}
+{{- define "chat-worker.gatewayName" -}}
+{{- printf "%s-gateway" (include "chat-worker.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "chat-worker.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-gateway" (include "chat-worker.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "chat-worker.gatewayLabels" -}}
+helm.sh/chart: {{ include "chat-worker.chart" . }}
+{{ include "chat-worker.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The Secret holding WORKER_DATABASE_URL: the existing one, or the chart's own. */}}
+{{- define "chat-worker.gatewayDatabaseSecret" -}}
+{{- default (include "chat-worker.gatewayName" .) .Values.gateway.database.existingSecret }}
+{{- end }}
+
+{{/* Where the gateway's keys Secret is mounted. */}}
+{{- define "chat-worker.gatewayKeysDir" -}}
+/etc/chat-worker/gateway-keys
+{{- end }}
+
+{{/*
+The gateway's refusals, in one place: several replicas (or an autoscaler that may make
+several) on a SQLite file each pod would keep apart; a database URL from nowhere.
+*/}}
+{{- define "chat-worker.gatewayChecks" -}}
+{{- $g := .Values.gateway -}}
+{{- if not $g.database.existingSecret }}
+{{- if not $g.database.url }}
+{{- fail "gateway.database: set gateway.database.url or gateway.database.existingSecret" }}
+{{- end }}
+{{- $several := or (gt (int64 $g.replicaCount) 1) (and $g.autoscaling.enabled (gt (int64 $g.autoscaling.maxReplicas) 1)) }}
+{{- if and (hasPrefix "sqlite" $g.database.url) $several }}
+{{- fail "gateway: several replicas need PostgreSQL; with a sqlite: gateway.database.url keep gateway.replicaCount at 1 and gateway.autoscaling off, or set a postgresql:// URL" }}
+{{- end }}
+{{- end }}
+{{- if and $g.autoscaling.enabled (gt (int64 $g.autoscaling.minReplicas) (int64 $g.autoscaling.maxReplicas)) }}
+{{- fail "gateway.autoscaling.minReplicas must not exceed gateway.autoscaling.maxReplicas" }}
+{{- end }}
+{{- end }}
