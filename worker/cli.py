@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import aiormq
 import click
 
-from worker.settings import Settings, SettingsError, UpstreamSpec, check_names, load_settings
+from worker.settings import Settings, SettingsError, check_names, load_settings
+from worker.upstreams_file import UpstreamSpec
 
 if TYPE_CHECKING:
     from rich.table import Table

@@ -39,12 +39,13 @@ from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
 from worker.limits.gate import Gate, Wait, estimate_tokens
 from worker.messages import Endpoint
-from worker.settings import Settings, UpstreamSpec
+from worker.settings import Settings
 from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
 from worker.upstream.lease import Lease
 from worker.upstream.pool import Member, UpstreamPool
+from worker.upstreams_file import UpstreamSpec
 
 __all__ = ["JobRunner", "backoff", "gate_for"]
 
