@@ -117,7 +117,8 @@ def run() -> None:
     """Consume jobs and call the upstream until SIGTERM/SIGINT."""
     from worker.amqp.connect import BrokerRefused
     from worker.logs import configure_logging
-    from worker.service import BrokerUnavailable, serve
+    from worker.process import serve
+    from worker.service import BrokerUnavailable
 
     settings = settings_or_exit()
     upstreams_or_exit(settings)
