@@ -33,7 +33,7 @@ import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker.settings import SettingsError, _line_of
+from worker.upstreams_file import SettingsError, _line_of
 
 __all__ = [
     "ANY_TENANT",

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import aiormq
 import click
 
-from worker.settings import Settings, SettingsError, UpstreamSpec, check_names, load_settings
+from worker.settings import Settings, SettingsError, check_names, load_settings
+from worker.upstreams_file import UpstreamSpec
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -116,7 +117,8 @@ def run() -> None:
     """Consume jobs and call the upstream until SIGTERM/SIGINT."""
     from worker.amqp.connect import BrokerRefused
     from worker.logs import configure_logging
-    from worker.service import BrokerUnavailable, serve
+    from worker.process import serve
+    from worker.service import BrokerUnavailable
 
     settings = settings_or_exit()
     upstreams_or_exit(settings)

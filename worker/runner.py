@@ -7,69 +7,40 @@ A delivery is held while its job runs, and the broker closes the channel of a de
 held past its consumer timeout (``WORKER_CONSUMER_TIMEOUT``, RabbitMQ's 30 minutes by
 default), cancelling every job on it. So before each further attempt the runner checks
 the worst case: the time held so far, the wait before the attempt, a rate-limit wait and
-a whole ``WORKER_REQUEST_TIMEOUT``. Past :data:`HOLD_SHARE` of the consumer timeout the
-job leaves through a delay queue instead (a :class:`~worker.job.Deferral`), and the next
-delivery starts a fresh hold.
+a whole ``WORKER_REQUEST_TIMEOUT``. Past :data:`~worker.retry.HOLD_SHARE` of the consumer
+timeout the job leaves through a delay queue instead (a :class:`~worker.job.Deferral`), and
+the next delivery starts a fresh hold (:mod:`worker.retry`: these waits and deferrals).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
 
-from worker.amqp.topology import DELAY_TIERS
-from worker.errors import (
-    BudgetError,
-    JobError,
-    ModelNotAllowed,
-    QuotaExceeded,
-    RateLimited,
-    UpstreamError,
-    UpstreamTimeout,
-)
+from worker import retry
+from worker.errors import BudgetError, JobError, ModelNotAllowed, UpstreamError, UpstreamTimeout
 from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.configured import ConfiguredLimits
 from worker.limits.gate import Gate, Wait, estimate_tokens
 from worker.messages import Endpoint
-from worker.settings import Settings, UpstreamSpec
+from worker.retry import backoff
+from worker.settings import Settings
 from worker.stream.relay import DeltaSink, relay_stream, stream_body
 from worker.telemetry import Telemetry
 from worker.upstream.client import Upstream
 from worker.upstream.lease import Lease
 from worker.upstream.pool import Member, UpstreamPool
+from worker.upstreams_file import UpstreamSpec
 
-__all__ = ["JobRunner", "backoff", "gate_for"]
+__all__ = ["JobRunner", "backoff", "gate_for"]  # backoff: from worker.retry, re-exported
 
 log = structlog.get_logger(__name__)
-
-# Retries that wait longer than this leave the process through a delay queue, so a long
-# Retry-After does not hold a consumer slot that other jobs could use.
-INLINE_RETRY_LIMIT = 5.0
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 60.0
-# Waiting for rate-limit budget holds the consumer slot up to this long (well inside the
-# broker's 30-minute consumer timeout); a longer wait goes round a delay queue.
-RATE_LIMIT_INLINE_WAIT = 30.0
-# The share of WORKER_CONSUMER_TIMEOUT a delivery may be held at worst: the rest is margin
-# for settling (publishes, their confirms) and for the clocks' disagreement.
-HOLD_SHARE = 0.8
-
-
-def backoff(attempt: int, retry_after: float | None) -> float:
-    """Seconds before attempt ``attempt + 1``: the upstream's ask, else exponential with
-    jitter (as OpenAI's own SDK: 0.5 s doubling, 75 to 100 % of it)."""
-    if retry_after is not None:
-        return retry_after
-    exponential: float = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
-    return exponential * random.uniform(0.75, 1.0)
 
 
 class JobRunner:
@@ -154,8 +125,8 @@ class JobRunner:
                 outcome: JobOutcome | Wait
                 try:
                     async with lease:
-                        left = self._wait_left(job, waited)
-                        admitted = await lease.admit(min(RATE_LIMIT_INLINE_WAIT, left))
+                        left = retry.wait_left(self.settings, job, waited)
+                        admitted = await lease.admit(min(retry.RATE_LIMIT_INLINE_WAIT, left))
                         if admitted.waited > 0:
                             self.telemetry.rate_limit_wait.record(
                                 admitted.waited, {"upstream": lease.name}
@@ -180,8 +151,8 @@ class JobRunner:
                     self.telemetry.rate_limited.add(
                         1, {"upstream": lease.name, "error_code": budget.code.value}
                     )
-                    if self._overstays(held_since, 0.0):
-                        return self._leave(budget, attempt, waited, 0.0)
+                    if retry.overstays(self.settings, held_since, 0.0):
+                        return retry.leave(budget, attempt, waited, 0.0)
                     lease = self._lease(job, tokens)
                     continue
                 except JobError as error:
@@ -195,13 +166,17 @@ class JobRunner:
                     if lease is not None:
                         log.info("upstream has no budget", upstream=closed.name, to=lease.name)
                         continue
-                    return self._wait_longer(job, outcome, waited, attempt, refused, last)
+                    # Budget further away than the job may wait here: fail, or defer it.
+                    later = retry.wait_longer(self.settings, job, outcome, waited, attempt, refused)
+                    if isinstance(later, Deferral):
+                        return later
+                    return self._finish(failed(later, attempt), waited, last)
             if not exc.retryable or attempt >= self.settings.max_attempts:
                 return self._finish(failed(exc, attempt), waited, last)
             if lease is not None:
                 tried.append(lease.member)
-                if self._overstays(held_since, 0.0):
-                    return self._leave(exc, attempt, waited, 0.0)
+                if retry.overstays(self.settings, held_since, 0.0):
+                    return retry.leave(exc, attempt, waited, 0.0)
                 lease = self._lease(job, tokens, tried)
                 if lease is not None:
                     self.telemetry.retries.add(
@@ -218,12 +193,12 @@ class JobRunner:
             wait = backoff(attempt, exc.retry_after)
             self.telemetry.retries.add(1, {"error_code": exc.code.value, "upstream": last or ""})
             log.info("retrying", error_code=exc.code.value, error=exc.message, wait_s=wait)
-            if wait > INLINE_RETRY_LIMIT:
+            if wait > retry.INLINE_RETRY_LIMIT:
                 return Deferral(
                     wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000
                 )
-            if self._overstays(held_since, wait):
-                return self._leave(exc, attempt, waited, wait)
+            if retry.overstays(self.settings, held_since, wait):
+                return retry.leave(exc, attempt, waited, wait)
             await asyncio.sleep(wait)
             tried.clear()
             lease = self._lease(job, tokens)
@@ -246,23 +221,6 @@ class JobRunner:
             self._lane_exclusions[lane] = found
         return found
 
-    def _overstays(self, held_since: float, wait: float) -> bool:
-        """Whether one more attempt after ``wait`` seconds could hold the delivery past
-        :data:`HOLD_SHARE` of the broker's consumer timeout (the module docstring)."""
-        settings = self.settings
-        worst = (
-            time.monotonic() - held_since + wait + RATE_LIMIT_INLINE_WAIT + settings.request_timeout
-        )
-        return worst > HOLD_SHARE * settings.consumer_timeout
-
-    @staticmethod
-    def _leave(exc: JobError, attempt: int, waited: float, wait: float) -> Deferral:
-        log.info(
-            "retrying through a delay queue: the delivery has been held long",
-            error_code=exc.code.value,
-        )
-        return Deferral(wait=wait, attempts=attempt, error=exc, rate_limit_wait_ms=waited * 1000)
-
     def _all_cooling(self, job: Job) -> UpstreamError:
         """The attempt that finds every upstream of the job's model resting: it waits for
         the first to come back (counted as an attempt, so a dead provider fails jobs after
@@ -274,52 +232,6 @@ class JobRunner:
             + (f" (last failure: {cause})" if cause else ""),
             cause=cause,
             retry_after=wait or None,  # 0: another job is probing; back off as usual
-        )
-
-    def _wait_left(self, job: Job, waited: float) -> float:
-        """Seconds the job may still wait for budget: WORKER_RATE_LIMIT_MAX_WAIT, x-deadline."""
-        left = self.settings.rate_limit_max_wait - waited
-        if job.envelope.deadline is not None:
-            left = min(left, (job.envelope.deadline - datetime.now(UTC)).total_seconds())
-        return max(left, 0.0)
-
-    def _wait_longer(
-        self,
-        job: Job,
-        wait: Wait,
-        waited: float,
-        attempt: int,
-        refused: JobError | None,
-        upstream: str | None,
-    ) -> JobOutcome | Deferral:
-        """Budget is further away than the job may wait here: fail it, or send it round a
-        delay queue (a new message: no failed delivery is counted, no slot is held)."""
-        left = self._wait_left(job, waited)
-        if wait.seconds > left or left <= 0:
-            if job.envelope.deadline is not None and (
-                self.settings.rate_limit_max_wait - waited > self._wait_left(job, waited)
-            ):
-                bound = f"before x-deadline {job.envelope.deadline.isoformat()}"
-            else:
-                limit = self.settings.rate_limit_max_wait
-                bound = f"within WORKER_RATE_LIMIT_MAX_WAIT ({limit:g}s)"
-            kind: type[JobError] = QuotaExceeded if wait.quota else RateLimited
-            what = "the upstream's quota to return" if wait.quota else "rate-limit budget"
-            error = kind(
-                f"waited {waited:.1f}s for {what}; none expected {bound}",
-                status_code=refused.status_code if refused else None,
-                response=refused.response if refused else None,
-                request_id=refused.request_id if refused else None,
-            )
-            log.info("gave up waiting for budget", error_code=error.code.value, waited_s=waited)
-            return self._finish(failed(error, attempt), waited, upstream)
-        # The longest delay tier that does not overshoot: back in time to take the budget.
-        tier = max((t for t in DELAY_TIERS if t <= wait.seconds), default=DELAY_TIERS[0])
-        return Deferral(
-            wait=float(tier),
-            attempts=attempt,
-            error=RateLimited(f"waiting {wait.seconds:.1f}s for rate-limit budget"),
-            rate_limit_wait_ms=(waited + tier) * 1000,
         )
 
     @staticmethod
@@ -364,7 +276,7 @@ class JobRunner:
                 else:
                     outcome = await self._call_once(client, body, attempt, headers, job.endpoint)
             except JobError as failure:
-                exc = _capacity_wait(failure, upstream_body)
+                exc = retry.capacity_wait(failure, upstream_body)
                 self.telemetry.record_attempt(
                     span,
                     job.model,
@@ -459,24 +371,6 @@ def gate_for(settings: Settings, spec: UpstreamSpec) -> Gate:
         shared_as=f"{spec.name}:{endpoint}",
         lease_seconds=lease,
     )
-
-
-def _capacity_wait(error: JobError, body: Mapping[str, Any]) -> JobError:
-    """A ``flex`` call refused for capacity (503) is a wait on that entry, as a 429 is
-    (§17): the job waits or goes to another entry, and no attempt is spent."""
-    if (
-        body.get("service_tier") == "flex"
-        and error.status_code == 503
-        and not isinstance(error, BudgetError)
-    ):
-        return RateLimited(
-            f"flex capacity unavailable: {error.message}",
-            status_code=error.status_code,
-            response=error.response,
-            request_id=error.request_id,
-            retry_after=error.retry_after,
-        )
-    return error
 
 
 def _gate_of(member: Member) -> Gate:

@@ -432,27 +432,3 @@ class Worker:
 async def _close_quietly(connection: AbstractConnection) -> None:
     with contextlib.suppress(Exception):
         await connection.close()
-
-
-async def serve(settings: Settings, *, upstream: Upstream | UpstreamPool | None = None) -> None:
-    """``chat-worker run``: the worker and its HTTP endpoints until SIGTERM/SIGINT."""
-    from worker.health import HealthServer
-
-    worker = Worker(settings, upstream=upstream)
-    worker.install_signal_handlers()
-    health = None
-    if settings.http_port:
-        health = HealthServer(
-            lambda: worker.ready,
-            settings.http_port,
-            registry=worker.telemetry.registry,
-            readiness=lambda: worker.readiness,
-            details=worker.readiness_details,
-        )
-        await health.start()
-    try:
-        await worker.run()
-    finally:
-        if health is not None:
-            await health.stop()
-        worker.telemetry.shutdown()  # flushes spans still waiting for export

@@ -23,9 +23,10 @@ from worker.errors import BudgetExceeded, ModelNotAllowed
 from worker.job import Deferral, Job, JobOutcome, failed
 from worker.limits.gate import estimate_tokens
 from worker.messages import Usage
-from worker.settings import Settings, UpstreamSpec
+from worker.settings import Settings
 from worker.stream.relay import DeltaSink
 from worker.upstream.pool import UpstreamPool
+from worker.upstreams_file import UpstreamSpec
 
 __all__ = ["DEFAULT_MAX_OUTPUT", "Spending"]
 

@@ -24,15 +24,13 @@ from urllib.parse import urlsplit
 import prometheus_client
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.metrics import Histogram, Observation
 from opentelemetry.sdk.metrics.export import MetricReader
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from worker.metrics import Tally, meter_provider, otlp_configured, sdk_disabled, store_observations
 from worker.tenants import TenantLabels
 
 __all__ = ["Tally", "Telemetry"]
@@ -40,27 +38,6 @@ __all__ = ["Tally", "Telemetry"]
 SERVICE_NAME = "chat-worker"
 DEFER_SECONDS = 1.0  # the longest an attempt's measurements wait (see Telemetry)
 PROVIDER = "openai"  # the API flavour spoken, whoever serves it (semconv well-known value)
-# Bucket boundaries recommended by the GenAI semantic conventions.
-TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
-SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
-                   20.48, 40.96, 81.92)  # fmt: skip
-
-
-# --- logs --------------------------------------------------------------------------------
-
-
-def _otlp_configured(signal: str) -> bool:
-    """An OTLP endpoint is set for ``signal`` (TRACES or METRICS), or for all signals."""
-    return any(
-        os.environ.get(name)
-        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
-    )
-
-
-def _sdk_disabled() -> bool:
-    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-
-
 #: distinct ``model`` label values a process reports before the rest count as ``other``
 #: (models in WORKER_ALLOWED_MODELS always have their own): the label comes from messages,
 #: and a producer must not be able to create unbounded metric series.
@@ -97,7 +74,7 @@ class Telemetry:
         resource = Resource.create()
         self.registry = registry or prometheus_client.REGISTRY
         self._tracer_provider: TracerProvider | None = None
-        if span_processor is not None or (_otlp_configured("TRACES") and not _sdk_disabled()):
+        if span_processor is not None or (otlp_configured("TRACES") and not sdk_disabled()):
             provider = TracerProvider(resource=resource)
             if span_processor is not None:
                 provider.add_span_processor(span_processor)
@@ -119,34 +96,8 @@ class Telemetry:
         # (a job still retrying); a scrape records what is still waiting first.
         self._deferred: list[tuple[Histogram, float, dict[str, Any]]] = []
         self._flush_soon: asyncio.TimerHandle | None = None
-        self.registry.register(_FlushBeforeCollect(self.flush_deferred))
-        readers: list[MetricReader] = [*metric_readers]
-        if not _sdk_disabled():
-            readers.append(PrometheusMetricReader(registry=self.registry))
-            if _otlp_configured("METRICS"):
-                from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                    OTLPMetricExporter,
-                )
-                from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-                readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-        self._meter_provider = MeterProvider(
-            resource=resource,
-            metric_readers=readers,
-            views=[
-                View(
-                    instrument_name="gen_ai.client.token.usage",
-                    aggregation=ExplicitBucketHistogramAggregation(TOKEN_BUCKETS),
-                ),
-                View(
-                    instrument_name="*duration*",
-                    aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
-                ),
-                View(
-                    instrument_name="*first_chunk*",
-                    aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
-                ),
-            ],
+        self._meter_provider = meter_provider(
+            resource, self.registry, metric_readers, self.flush_deferred
         )
         meter = self._meter = self._meter_provider.get_meter("worker")
         self.token_usage = meter.create_histogram(
@@ -234,31 +185,9 @@ class Telemetry:
     def watch_store(self, metrics: Any) -> None:
         """Report a :class:`worker.store.StoreMetrics` (result store and cache, §16) at
         scrape time: counted in the store, read here, free on the hot path."""
-
-        def events(_: CallbackOptions) -> list[Observation]:
-            snap = metrics.snapshot()
-            found = [
-                Observation(snap[name], {"event": name})
-                for name in (
-                    "cache_hits",
-                    "cache_misses",
-                    "cache_stored",
-                    "results_stored",
-                    "results_served",
-                )
-            ]
-            found += [
-                Observation(n, {"event": "skipped", "op": op}) for op, n in snap["skipped"].items()
-            ]
-            found += [
-                Observation(n, {"event": "too_large", "kind": kind})
-                for kind, n in snap["too_large"].items()
-            ]
-            return found
-
         self._meter.create_observable_counter(
             "chat_worker.store.events",
-            callbacks=[events],
+            callbacks=[lambda _: store_observations(metrics)],
             unit="{event}",
             description="Result store and cache: hits, misses, stored, served, skipped",
         )
@@ -519,40 +448,3 @@ class Telemetry:
             span.set_status(Status(StatusCode.ERROR))
             if dead_lettered:
                 self.dead_lettered.add(1, {"error_code": error_code})
-
-
-class Tally:
-    """A monotonic counter summed in the process, which the SDK reads as an observable
-    counter whenever it collects (a scrape, an OTLP export): the same series as a Counter,
-    but an ``add`` is a dict update of about a microsecond where a synchronous Counter's
-    costs about 15 µs in the SDK (attribute checks, hashing, aggregation), three times a
-    job. Attribute sets must stay bounded, as for any counter (tenants and models are)."""
-
-    __slots__ = ("_sums",)
-
-    def __init__(self, meter: Meter, name: str, unit: str, description: str) -> None:
-        self._sums: dict[tuple[tuple[str, Any], ...], float] = {}
-        meter.create_observable_counter(
-            name, callbacks=[self._observe], unit=unit, description=description
-        )
-
-    def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        key = tuple(sorted(attributes.items())) if attributes else ()
-        sums = self._sums
-        sums[key] = sums.get(key, 0) + amount
-
-    def _observe(self, _: CallbackOptions) -> list[Observation]:
-        # A copy first: an OTLP reader collects on its own thread (dict.copy holds the GIL).
-        return [Observation(total, dict(key)) for key, total in self._sums.copy().items()]
-
-
-class _FlushBeforeCollect(prometheus_client.registry.Collector):
-    """Registered ahead of the OTel reader: a scrape records the waiting measurements first
-    (a registry collects in the order of registration)."""
-
-    def __init__(self, flush: Callable[[], None]) -> None:
-        self._flush = flush
-
-    def collect(self) -> Iterator[prometheus_client.Metric]:
-        self._flush()
-        return iter(())

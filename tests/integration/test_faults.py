@@ -165,7 +165,7 @@ async def test_a_long_retry_after_goes_round_a_delay_queue(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Budget waits over 3 s leave the process (30 s in production: kept short here).
-    monkeypatch.setattr("worker.runner.RATE_LIMIT_INLINE_WAIT", 3.0)
+    monkeypatch.setattr("worker.retry.RATE_LIMIT_INLINE_WAIT", 3.0)
     worker = await start_worker()
     request = job({"fault": "429", "retry_after": 6, "times": 1})
     await publish(

@@ -131,7 +131,7 @@ async def test_wait_past_max_wait_fails_rate_limited_and_dead_letters_once(
 ) -> None:
     # Waits over half a second leave the process: the job goes round the delay queue and
     # carries its wait with it.
-    monkeypatch.setattr("worker.runner.RATE_LIMIT_INLINE_WAIT", 0.5)
+    monkeypatch.setattr("worker.retry.RATE_LIMIT_INLINE_WAIT", 0.5)
     settings = make_settings(amqp_url, names, mock, rate_limit_max_wait=4)
     results = await collect(connection, settings)
     await start_worker(rate_limit_max_wait=4)

@@ -17,7 +17,7 @@ import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from worker import runner as jobs
+from worker import retry
 from worker.amqp.envelope import read_envelope
 from worker.amqp.topology import H_RATE_LIMIT_WAIT
 from worker.errors import (
@@ -373,9 +373,9 @@ def test_backoff_grows_exponentially_with_jitter(attempt: int, base: float) -> N
 
 
 def test_backoff_jitter_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jobs.random, "uniform", lambda low, high: low)
+    monkeypatch.setattr(retry.random, "uniform", lambda low, high: low)
     assert [backoff(n, None) for n in (1, 2, 3)] == [0.375, 0.75, 1.5]
-    monkeypatch.setattr(jobs.random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(retry.random, "uniform", lambda low, high: high)
     assert [backoff(n, None) for n in (1, 2, 3, 20)] == [0.5, 1.0, 2.0, 60.0]
 
 
@@ -1135,7 +1135,7 @@ async def test_item13_timeouts_leave_through_a_delay_queue_before_the_consumer_t
     """Each timed-out attempt holds the delivery a whole WORKER_REQUEST_TIMEOUT: with 5
     attempts inline, 5 x 0.4 s plus backoff, past the consumer timeout of 2 s. The job
     must leave through a delay queue while the next attempt still fits in 80 % of it."""
-    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    monkeypatch.setattr(retry, "RATE_LIMIT_INLINE_WAIT", 0.0)
     runner = upstreams.runner(hang, request_timeout=0.4, consumer_timeout=2.0)
     started = time.monotonic()
     outcome = await asyncio.wait_for(run(runner, make_job()), 10)
@@ -1149,7 +1149,7 @@ async def test_item13_the_hold_counts_from_the_delivery_not_the_first_attempt(
     upstreams: Upstreams, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A delivery that waited (a blocked connection) before its job started."""
-    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    monkeypatch.setattr(retry, "RATE_LIMIT_INLINE_WAIT", 0.0)
     runner = upstreams.runner(hang, respond(), request_timeout=0.4, consumer_timeout=2.0)
     outcome = await runner.run(make_job(), Deltas(), held_since=time.monotonic() - 0.5)
     assert isinstance(outcome, Deferral) and outcome.attempts == 1
@@ -1158,7 +1158,7 @@ async def test_item13_the_hold_counts_from_the_delivery_not_the_first_attempt(
 async def test_item13_a_retry_that_fits_still_waits_inline(
     upstreams: Upstreams, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    monkeypatch.setattr(retry, "RATE_LIMIT_INLINE_WAIT", 0.0)
     runner = upstreams.runner(hang, respond(), request_timeout=0.4, consumer_timeout=2.0)
     outcome = await runner.run(make_job(), Deltas(), held_since=time.monotonic())
     assert isinstance(outcome, JobOutcome) and outcome.ok and outcome.attempts == 2
@@ -1169,7 +1169,7 @@ async def test_item13_refused_calls_waiting_for_budget_leave_in_time_too(
 ) -> None:
     """429s are no attempts and their waits are bounded by WORKER_RATE_LIMIT_MAX_WAIT (an
     hour), not by the consumer timeout: a delivery held long leaves between two of them."""
-    monkeypatch.setattr(jobs, "RATE_LIMIT_INLINE_WAIT", 0.0)
+    monkeypatch.setattr(retry, "RATE_LIMIT_INLINE_WAIT", 0.0)
     runner = upstreams.runner(
         respond(429, ERROR_BODY, **{"retry-after": "1"}), request_timeout=0.4, consumer_timeout=2.0
     )

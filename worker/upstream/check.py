@@ -12,8 +12,8 @@ import orjson
 
 from worker.errors import JobError
 from worker.messages import Endpoint
-from worker.settings import UpstreamSpec
 from worker.upstream.pool import Member, UpstreamPool
+from worker.upstreams_file import UpstreamSpec
 
 __all__ = ["CheckRow", "check_upstreams"]
 

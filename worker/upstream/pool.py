@@ -37,9 +37,10 @@ import structlog
 from worker.errors import JobError, ModelNotAllowed, UpstreamError, UpstreamTimeout
 from worker.limits.gate import Gate
 from worker.messages import Endpoint
-from worker.settings import DEFAULT_UPSTREAM, LimitsSpec, Settings, UpstreamSpec
+from worker.settings import DEFAULT_UPSTREAM, Settings
 from worker.upstream.client import Upstream
 from worker.upstream.lease import Lease
+from worker.upstreams_file import LimitsSpec, UpstreamSpec
 
 __all__ = [
     "Lease",
