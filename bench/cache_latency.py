@@ -25,7 +25,6 @@ same per round, paired as in ``added_latency.py``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import time
 import uuid

@@ -136,7 +136,9 @@ async def run_store(jobs: int, repeat: int = 1, timeout: float = 300.0) -> Secti
         return redis_cpu[label][runs[label].index(run)]
 
     rows = [
-        Row("store off (WORKER_RESULT_TTL=0, no Redis)", off.rate, cpu_us_per_job=off.cpu_us_per_job),
+        Row(
+            "store off (WORKER_RESULT_TTL=0, no Redis)", off.rate, cpu_us_per_job=off.cpu_us_per_job
+        ),
         Row(
             "store on (3 Redis round trips a job) vs off",
             store.rate,
@@ -162,7 +164,11 @@ async def run_store(jobs: int, repeat: int = 1, timeout: float = 300.0) -> Secti
             cache.cpu_us_per_job - off.cpu_us_per_job,
             unit="us",
         ),
-        Row("store on: redis-server CPU per job (shared Redis)", redis_us("store-on", store), unit="us"),
+        Row(
+            "store on: redis-server CPU per job (shared Redis)",
+            redis_us("store-on", store),
+            unit="us",
+        ),
         Row(
             "store + cache: redis-server CPU per job (shared Redis)",
             redis_us("store-cache", cache),
