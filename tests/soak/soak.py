@@ -5,6 +5,20 @@ It starts the mock upstream with random faults (429, 5xx, stalls, malformed bodi
 events, dropped connections), two worker processes, and keeps breaking the workers at
 random: ``kill -9``, SIGTERM (then restart), and connections closed by the broker. It
 reports jobs in, results out, lost (must be 0) and duplicated, and exits 1 if any was lost.
+
+**Paid twice.** The mock is ``paying_mock.py``: the bundled mock plus a record, per job,
+of every complete 200 answer it finished sending (every job's prompt is its own, so a
+request maps to its job). With the result store on (``--store``, the default when a Redis
+answers at ``--redis-url``: ``WORKER_REDIS_URL`` and the default ``WORKER_RESULT_TTL``),
+a job whose answer reached a worker must never be paid twice (contract §16): the soak
+counts the jobs paid more than once and exits 1 if any is left once those a ``kill -9``
+explains are set apart. A worker killed after the mock finished sending an answer and
+before it stored the result (a few milliseconds a job) loses that answer: its job is
+called again once the lease expires, and no store can prevent it. Those are counted
+apart: the first answer went to a connection of the killed process (the soak samples the
+workers' connections to the mock) or, when that connection was not seen, a ``kill -9``
+came within ``--kill-window`` seconds after it. ``--strict`` fails on any job paid twice.
+Each run's job ids are its own, and its keys are deleted from Redis afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ from typing import Any
 import aio_pika
 import httpx
 import orjson
+import psutil
+import redis
 
 from worker.settings import Settings
 
@@ -33,7 +49,47 @@ from brokerctl import close_connections_of
 
 from worker.amqp.topology import declare, delay_queues
 
-MOCK_PORT = 18765
+HERE = Path(__file__).resolve().parent
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def delete_keys(url: str, pattern: str) -> int:
+    """Delete the keys matching ``pattern`` (this run's own: the Redis may be shared)."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        return len(keys)
+    finally:
+        client.close()
+
+
+def mock_ports_of(pid: int, mock_port: int) -> set[int]:
+    """Local ports of the process's TCP connections to the mock."""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return set()
+    return {c.laddr.port for c in connections if c.raddr and c.raddr.port == mock_port}
 
 
 def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
@@ -47,10 +103,16 @@ def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
 
 async def main(args: argparse.Namespace) -> int:
     prefix = f"soak-{uuid.uuid4().hex[:6]}"
+    store = redis_answers(args.redis_url) if args.store is None else args.store
+    if store and not redis_answers(args.redis_url):
+        print(f"--store: no Redis answers at {args.redis_url}", file=sys.stderr)
+        return 2
+    mock_port = free_port()
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         amqp_url=args.amqp_url,
-        upstream_base_url=f"http://127.0.0.1:{MOCK_PORT}/v1",
+        redis_url=args.redis_url if store else None,
+        upstream_base_url=f"http://127.0.0.1:{mock_port}/v1",
         request_queue=f"{prefix}.requests",
         result_exchange=f"{prefix}.results",
         result_queue=f"{prefix}.results",
@@ -64,11 +126,9 @@ async def main(args: argparse.Namespace) -> int:
     mock = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "worker",
-            "mock-upstream",
+            str(HERE / "paying_mock.py"),
             "--port",
-            str(MOCK_PORT),
+            str(mock_port),
             "--fault-rate",
             str(args.fault_rate),
             "--seed",
@@ -83,26 +143,40 @@ async def main(args: argparse.Namespace) -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    mock_url = f"http://127.0.0.1:{mock_port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{mock_url}/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.05)
     connection = await aio_pika.connect(args.amqp_url)
     await declare(connection, settings)
     channel = await connection.channel()
     results: collections.Counter[str] = collections.Counter()
     codes: collections.Counter[str] = collections.Counter()
+    succeeded: set[str] = set()
 
     async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         document = orjson.loads(message.body)
         results[document["id"]] += 1
-        codes[(document.get("error") or {}).get("code", "ok")] += 1
+        code = (document.get("error") or {}).get("code", "ok")
+        codes[code] += 1
+        if code == "ok":
+            succeeded.add(document["id"])
 
     result_queue = await channel.get_queue(settings.result_queue)
     await result_queue.consume(on_result, no_ack=True)
 
     rng = random.Random(args.seed)
-    ids = [f"soak-{n}" for n in range(args.jobs)]
+    # Ids and prompts of this run alone: the store keeps results a day, and the mock maps a
+    # request to its job by the prompt.
+    ids = [f"{prefix}-{n}" for n in range(args.jobs)]
     for n, job_id in enumerate(ids):
         body: dict[str, Any] = {
             "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": f"soak job {n}"}],
+            "messages": [{"role": "user", "content": f"{job_id}: soak job {n}"}],
             "stream": rng.random() < 0.3,
         }
         await channel.default_exchange.publish(
@@ -113,25 +187,38 @@ async def main(args: argparse.Namespace) -> int:
             ),
             settings.request_queue,
         )
-    print(f"published {len(ids)} jobs to {settings.request_queue}", flush=True)
+    print(
+        f"published {len(ids)} jobs to {settings.request_queue}; "
+        f"result store {'on' if store else 'off'}",
+        flush=True,
+    )
 
     workers = [spawn_worker(settings) for _ in range(args.workers)]
     breaks: collections.Counter[str] = collections.Counter()
+    port_pid: dict[int, int] = {}  # the workers' local ports to the mock, as last seen
+    kills: list[tuple[float, int]] = []  # (epoch seconds, pid) of each kill -9
     started = time.monotonic()
     deadline = started + args.timeout
     next_break = started + args.break_every
+    paid_record: dict[str, Any] = {}
     try:
         while len(results) < len(ids) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             for i, process in enumerate(workers):
                 if process.poll() is not None:  # restart whatever is down
                     workers[i] = spawn_worker(settings)
+            for process in workers:
+                for port in mock_ports_of(process.pid, mock_port):
+                    port_pid[port] = process.pid
             if time.monotonic() >= next_break:
                 next_break += args.break_every
                 victim = rng.randrange(len(workers))
                 kind = rng.choice(("kill -9", "SIGTERM", "connection closed"))
                 breaks[kind] += 1
                 if kind == "kill -9":
+                    for port in mock_ports_of(workers[victim].pid, mock_port):
+                        port_pid[port] = workers[victim].pid
+                    kills.append((time.time(), workers[victim].pid))
                     workers[victim].send_signal(signal.SIGKILL)
                 elif kind == "SIGTERM":
                     workers[victim].send_signal(signal.SIGTERM)
@@ -146,7 +233,8 @@ async def main(args: argparse.Namespace) -> int:
         for process in workers:
             process.wait(30)
         try:
-            stats = httpx.get(f"http://127.0.0.1:{MOCK_PORT}/mock/stats").json()
+            stats = httpx.get(f"{mock_url}/mock/stats").json()
+            paid_record = httpx.get(f"{mock_url}/soak/paid", timeout=30).json()
         except httpx.HTTPError:
             stats = {}
         mock.send_signal(signal.SIGTERM)
@@ -162,6 +250,8 @@ async def main(args: argparse.Namespace) -> int:
             await channel.queue_delete(name)
         await channel.exchange_delete(settings.result_exchange)
         await connection.close()
+        if store:
+            delete_keys(args.redis_url, f"cw:*:{{{prefix}-*}}")
 
     lost = len(set(ids) - set(results))
     duplicated = sum(n - 1 for n in results.values())
@@ -175,7 +265,46 @@ async def main(args: argparse.Namespace) -> int:
     print(f"dead-lettered      {dead}")
     print(f"upstream calls     {stats.get('total')}, faults injected {stats.get('faults')}")
     print(f"worker breaks      {dict(breaks)}")
-    return 1 if lost else 0
+    twice, explained = paid_twice(paid_record, port_pid, kills, args.kill_window)
+    paid = paid_record.get("paid", {})
+    answers = sum(len(v) for v in paid.values())
+    unpaid_ok = len(succeeded - set(paid))
+    print(f"result store       {'on' if store else 'off'}")
+    print(f"complete answers   {answers} paid for {len(paid)} jobs")
+    print(f"ok without answer  {unpaid_ok} (must be 0: the count missed an answer)")
+    print(
+        f"paid twice         {len(twice)} jobs ({sum(len(paid[j]) - 1 for j in twice)} answers "
+        f"too many); after a kill -9 of the worker that had the first answer: {len(explained)}, "
+        f"otherwise: {len(twice) - len(explained)}"
+    )
+    for job in sorted(set(twice) - set(explained))[:10]:
+        print(f"  {job}: {paid[job]}")
+    failing = lost or unpaid_ok
+    if store:
+        failing = failing or len(twice) > (0 if args.strict else len(explained))
+    return 1 if failing else 0
+
+
+def paid_twice(
+    record: dict[str, Any],
+    port_pid: dict[int, int],
+    kills: list[tuple[float, int]],
+    window: float,
+) -> tuple[list[str], list[str]]:
+    """The jobs paid more than once, and those of them a ``kill -9`` explains: the process
+    that got the first answer (by its connection) was killed within ``window`` seconds
+    after it, or, the connection not seen, some worker was."""
+    twice = sorted(job for job, answers in record.get("paid", {}).items() if len(answers) > 1)
+    explained = []
+    for job in twice:
+        at, peer = record["paid"][job][0]
+        pid = port_pid.get(int(peer.rsplit(":", 1)[1])) if ":" in peer else None
+        if any(
+            at - 0.05 <= killed_at <= at + window and pid in (None, killed)
+            for killed_at, killed in kills
+        ):
+            explained.append(job)
+    return twice, explained
 
 
 if __name__ == "__main__":
@@ -187,6 +316,22 @@ if __name__ == "__main__":
     parser.add_argument("--break-every", type=float, default=3.0, help="seconds")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--store",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the result store on (default: on when a Redis answers at --redis-url)",
+    )
+    parser.add_argument("--redis-url", default=os.environ.get("WORKER_TEST_REDIS_URL", LOCAL_REDIS))
+    parser.add_argument(
+        "--kill-window",
+        type=float,
+        default=2.0,
+        help="seconds after a paid answer within which a kill -9 explains a second payment",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="with the store, fail on any job paid twice"
+    )
     parser.add_argument(
         "--amqp-url",
         default=os.environ.get("WORKER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
