@@ -47,6 +47,7 @@ from worker.settings import Settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from brokerctl import close_connections_of
 
+from worker.amqp.dlq import describe
 from worker.amqp.topology import declare, delay_queues
 
 HERE = Path(__file__).resolve().parent
@@ -134,7 +135,7 @@ async def main(args: argparse.Namespace) -> int:
             "--seed",
             "7",
             "--latency",
-            "0.02",
+            str(args.latency),
             "--chunks",
             "6",
             "--chunk-interval",
@@ -241,6 +242,12 @@ async def main(args: argparse.Namespace) -> int:
         mock.wait(10)
         dlq = await channel.declare_queue(settings.dead_letter_queue, passive=True)
         dead = dlq.declaration_result.message_count
+        dead_why: collections.Counter[str] = collections.Counter()
+        dead_ids: set[str] = set()
+        while (letter := await dlq.get(no_ack=True, fail=False)) is not None:
+            described = describe(letter)
+            dead_why[f"{described.reason}/{described.error_code or '-'}"] += 1
+            dead_ids.add(described.job_id or "")
         for name in (
             settings.request_queue,
             settings.result_queue,
@@ -262,7 +269,7 @@ async def main(args: argparse.Namespace) -> int:
     print(f"lost               {lost}")
     print(f"duplicated         {duplicated}")
     print(f"outcomes           {dict(codes)}")
-    print(f"dead-lettered      {dead}")
+    print(f"dead-lettered      {dead} {dict(dead_why)} (reason/error code)")
     print(f"upstream calls     {stats.get('total')}, faults injected {stats.get('faults')}")
     print(f"worker breaks      {dict(breaks)}")
     twice, explained = paid_twice(paid_record, port_pid, kills, args.kill_window)
@@ -270,7 +277,9 @@ async def main(args: argparse.Namespace) -> int:
     answers = sum(len(v) for v in paid.values())
     unpaid_ok = len(succeeded - set(paid))
     print(f"result store       {'on' if store else 'off'}")
+    per_job = collections.Counter(paid_record.get("calls", {}).values())
     print(f"complete answers   {answers} paid for {len(paid)} jobs")
+    print(f"calls per job      {dict(sorted(per_job.items()))} (calls: jobs)")
     print(f"ok without answer  {unpaid_ok} (must be 0: the count missed an answer)")
     print(
         f"paid twice         {len(twice)} jobs ({sum(len(paid[j]) - 1 for j in twice)} answers "
@@ -279,6 +288,12 @@ async def main(args: argparse.Namespace) -> int:
     )
     for job in sorted(set(twice) - set(explained))[:10]:
         print(f"  {job}: {paid[job]}")
+    missing = set(ids) - set(results)
+    if missing:
+        print(
+            f"lost jobs          {len(missing)}: {len(missing & dead_ids)} in the dead-letter "
+            f"queue, {len(missing & set(paid))} of them paid for (an answer, no result)"
+        )
     failing = lost or unpaid_ok
     if store:
         failing = failing or len(twice) > (0 if args.strict else len(explained))
@@ -316,6 +331,12 @@ if __name__ == "__main__":
     parser.add_argument("--break-every", type=float, default=3.0, help="seconds")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.02,
+        help="the mock's seconds before answering: more makes more calls in flight at a break",
+    )
     parser.add_argument(
         "--store",
         action=argparse.BooleanOptionalAction,
