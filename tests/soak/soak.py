@@ -93,13 +93,21 @@ def mock_ports_of(pid: int, mock_port: int) -> set[int]:
     return {c.laddr.port for c in connections if c.raddr and c.raddr.port == mock_port}
 
 
-def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    settings: Settings, log: Path | None = None, level: str = "warning"
+) -> subprocess.Popen[bytes]:
+    """A worker process; its output (JSON lines) appended to ``log`` when given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
     env.update(settings.to_env())
-    env["WORKER_LOG_LEVEL"] = "warning"
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.DEVNULL
-    )
+    env["WORKER_LOG_LEVEL"] = level
+    if log is None:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.DEVNULL
+        )
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"], env=env, stdout=out, stderr=out
+        )
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -194,10 +202,19 @@ async def main(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    workers = [spawn_worker(settings) for _ in range(args.workers)]
+    log_dir = Path(args.log_dir) / prefix if args.log_dir else None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        log = None if log_dir is None else log_dir / f"worker{index}.log"
+        return spawn_worker(settings, log, args.log_level)
+
+    workers = [spawn(i) for i in range(args.workers)]
     breaks: collections.Counter[str] = collections.Counter()
     port_pid: dict[int, int] = {}  # the workers' local ports to the mock, as last seen
-    kills: list[tuple[float, int]] = []  # (epoch seconds, pid) of each kill -9
+    # Each break: (epoch seconds it began, and ended, its kind, the victim's pid).
+    events: list[tuple[float, float, str, int]] = []
     started = time.monotonic()
     deadline = started + args.timeout
     next_break = started + args.break_every
@@ -207,7 +224,7 @@ async def main(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.2)
             for i, process in enumerate(workers):
                 if process.poll() is not None:  # restart whatever is down
-                    workers[i] = spawn_worker(settings)
+                    workers[i] = spawn(i)
             for process in workers:
                 for port in mock_ports_of(process.pid, mock_port):
                     port_pid[port] = process.pid
@@ -216,15 +233,17 @@ async def main(args: argparse.Namespace) -> int:
                 victim = rng.randrange(len(workers))
                 kind = rng.choice(("kill -9", "SIGTERM", "connection closed"))
                 breaks[kind] += 1
+                pid = workers[victim].pid
+                for port in mock_ports_of(pid, mock_port):
+                    port_pid[port] = pid
+                began = time.time()
                 if kind == "kill -9":
-                    for port in mock_ports_of(workers[victim].pid, mock_port):
-                        port_pid[port] = workers[victim].pid
-                    kills.append((time.time(), workers[victim].pid))
                     workers[victim].send_signal(signal.SIGKILL)
                 elif kind == "SIGTERM":
                     workers[victim].send_signal(signal.SIGTERM)
                 else:
-                    await asyncio.to_thread(close_connections_of, workers[victim].pid)
+                    await asyncio.to_thread(close_connections_of, pid)
+                events.append((began, time.time(), kind, pid))
             print(
                 f"\r{len(results)}/{len(ids)} results, breaks {dict(breaks)}   ", end="", flush=True
             )
@@ -246,7 +265,8 @@ async def main(args: argparse.Namespace) -> int:
         dead_ids: set[str] = set()
         while (letter := await dlq.get(no_ack=True, fail=False)) is not None:
             described = describe(letter)
-            dead_why[f"{described.reason}/{described.error_code or '-'}"] += 1
+            message = (described.error_message or "")[:60]
+            dead_why[f"{described.reason}/{described.error_code or '-'}: {message}"] += 1
             dead_ids.add(described.job_id or "")
         for name in (
             settings.request_queue,
@@ -269,10 +289,15 @@ async def main(args: argparse.Namespace) -> int:
     print(f"lost               {lost}")
     print(f"duplicated         {duplicated}")
     print(f"outcomes           {dict(codes)}")
-    print(f"dead-lettered      {dead} {dict(dead_why)} (reason/error code)")
+    print(f"dead-lettered      {dead}")
+    for why, count in dead_why.most_common(5):
+        print(f"  {count:5} {why}")
     print(f"upstream calls     {stats.get('total')}, faults injected {stats.get('faults')}")
     print(f"worker breaks      {dict(breaks)}")
-    twice, explained = paid_twice(paid_record, port_pid, kills, args.kill_window)
+    if log_dir is not None:
+        print(f"worker logs        {log_dir}")
+    twice, after = paid_twice(paid_record, port_pid, events, args.kill_window)
+    explained = {job: delay for job, (kind, delay) in after.items() if kind == "kill -9"}
     paid = paid_record.get("paid", {})
     answers = sum(len(v) for v in paid.values())
     unpaid_ok = len(succeeded - set(paid))
@@ -286,6 +311,15 @@ async def main(args: argparse.Namespace) -> int:
         f"too many); after a kill -9 of the worker that had the first answer: {len(explained)}, "
         f"otherwise: {len(twice) - len(explained)}"
     )
+    kinds = collections.Counter(after[job][0] if job in after else "no break" for job in twice)
+    if twice:
+        print(f"  by the break that followed the first answer: {dict(kinds)}")
+    if explained:
+        delays = sorted(explained.values())
+        print(
+            f"  kill -9 after the first answer: {1000 * delays[0]:.0f} to "
+            f"{1000 * delays[-1]:.0f} ms (median {1000 * delays[len(delays) // 2]:.0f} ms)"
+        )
     for job in sorted(set(twice) - set(explained))[:10]:
         print(f"  {job}: {paid[job]}")
     missing = set(ids) - set(results)
@@ -303,23 +337,28 @@ async def main(args: argparse.Namespace) -> int:
 def paid_twice(
     record: dict[str, Any],
     port_pid: dict[int, int],
-    kills: list[tuple[float, int]],
+    events: list[tuple[float, float, str, int]],
     window: float,
-) -> tuple[list[str], list[str]]:
-    """The jobs paid more than once, and those of them a ``kill -9`` explains: the process
-    that got the first answer (by its connection) was killed within ``window`` seconds
-    after it, or, the connection not seen, some worker was."""
+) -> tuple[list[str], dict[str, tuple[str, float]]]:
+    """The jobs paid more than once and, for those a break followed, its kind and the
+    seconds from the first answer to it: the first break of the process that got the
+    first answer (by its connection; any worker's when that connection was not seen)
+    within ``window`` seconds after it. Only a ``kill -9`` excuses a second payment: a
+    process killed between the answer and storing the result cannot store it."""
     twice = sorted(job for job, answers in record.get("paid", {}).items() if len(answers) > 1)
-    explained = []
+    after: dict[str, tuple[str, float]] = {}
     for job in twice:
         at, peer = record["paid"][job][0]
         pid = port_pid.get(int(peer.rsplit(":", 1)[1])) if ":" in peer else None
-        if any(
-            at - 0.05 <= killed_at <= at + window and pid in (None, killed)
-            for killed_at, killed in kills
-        ):
-            explained.append(job)
-    return twice, explained
+        near = [
+            (began - at, kind)
+            for began, ended, kind, victim in events
+            if ended >= at - 0.05 and began <= at + window and pid in (None, victim)
+        ]
+        if near:
+            delay, kind = min(near)
+            after[job] = (kind, delay)
+    return twice, after
 
 
 if __name__ == "__main__":
@@ -352,6 +391,12 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--strict", action="store_true", help="with the store, fail on any job paid twice"
+    )
+    parser.add_argument(
+        "--log-dir", default="", help="keep the workers' output in DIR/<run>/worker<i>.log"
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=("debug", "info", "warning", "error")
     )
     parser.add_argument(
         "--amqp-url",
