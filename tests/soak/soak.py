@@ -306,6 +306,8 @@ async def main(args: argparse.Namespace) -> int:
     print(f"complete answers   {answers} paid for {len(paid)} jobs")
     print(f"calls per job      {dict(sorted(per_job.items()))} (calls: jobs)")
     print(f"ok without answer  {unpaid_ok} (must be 0: the count missed an answer)")
+    paid_failed = len(set(paid) - succeeded)
+    print(f"paid for, no ok    {paid_failed} (a complete answer, but the job's result is an error)")
     print(
         f"paid twice         {len(twice)} jobs ({sum(len(paid[j]) - 1 for j in twice)} answers "
         f"too many); after a kill -9 of the worker that had the first answer: {len(explained)}, "
