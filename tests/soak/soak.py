@@ -14,11 +14,17 @@ a job whose answer reached a worker must never be paid twice (contract §16): th
 counts the jobs paid more than once and exits 1 if any is left once those a ``kill -9``
 explains are set apart. A worker killed after the mock finished sending an answer and
 before it stored the result (a few milliseconds a job) loses that answer: its job is
-called again once the lease expires, and no store can prevent it. Those are counted
-apart: the first answer went to a connection of the killed process (the soak samples the
-workers' connections to the mock) or, when that connection was not seen, a ``kill -9``
-came within ``--kill-window`` seconds after it. ``--strict`` fails on any job paid twice.
-Each run's job ids are its own, and its keys are deleted from Redis afterwards.
+called again once the lease expires, and no store can prevent it. Each job paid twice is
+put down to the first break that hit, within ``--kill-window`` seconds after its first
+answer, the process that got that answer (the soak samples the workers' connections to
+the mock; any worker's break when the connection was not seen); only ``kill -9`` excuses
+it. ``--strict`` fails on any job paid twice. Each run's job ids are its own, and its keys
+are deleted from Redis afterwards.
+
+The mock answers after ``--latency`` (0.02 s): at that latency few calls are in flight
+when a break comes, so a break rarely catches an answer between the mock and the store;
+``--latency 0.5`` keeps a worker's 64 slots busy and tests the store (and the lease) much
+harder. ``--log-dir DIR`` keeps the workers' output (``--log-level info`` for a line a job).
 """
 
 from __future__ import annotations
