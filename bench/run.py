@@ -16,7 +16,7 @@ import orjson
 from added_latency import run_added_latency
 from budget_storm import run_budget
 from cache_latency import run_cache_latency
-from common import run_main
+from common import REDIS_URL, redis_answers, run_main
 from plots import OUT, commit, write_plots
 from report import Row, Section, table, write_json
 from s1_overhead import run_s1, s1_worker_rate
@@ -50,6 +50,13 @@ async def main(args: argparse.Namespace) -> int:
     chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     if unknown := set(chosen) - set(SCENARIOS):
         sys.exit(f"unknown scenarios: {', '.join(sorted(unknown))} (known: {', '.join(SCENARIOS)})")
+    needs_redis = [name for name in chosen if name in ("store", "cache", "budget")]
+    if needs_redis and not await redis_answers():
+        print(
+            f"no Redis at {REDIS_URL} (BENCH_REDIS_URL): skipping {', '.join(needs_redis)}",
+            file=sys.stderr,
+        )
+        chosen = [name for name in chosen if name not in needs_redis]
     quick = args.quick
     jobs = args.jobs or (2_000 if quick else 20_000)
     started = time.monotonic()
