@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import time
 from typing import Any
@@ -59,7 +60,13 @@ def _stats(samples: list[float]) -> dict[str, Any]:
 class _Path:
     """One contender, ready to time a job at a time: a queue consumed by its process."""
 
-    def __init__(self, connection: AbstractConnection, label: str, spawn: WorkerFactory) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        label: str,
+        spawn: WorkerFactory,
+        body: bytes | None = None,
+    ) -> None:
         self.connection, self.label, self.spawn = connection, label, spawn
         self.names = Names.unique(label)
         self.log_dir = log_dir_for(label)
@@ -67,6 +74,9 @@ class _Path:
         self.inbox: asyncio.Queue[tuple[float, AbstractIncomingMessage]] = asyncio.Queue()
         self.samples: list[float] = []
         self.count = 0
+        # Every job this one request body (the cache scenario's hits), else a prompt each.
+        self.body = body
+        self.cache: collections.Counter[str] = collections.Counter()  # metadata.cache, kept
 
     async def start(self, upstream: str) -> None:
         await declare_topology(self.connection, self.names)
@@ -81,11 +91,14 @@ class _Path:
 
     async def sample(self, keep: bool) -> None:
         self.count += 1
-        job = f"{self.label}-{self.count}"
+        # The run's own prefix: with a result store, ids of an earlier run would be answered
+        # from its stored results.
+        job = f"{self.names.prefix}-{self.count}"
+        line = job_body(job) if self.body is None else self.body
         started = time.perf_counter()
         await self.channel.default_exchange.publish(
             aio_pika.Message(
-                job_body(job),
+                line,
                 message_id=job,
                 correlation_id=job,
                 reply_to=self.reply.name,
@@ -100,6 +113,9 @@ class _Path:
             raise RuntimeError(f"{self.label}: reply for {message.correlation_id}, not {job}")
         if keep:
             self.samples.append(1000 * (arrived - started))
+            if self.body is not None:
+                metadata = orjson.loads(message.body).get("metadata") or {}
+                self.cache[str(metadata.get("cache"))] += 1
 
     async def stop(self, failed: bool) -> None:
         for proc in self.procs:

@@ -31,6 +31,7 @@ RESULTS = BENCH / "results"
 PYTHON = sys.executable
 CHAT_WORKER = str(Path(PYTHON).parent / "chat-worker")
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "bench-model"
 
 
@@ -137,17 +138,22 @@ async def fill_queue(
     stream: bool = False,
     reply_to: str | None = None,
     batch: int = 500,
+    ids: str = "j",
 ) -> None:
-    """Publish ``jobs`` persistent requests (confirmed) and wait until the queue holds them."""
+    """Publish ``jobs`` persistent requests (confirmed) and wait until the queue holds them.
+
+    Job ``i`` is ``f"{ids}{i}"`` (id, correlation id, and in its prompt): with a result
+    store, give each run ids of its own, or a run is answered from an earlier one's results.
+    """
     exchange = channel.default_exchange
     for start in range(0, jobs, batch):
         await asyncio.gather(
             *(
                 exchange.publish(
                     aio_pika.Message(
-                        job_body(f"j{i}", stream=stream),
-                        message_id=f"j{i}",
-                        correlation_id=f"j{i}",
+                        job_body(f"{ids}{i}", stream=stream),
+                        message_id=f"{ids}{i}",
+                        correlation_id=f"{ids}{i}",
                         reply_to=reply_to,
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -349,3 +355,35 @@ def run_main(coroutine: Any) -> Any:
         return asyncio.run(coroutine)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coroutine)
+
+
+# --- redis --------------------------------------------------------------------------------
+
+
+async def redis_keys(pattern: str, *, delete: bool = False, url: str = REDIS_URL) -> int:
+    """How many keys match ``pattern`` (SCAN, so a shared Redis is not blocked); with
+    ``delete``, delete them too. Only a run's own keys: the Redis may be shared."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+        if delete:
+            for start in range(0, len(keys), 1000):
+                await client.delete(*keys[start : start + 1000])
+        return len(keys)
+    finally:
+        await client.aclose()
+
+
+async def redis_answers(url: str = REDIS_URL) -> bool:
+    """Whether a Redis answers a PING at ``url`` within a second."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(await client.ping())
+    except (aioredis.RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()

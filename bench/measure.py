@@ -89,6 +89,7 @@ class Run:
 
     label: str
     jobs: int
+    prefix: str = ""  # the run's queue names (and, with ``Setup.unique_ids``, job ids)
     completed: int = 0
     seconds: float = 0.0
     rate: float = 0.0  # jobs / (last result - first consumer)
@@ -127,6 +128,7 @@ class Setup:
     reply_to: bool = False  # results (and deltas) to a reply queue instead of the result queue
     timeout: float = 300.0
     workers: int = 1  # processes the factory starts (to know when all consume)
+    unique_ids: bool = False  # job ids (and prompts) of this run alone: a result store is on
 
 
 def log_dir_for(label: str) -> Path:
@@ -150,7 +152,7 @@ async def measure(
     """
     names = Names.unique(setup.label)
     log_dir = log_dir_for(setup.label)
-    run = Run(setup.label, setup.jobs)
+    run = Run(setup.label, setup.jobs, names.prefix)
     collector = Collector(setup.jobs)
     mock, upstream = await start_mock(setup.mock, log_dir)
     try:
@@ -169,7 +171,12 @@ async def measure(
             reply = await collect_channel.declare_queue(exclusive=True, auto_delete=True)
             reply_queue = reply.name
         await fill_queue(
-            channel, names.request_queue, setup.jobs, stream=setup.stream, reply_to=reply_queue
+            channel,
+            names.request_queue,
+            setup.jobs,
+            stream=setup.stream,
+            reply_to=reply_queue,
+            ids=f"{names.prefix}-j" if setup.unique_ids else "j",
         )
         await collector.consume(collect_channel, reply_queue or names.result_queue)
         procs = spawn(RunContext(names, upstream, log_dir))

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 from baseline_raw import raw_loop
-from common import RESULTS, MockArgs, Proc, chat_worker, clean_env, run_main
+from common import REDIS_URL, RESULTS, MockArgs, Proc, chat_worker, clean_env, redis_keys, run_main
 from measure import Setup, measure, progress
 
 # Own time is charged to the first of these path markers found in a frame's file.
@@ -49,6 +49,7 @@ PACKAGES = (
     ("asyncio/", "asyncio (stdlib)"),
     ("uvloop/", "uvloop"),
     ("orjson", "orjson"),
+    ("redis/", "redis-py"),
 )
 
 
@@ -154,18 +155,25 @@ async def main(args: argparse.Namespace) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     output = RESULTS / f"profile-{args.target}-{args.scenario}-{stamp}.speedscope.json"
+    # With the store (``--store``), job ids of the run's own: ids stored by an earlier run
+    # would be answered from the store.
     if args.scenario == "s1":
-        setup = Setup("profile-s1", args.jobs, timeout=args.timeout)
+        setup = Setup("profile-s1", args.jobs, timeout=args.timeout, unique_ids=args.store)
     else:
         mock = MockArgs(chunks=args.chunks, chunk_interval=0.01)
-        setup = Setup("profile-s3", args.jobs, mock, stream=True, reply_to=True)
+        setup = Setup(
+            "profile-s3", args.jobs, mock, stream=True, reply_to=True, unique_ids=args.store
+        )
     spawn = raw_loop(concurrency=args.concurrency) if args.target == "raw" else None
+    env = {"WORKER_REDIS_URL": REDIS_URL, "WORKER_RESULT_TTL": "86400"} if args.store else {}
     run, _, _ = await measure(
         setup,
-        spawn or chat_worker(args.concurrency),
+        spawn or chat_worker(args.concurrency, **env),
         on_started=attach_py_spy(output, args.rate),
     )
     progress(run)
+    if args.store:
+        await redis_keys(f"cw:*:{{{run.prefix}-j*}}", delete=True)
     print(summarise(output, args.top))
     print(f"\n{output}")
 
@@ -179,6 +187,9 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--chunks", type=int, default=200, help="S3: chunks per answer")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--store", action="store_true", help="the worker with the result store on (Redis)"
+    )
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=300.0)

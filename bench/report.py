@@ -48,8 +48,9 @@ class Row:
 
     def cells(self) -> tuple[str, ...]:
         value = f"{self.value:,.1f}" if self.unit == "jobs/s" else f"{self.value:,.2f} {self.unit}"
+        digits = 1 if self.unit == "jobs/s" else 2
         baseline = (
-            f"{self.baseline:,.1f} {self.baseline_label}".strip()
+            f"{self.baseline:,.{digits}f} {self.baseline_label}".strip()
             if self.baseline is not None
             else "-"
         )

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import orjson
 from added_latency import run_added_latency
-from common import run_main
+from budget_storm import run_budget
+from cache_latency import run_cache_latency
+from common import REDIS_URL, redis_answers, run_main
 from plots import OUT, commit, write_plots
 from report import Row, Section, table, write_json
 from s1_overhead import run_s1, s1_worker_rate
@@ -23,17 +25,38 @@ from s3_streaming import LEVELS, QUICK_LEVELS, run_s3
 from s4_scaleout import run_s4
 from s5_lanes import run_s5
 from s6_ratelimits import run_s6
+from store_overhead import run_store
 from telemetry import run_telemetry
 from transports import run_transports
 
-SCENARIOS = ("s1", "s2", "s3", "latency", "s4", "s5", "s6", "telemetry", "transports")
-DEFAULT = "s1,s2,s3,latency,s4,s5,s6,telemetry"
+SCENARIOS = (
+    "s1",
+    "s2",
+    "s3",
+    "latency",
+    "s4",
+    "s5",
+    "s6",
+    "telemetry",
+    "store",
+    "cache",
+    "budget",
+    "transports",
+)
+DEFAULT = "s1,s2,s3,latency,s4,s5,s6,telemetry,store,cache,budget"
 
 
 async def main(args: argparse.Namespace) -> int:
     chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     if unknown := set(chosen) - set(SCENARIOS):
         sys.exit(f"unknown scenarios: {', '.join(sorted(unknown))} (known: {', '.join(SCENARIOS)})")
+    needs_redis = [name for name in chosen if name in ("store", "cache", "budget")]
+    if needs_redis and not await redis_answers():
+        print(
+            f"no Redis at {REDIS_URL} (BENCH_REDIS_URL): skipping {', '.join(needs_redis)}",
+            file=sys.stderr,
+        )
+        chosen = [name for name in chosen if name not in needs_redis]
     quick = args.quick
     jobs = args.jobs or (2_000 if quick else 20_000)
     started = time.monotonic()
@@ -66,6 +89,13 @@ async def main(args: argparse.Namespace) -> int:
             section = await run_s6(10.0 if quick else 30.0, timeout=args.timeout)
         elif name == "telemetry":
             section = await run_telemetry(jobs, args.repeat, args.timeout)
+        elif name == "store":
+            store_jobs = args.jobs or (2_000 if quick else 10_000)
+            section = await run_store(store_jobs, args.repeat, args.timeout)
+        elif name == "cache":
+            section = await run_cache_latency(100 if quick else 300, 20 if quick else 30)
+        elif name == "budget":
+            section = await run_budget(timeout=args.timeout)
         else:
             section = await run_transports(jobs, args.repeat, timeout=args.timeout)
         sections.append(section)
@@ -100,9 +130,13 @@ if __name__ == "__main__":
         default=DEFAULT,
         help=f"comma-separated, of {', '.join(SCENARIOS)} (default {DEFAULT})",
     )
-    parser.add_argument("--jobs", type=int, help="jobs per S1/S4/transport run (default 20000)")
+    parser.add_argument(
+        "--jobs", type=int, help="jobs per S1/S4/transport run (default 20000; store 10000)"
+    )
     parser.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per contender (S1, S4)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per contender (S1, S4, telemetry, store)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run, at most")
     parser.add_argument("--plots", type=Path, default=OUT, help=f"PNG figures here ({OUT})")
     parser.add_argument("--no-plots", action="store_true", help="write no figures")
