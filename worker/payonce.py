@@ -5,13 +5,14 @@ its checks:
 
 1. The job id's lease, in one round trip that looks up a stored result first. A stored
    result is published again (``metadata.cache: "stored"``) without a call; a lease held
-   by another delivery is waited for (at most the call's timeout), then the job goes round
-   a delay queue; a dead letter replayed on purpose (``x-replayed``) ignores the store.
+   by another delivery is waited for (at most ten seconds), then the job goes round a
+   delay queue; a dead letter replayed on purpose (``x-replayed``) ignores the store. The
+   lease lives 30 s and is renewed while the call runs.
 2. With the cache on for the job (``WORKER_CACHE`` or its ``x-cache`` header), a stored
    answer to the same tenant, model and body is served (``"hit"``: no call, cost 0; a
    streamed job gets its deltas); a miss is called and its successful answer kept.
-3. :meth:`PayOnce.keep` stores the final result before it is published, and
-   :meth:`PayOnce.done` ends the lease after the job settled.
+3. :meth:`PayOnce.keep` stores the final result before it is published and ends the
+   lease in the same round trip; :meth:`PayOnce.done` ends it when nothing was stored.
 
 Redis away or slow: the store's circuit skips every step within its timeout and the job is
 called as if there were no store (the metrics count what was skipped).
@@ -56,9 +57,15 @@ log = structlog.get_logger(__name__)
 Call = Callable[[Job, DeltaSink], Awaitable[JobOutcome | Deferral]]
 
 H_REPLAYED = "x-replayed"  # set by `dlq replay` and the console: run again, do not answer
-LEASE_MARGIN = 30.0  # seconds a lease outlives the call it covers
+# A lease is short and renewed while its call runs: a worker killed mid-call (kill -9)
+# holds the job id for at most LEASE_TTL, not for the call's whole timeout.
+LEASE_TTL = 30.0
 RENEW_EVERY = 1 / 3  # of the lease's time to live
-HELD_RETRY = 5.0  # seconds a job whose lease another delivery still holds waits in a delay queue
+# A copy that finds the lease held waits this long in the worker for the result, then goes
+# round a delay queue (HELD_RETRY): a long wait must not hold a consumer slot, where every
+# lost connection would count as one more delivery of the copy.
+HELD_WAIT = 10.0
+HELD_RETRY = 5.0
 
 
 @dataclass(slots=True)
@@ -80,7 +87,7 @@ class PayOnce:
         self.store = store
         self.settings = settings
         self.cache_default = settings.cache
-        self.lease_ttl = max(settings.request_timeout, settings.stream_idle_timeout) + LEASE_MARGIN
+        self.lease_ttl = LEASE_TTL
         self._holder = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._deliveries = 0
 
@@ -100,7 +107,7 @@ class PayOnce:
                     ticket.job_id,
                     ticket.holder,
                     self.lease_ttl,
-                    within=min(lease.remaining, self.lease_ttl),
+                    within=min(lease.remaining, HELD_WAIT),
                     reuse=not replayed,
                 )
             if isinstance(lease, Stored):
@@ -137,7 +144,9 @@ class PayOnce:
     async def keep(self, ticket: Ticket, document: bytes) -> None:
         """Store a final result under its job id, before it is published."""
         if self.store.results is not None and ticket.leased:
-            await self.store.results.store(ticket.job_id, document)
+            stored = await self.store.results.store(ticket.job_id, document, holder=ticket.holder)
+            if stored:  # the lease ended with it: nothing left for done() to give back
+                ticket.leased = False
 
     async def done(self, ticket: Ticket) -> None:
         """End the delivery's lease (the job settled, or will be delivered again)."""

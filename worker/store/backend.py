@@ -24,6 +24,12 @@ class StoreBackend(Protocol):
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         """Set ``key`` to ``value`` for ``ttl`` seconds, replacing what was there."""
 
+    async def put_and_release(
+        self, key: str, value: bytes, ttl: float, lease_key: str, holder: str
+    ) -> None:
+        """:meth:`put`, then :meth:`release`, in one round trip (a stored result answers
+        every later delivery: the lease need not outlive it)."""
+
     async def acquire(
         self, result_key: str, lease_key: str, holder: str, ttl: float, *, reuse: bool
     ) -> Acquired | Held | Stored:

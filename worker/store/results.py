@@ -85,15 +85,26 @@ class ResultStore:
             self.metrics.results_served += 1
         return found
 
-    async def store(self, job_id: str, result: bytes, ttl: float | None = None) -> bool:
+    async def store(
+        self, job_id: str, result: bytes, ttl: float | None = None, *, holder: str | None = None
+    ) -> bool:
         """Keep ``result`` (the final result message's body) for ``ttl`` seconds (the
         store's by default). Call it before publishing; False: not stored (over the size
-        bound, or Redis unavailable), which the caller may ignore."""
+        bound, or Redis unavailable), which the caller may ignore. With ``holder``, its
+        lease ends in the same round trip (the stored result answers later deliveries)."""
         if len(result) > self.max_bytes:
             self.metrics.oversize("result")
             return False
         key, seconds = self.result_key(job_id), self.ttl if ttl is None else ttl
-        done = await self._circuit.call("store", lambda: self._backend.put(key, result, seconds))
+        backend = self._backend
+        if holder is None:
+            done = await self._circuit.call("store", lambda: backend.put(key, result, seconds))
+        else:
+            lease = self.lease_key(job_id)
+            done = await self._circuit.call(
+                "store",
+                lambda: backend.put_and_release(key, result, seconds, lease, holder),
+            )
         if isinstance(done, Skipped):
             self._skipped(done)
             return False

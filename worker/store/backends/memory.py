@@ -49,6 +49,12 @@ class MemoryBackend:
         self._live(key)
         self._set(key, value, ttl)
 
+    async def put_and_release(
+        self, key: str, value: bytes, ttl: float, lease_key: str, holder: str
+    ) -> None:
+        await self.put(key, value, ttl)
+        await self.release(lease_key, holder)
+
     async def acquire(
         self, result_key: str, lease_key: str, holder: str, ttl: float, *, reuse: bool
     ) -> Acquired | Held | Stored:

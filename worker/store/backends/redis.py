@@ -25,6 +25,13 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {'acquired'}
 """
 
+# KEYS: result, lease. ARGV: result, result ms, holder. Keep the result, end the lease.
+_KEEP = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
 # KEYS: lease. ARGV: holder. Compare and delete: 1 if deleted.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -57,6 +64,7 @@ class RedisBackend:
         )
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
+        self._keep = self._redis.register_script(_KEEP)
         self._renew = self._redis.register_script(_RENEW)
 
     async def get(self, key: str) -> bytes | None:
@@ -65,6 +73,11 @@ class RedisBackend:
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         await self._redis.set(key, value, px=_ms(ttl))
+
+    async def put_and_release(
+        self, key: str, value: bytes, ttl: float, lease_key: str, holder: str
+    ) -> None:
+        await self._keep(keys=[key, lease_key], args=[value, _ms(ttl), holder])
 
     async def acquire(
         self, result_key: str, lease_key: str, holder: str, ttl: float, *, reuse: bool
