@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from worker.amqp.dlq import DeadLetter
-from worker.cli import dead_letters_table, visible
+from worker.dlq_cli import dead_letters_table, visible
 
 
 def render(letters: list[DeadLetter]) -> str:

@@ -1,12 +1,7 @@
 """The producer side: submit jobs, await their results, stream their deltas.
 
-ChatClientError
-├── BrokerUnreachable  no broker node answered, or one refused (credentials, vhost)
-├── PublishFailed      the broker refused the request or could not route it
-├── ConnectionLost     the connection closed while a result was awaited
-├── JobTimeout         no result in time (also a ``TimeoutError``)
-├── JobFailed          the result is an error; carries it and its ``ErrorCode``
-└── UnreadableResult   a result arrived for the job but is not a valid result document
+Its exceptions (:mod:`worker.producer.exceptions`) and :class:`StreamText`
+(:mod:`worker.producer.streamtext`) are importable from here too.
 """
 
 from __future__ import annotations
@@ -25,25 +20,23 @@ from typing import Annotated, Any, Self
 import aio_pika
 import aiormq
 import orjson
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from opentelemetry import propagate, trace
 from pydantic import Field, TypeAdapter, ValidationError
 
 from worker.amqp.connect import BrokerRefused, NoNodeAnswers, connect_any
 from worker.amqp.topology import H_DEADLINE, H_JOB_ID, TYPE_DELTA
-from worker.messages import (
-    ChatCompletionRequest,
-    EmbeddingsRequest,
-    Endpoint,
-    ErrorCode,
-    JobDelta,
-    JobResult,
+from worker.messages import ChatCompletionRequest, EmbeddingsRequest, Endpoint, JobDelta, JobResult
+from worker.producer.exceptions import (
+    BrokerUnreachable,
+    ChatClientError,
+    ConnectionLost,
+    JobFailed,
+    JobTimeout,
+    PublishFailed,
+    UnreadableResult,
 )
+from worker.producer.streamtext import StreamText
 from worker.settings import Settings, load_settings
 
 __all__ = [
@@ -71,53 +64,6 @@ EmbeddingsBody = Mapping[str, Any] | EmbeddingsRequest
 """An embeddings request (contract §18): a plain mapping, or the validated model."""
 Reply = JobDelta | JobResult
 _REPLY: TypeAdapter[Reply] = TypeAdapter(Annotated[Reply, Field(discriminator="type")])
-
-
-class ChatClientError(Exception):
-    """Base of everything the client raises about a job."""
-
-
-class BrokerUnreachable(ChatClientError, ConnectionError):
-    """No broker node answered (``WORKER_AMQP_URL``), or one refused the connection for
-    good (a wrong password, a vhost that does not exist); the message says which."""
-
-
-class PublishFailed(ChatClientError):
-    """The broker nacked the request, or no queue was bound to its routing key."""
-
-
-class ConnectionLost(ChatClientError):
-    """The broker connection closed while a result was awaited: the job may still finish."""
-
-
-class JobTimeout(ChatClientError, TimeoutError):
-    """No result arrived in time. The job is not cancelled: a worker may still run it."""
-
-    def __init__(self, job_id: str, timeout: float) -> None:
-        super().__init__(f"no result for job {job_id} within {timeout:g}s")
-        self.job_id = job_id
-        self.timeout = timeout
-
-
-class JobFailed(ChatClientError):
-    """The job's result is an error (contract §6); ``result`` is the whole result."""
-
-    def __init__(self, result: JobResult) -> None:
-        assert result.error is not None
-        super().__init__(f"job {result.id} failed: {result.error.code}: {result.error.message}")
-        self.result = result
-        self.code: ErrorCode = result.error.code
-
-
-class UnreadableResult(ChatClientError):
-    """A message that should be the job's result does not read as one: reported for the
-    job rather than ignored (waiting on would only end in :class:`JobTimeout`)."""
-
-    def __init__(self, job_id: str | None, problem: str, body: bytes) -> None:
-        super().__init__(f"the result of job {job_id} cannot be read: {problem}")
-        self.job_id = job_id
-        self.problem = problem
-        self.body = body  # the raw message, for whoever can make sense of it
 
 
 @dataclass(slots=True)
@@ -463,61 +409,6 @@ def connection_user(connection: AbstractConnection) -> str:
     """The user a connection logged in as (AMQP's default, ``guest``, when the URL has none)."""
     url = getattr(connection, "url", None)
     return (url.user if url is not None else None) or "guest"
-
-
-class StreamText:
-    """The text of a streamed job so far; a delta of a new attempt starts it again.
-
-    ``text.add(delta)`` for each delta; ``text.content()`` is what the last attempt said
-    (choice 0 by default), equal to the result's content once the stream has ended.
-    """
-
-    def __init__(self) -> None:
-        self.attempt = 0
-        self._content: dict[int, list[str]] = {}
-        self._reasoning: dict[int, list[str]] = {}
-        self._tools: dict[int, dict[int, dict[str, Any]]] = {}
-
-    def add(self, delta: JobDelta) -> None:
-        if delta.attempt < self.attempt:
-            return  # a straggler of an abandoned attempt
-        if delta.attempt > self.attempt:
-            self.attempt = delta.attempt
-            self._content, self._reasoning, self._tools = {}, {}, {}
-        for choice in delta.choices:
-            part = choice.delta
-            if isinstance(content := part.get("content"), str):
-                self._content.setdefault(choice.index, []).append(content)
-            if isinstance(reasoning := part.get("reasoning_content"), str):
-                self._reasoning.setdefault(choice.index, []).append(reasoning)
-            for fragment in part.get("tool_calls") or ():
-                _merge_tool_call(self._tools.setdefault(choice.index, {}), fragment)
-
-    def content(self, index: int = 0) -> str:
-        return "".join(self._content.get(index, ()))
-
-    def reasoning(self, index: int = 0) -> str:
-        return "".join(self._reasoning.get(index, ()))
-
-    def tool_calls(self, index: int = 0) -> list[dict[str, Any]]:
-        """The tool calls so far, merged by their ``index`` as in the final message."""
-        calls = self._tools.get(index, {})
-        return [calls[k] for k in sorted(calls)]
-
-    def __str__(self) -> str:
-        return self.content()
-
-
-def _merge_tool_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
-    call = calls.setdefault(
-        int(fragment.get("index", 0)),
-        {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
-    )
-    call["id"] = fragment.get("id") or call["id"]
-    call["type"] = fragment.get("type") or call["type"]
-    function = fragment.get("function") or {}
-    call["function"]["name"] = function.get("name") or call["function"]["name"]
-    call["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _first_problem(exc: ValidationError) -> str:
