@@ -141,7 +141,7 @@ async def run_store(jobs: int, repeat: int = 1, timeout: float = 300.0) -> Secti
             "store off (WORKER_RESULT_TTL=0, no Redis)", off.rate, cpu_us_per_job=off.cpu_us_per_job
         ),
         Row(
-            "store on (3 Redis round trips a job) vs off",
+            "store on (2 Redis round trips a job) vs off",
             store.rate,
             baseline=off.rate,
             baseline_label="off",

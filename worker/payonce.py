@@ -74,6 +74,7 @@ class Ticket:
 
     job_id: str
     holder: str
+    renew_at: asyncio.TimerHandle | None = None  # when the lease's renewals start
     renewal: asyncio.Task[None] | None = None
     stored: bytes | None = None  # the stored result to publish again, when there is one
     leased: bool = False
@@ -123,7 +124,10 @@ class PayOnce:
                 )
             if isinstance(lease, Acquired):
                 ticket.leased = True
-                ticket.renewal = asyncio.create_task(self._renew(ticket))
+                # Most calls end long before a renewal is due: a timer, not a task a job.
+                ticket.renew_at = asyncio.get_running_loop().call_later(
+                    self.lease_ttl * RENEW_EVERY, self._start_renewing, ticket
+                )
         cache = self.store.cache
         digest = None
         if cache is not None and enabled_for(job.envelope.headers.get(H_CACHE), self.cache_default):
@@ -150,6 +154,8 @@ class PayOnce:
 
     async def done(self, ticket: Ticket) -> None:
         """End the delivery's lease (the job settled, or will be delivered again)."""
+        if ticket.renew_at is not None:
+            ticket.renew_at.cancel()
         if ticket.renewal is not None:
             ticket.renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -162,12 +168,16 @@ class PayOnce:
         self._deliveries += 1
         return Ticket(job_id, f"{self._holder}-{self._deliveries}")
 
+    def _start_renewing(self, ticket: Ticket) -> None:
+        if ticket.leased:
+            ticket.renewal = asyncio.create_task(self._renew(ticket))
+
     async def _renew(self, ticket: Ticket) -> None:
         """Keep the lease while the call runs (a stream may outlast one time to live)."""
         assert self.store.results is not None
         while True:
-            await asyncio.sleep(self.lease_ttl * RENEW_EVERY)
             await self.store.results.renew(ticket.job_id, ticket.holder, self.lease_ttl)
+            await asyncio.sleep(self.lease_ttl * RENEW_EVERY)
 
     async def _serve(self, job: Job, answer: CachedAnswer, deltas: DeltaSink) -> JobOutcome:
         """A cache hit: the stored answer as this job's outcome, with its deltas if asked."""

@@ -256,3 +256,31 @@ async def test_redis_stopped_mid_run_jobs_keep_succeeding(
         await publish(connection, settings.request_queue, line(f"after {n}"), reply_to=replies.name)
     results = results_of(await replies.until_results(5, timeout=30))
     assert all(r.ok for r in results)
+
+
+async def test_a_call_longer_than_the_lease_keeps_it_renewed(
+    start_worker: StartWorker,
+    connection: AbstractConnection,
+    replies: Replies,
+    mock: MockUpstream,
+    redis_url: str,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import payonce
+
+    monkeypatch.setattr(payonce, "LEASE_TTL", 0.6)  # renewed every 0.2 s
+    await start_worker(redis_url=redis_url, result_ttl=60, concurrency=1)
+    await start_worker(redis_url=redis_url, result_ttl=60, concurrency=1)
+    request = line("long", mock={"latency": 2.0})
+    job_id = f"job-long-{uuid.uuid4().hex}"
+    await publish(
+        connection, settings.request_queue, request, message_id=job_id, reply_to=replies.name
+    )
+    await asyncio.sleep(1.0)  # past the lease's first time to live
+    await publish(
+        connection, settings.request_queue, request, message_id=job_id, reply_to=replies.name
+    )
+    results = results_of(await replies.until_results(2, timeout=40))
+    assert calls_for(mock) == 1
+    assert sorted(str(r.metadata.cache) for r in results) == ["None", "stored"]
