@@ -11,6 +11,7 @@ import aiormq
 import orjson
 import pytest
 from pamqp.commands import Basic
+from support.jobs_envelope import make_envelope
 
 from worker.amqp import publish as publishing
 from worker.amqp.publish import CopyRefused, Publisher, render_result
@@ -136,24 +137,6 @@ async def test_item19_a_dead_letter_queue_that_keeps_refusing_raises(clock: Cloc
     assert sum(clock.slept) == pytest.approx(1.0)
 
 
-def job_envelope(**fields: object) -> Envelope:
-    values: dict[str, object] = {
-        "job_id": "job-1",
-        "correlation_id": "corr-1",
-        "reply_to": "replies",
-        "reply_to_forbidden": False,
-        "deadline": None,
-        "bad_deadline": None,
-        "prior_attempts": 0,
-        "redeliveries": 0,
-        "headers": {},
-        "lane": "chat.requests",
-        "tenant": "team-a",
-    }
-    values.update(fields)
-    return Envelope(**values)  # type: ignore[arg-type]
-
-
 def test_a_successful_result_carries_every_metadata_field_of_the_contract() -> None:
     outcome = JobOutcome(
         attempts=1,
@@ -169,7 +152,7 @@ def test_a_successful_result_carries_every_metadata_field_of_the_contract() -> N
         cost={"input": 1e-6, "output": 2e-6, "total": 3e-6, "currency": "USD", "source": "x"},
     )
     document = orjson.loads(
-        render_result(job_envelope(), "order-42", "gpt-4o-mini", outcome, "h/1")
+        render_result(make_envelope(), "order-42", "gpt-4o-mini", outcome, "h/1")
     )
     assert set(document["metadata"]) == {
         "attempts",
@@ -194,7 +177,7 @@ def test_a_successful_result_carries_every_metadata_field_of_the_contract() -> N
 
 def test_a_failed_result_has_the_error_and_no_response_without_an_upstream_answer() -> None:
     outcome = failed(RateLimited("waited 3600s for budget"), attempts=0)
-    document = orjson.loads(render_result(job_envelope(), None, None, outcome, "h/1"))
+    document = orjson.loads(render_result(make_envelope(), None, None, outcome, "h/1"))
     assert document["error"] == {
         "code": "rate_limited",
         "message": "waited 3600s for budget",
