@@ -26,6 +26,12 @@ Settlement rules, stated once and applied here (a failure of any step ends in
   bounds the loop.
 - Copies never inherit the request's ``expiration`` and keep its tenant (see
   :mod:`worker.amqp.copies`).
+- A lost connection puts every unacknowledged request back and cancels its deliveries in
+  flight. With the result store on, a plain (not streamed) call under way is *orphaned*
+  instead (``DeliveryHandler._pay_once``): it runs on in a task of its own, stores its
+  final result and stops there, publishing and acknowledging nothing; its redelivered copy
+  waits on the job's lease and is answered from the store, so a paid answer is not paid
+  again (§16). On a stop (SIGTERM past its grace) nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from worker.errors import Cancelled
 from worker.heartbeat import JobStats
 from worker.job import Deferral, Envelope, Job, JobOutcome, Rejection, decode_job, failed
 from worker.messages import ErrorCode
-from worker.payonce import PayOnce, Ticket, stored_outcome
+from worker.payonce import Call, PayOnce, Ticket, stored_outcome
 from worker.runner import JobRunner
 from worker.settings import Settings
 from worker.spend import Spending
@@ -81,6 +87,7 @@ class DeliveryHandler:
         identity: str,
         once: PayOnce | None = None,
         spending: Spending | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.once = once  # the result store and the cache, with Redis (§16)
         self.cancelled = CancelledBatches()  # filled from the gateway's announcements (§15)
@@ -91,6 +98,8 @@ class DeliveryHandler:
         self.stats = stats
         self.blocking = blocking
         self.identity = identity
+        self.stopping = stopping or asyncio.Event()  # set: a cancelled delivery leaves no orphan
+        self.orphans: set[asyncio.Future[None]] = set()  # calls kept past a lost connection
         # The worker's own broker users: a message with one of them as user_id is a copy
         # the worker published again, and names its tenant in a header (worker.tenants).
         self.republishers = frozenset(
@@ -169,14 +178,18 @@ class DeliveryHandler:
                     ticket = self.once.ticket(envelope.job_id)
                 try:
                     call = functools.partial(self._call, held_since=received)
-                    if ticket is None or self.once is None:
+                    if ticket is None:
                         outcome = await call(decoded, deltas)
-                    elif paid := await self.once.run(decoded, deltas, ticket, call):
+                    elif paid := await self._pay_once(decoded, deltas, ticket, call, envelope):
                         outcome = paid
                     else:  # answered from the result store (§16): publish it again
                         assert ticket.stored is not None
                         outcome = stored_outcome(ticket.stored)
                     await deltas.settle()  # the result is the job's last message
+                except BaseException:
+                    if ticket is not None and not ticket.orphaned and self.once is not None:
+                        await self.once.done(ticket)  # the lease, given back at once
+                    raise
                 finally:
                     deltas.discard()
             dead_lettered = False
@@ -217,6 +230,54 @@ class DeliveryHandler:
                     cost=cost,
                 )
             self.telemetry.flush_deferred()  # the job has settled: its attempts' measurements
+
+    async def _pay_once(
+        self, job: Job, deltas: DeltaSink, ticket: Ticket, call: Call, envelope: Envelope
+    ) -> JobOutcome | Deferral | None:
+        """:meth:`PayOnce.run`, and for a plain call, its orphaning: a delivery cancelled
+        mid-call (its connection lost) leaves the call running in a task of its own, which
+        stores the result for the redelivered copy (the module docstring)."""
+        assert self.once is not None
+        if job.stream:  # its deltas have nowhere to go: a redelivery streams again
+            return await self.once.run(job, deltas, ticket, call)
+        run = asyncio.ensure_future(self.once.run(job, deltas, ticket, call))
+        try:
+            return await asyncio.shield(run)
+        except asyncio.CancelledError:
+            if run.cancelled() or not ticket.leased or self.stopping.is_set():
+                run.cancel()
+                raise
+            ticket.orphaned = True
+            orphan = asyncio.ensure_future(self._keep_orphan(run, envelope, job, ticket))
+            self.orphans.add(orphan)
+            orphan.add_done_callback(self.orphans.discard)
+            raise
+
+    async def _keep_orphan(
+        self,
+        run: asyncio.Future[JobOutcome | Deferral | None],
+        envelope: Envelope,
+        job: Job,
+        ticket: Ticket,
+    ) -> None:
+        """An orphan's end: store its final result for the redelivered copy; publish and
+        acknowledge nothing (its channel is gone)."""
+        assert self.once is not None
+        try:
+            outcome = await run
+            if isinstance(outcome, JobOutcome) and ticket.stored is None:
+                document = render_result(envelope, job.custom_id, job.model, outcome, self.identity)
+                await self.once.keep(ticket, document)
+                log.info(
+                    "connection lost during the call; result stored for the redelivered copy",
+                    stored=not ticket.leased,
+                )
+            else:
+                log.info("connection lost during the call; the redelivered copy runs it")
+        except Exception:
+            log.exception("connection lost during the call; the call failed after it")
+        finally:
+            await self.once.done(ticket)
 
     async def _call(
         self, job: Job, deltas: DeltaSink, *, held_since: float

@@ -21,7 +21,6 @@ called as if there were no store (the metrics count what was skipped).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from worker.store import (
 )
 from worker.stream.relay import DeltaSink
 
-__all__ = ["H_CACHE", "H_REPLAYED", "PayOnce", "Ticket", "open_pay_once", "stored_outcome"]
+__all__ = ["H_CACHE", "H_REPLAYED", "Call", "PayOnce", "Ticket", "open_pay_once", "stored_outcome"]
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +77,7 @@ class Ticket:
     renewal: asyncio.Task[None] | None = None
     stored: bytes | None = None  # the stored result to publish again, when there is one
     leased: bool = False
+    orphaned: bool = False  # its connection was lost mid-call: store the result, then stop
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,12 +154,12 @@ class PayOnce:
 
     async def done(self, ticket: Ticket) -> None:
         """End the delivery's lease (the job settled, or will be delivered again)."""
+        # Stop the renewals first, at once: a delivery cancelled while it releases must not
+        # leave a lease renewed forever. A renewal still on its way finds the lease gone.
         if ticket.renew_at is not None:
             ticket.renew_at.cancel()
         if ticket.renewal is not None:
             ticket.renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticket.renewal
         if ticket.leased and self.store.results is not None:
             await self.store.results.release(ticket.job_id, ticket.holder)
 

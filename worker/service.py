@@ -132,6 +132,7 @@ class Worker:
             self.identity,
             self.once,
             self.spending,
+            stopping=self._stop.requested,
         )
         self.heartbeat = Heartbeat(
             settings,
@@ -358,7 +359,7 @@ class Worker:
         """Stop deliveries and heartbeats at once; give in-flight jobs until ``deadline``;
         cancel the rest. No wait outlasts the deadline or a second signal."""
         self._draining = True  # a delivery still on its way is not started
-        pending = set(self._tasks)
+        pending = set(self._tasks) | self.delivery.orphans
         log.info(
             "draining",
             in_flight=len(pending),

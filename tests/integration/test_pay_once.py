@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection
+from brokerctl import close_connections_of
 from support.broker import Replies, publish
 from support.process import free_port
 
@@ -284,3 +286,62 @@ async def test_a_call_longer_than_the_lease_keeps_it_renewed(
     results = results_of(await replies.until_results(2, timeout=40))
     assert calls_for(mock) == 1
     assert sorted(str(r.metadata.cache) for r in results) == ["None", "stored"]
+
+
+async def test_a_call_under_way_when_the_connection_is_lost_is_not_paid_again(
+    start_worker: StartWorker,
+    connection: AbstractConnection,
+    replies: Replies,
+    mock: MockUpstream,
+    redis_url: str,
+    settings: Any,
+) -> None:
+    """The broker puts the request back when the worker's connection goes; the call under
+    way runs on and stores its result, and the redelivered copy is answered from it."""
+    await start_worker(redis_url=redis_url, result_ttl=60)
+    request = line("orphan", mock={"latency": 6.0})  # rabbitmqctl takes seconds
+    job_id = f"job-orphan-{uuid.uuid4().hex}"
+    await publish(
+        connection, settings.request_queue, request, message_id=job_id, reply_to=replies.name
+    )
+    async with asyncio.timeout(10):
+        while calls_for(mock) < 1:
+            await asyncio.sleep(0.02)
+    assert await asyncio.to_thread(close_connections_of, os.getpid())
+    (result,) = results_of(await replies.until_results(1, timeout=40))
+    assert result.id == job_id and result.error is None
+    assert result.metadata.cache == "stored", "answered from the orphan's stored result"
+    await asyncio.sleep(1.0)
+    assert not results_of(replies.drain()), "exactly one result"
+    assert calls_for(mock) == 1, "the answer was paid once"
+
+
+async def test_a_delivery_stopped_mid_call_gives_its_lease_back(
+    start_worker: StartWorker,
+    connection: AbstractConnection,
+    mock: MockUpstream,
+    redis_url: str,
+    settings: Any,
+) -> None:
+    """A stop past its grace cancels the call and ends the lease at once (before, the
+    lease's renewals outlived the cancelled delivery): the next worker takes the job
+    without waiting on a lease nobody holds."""
+    import redis.asyncio as redis
+
+    worker = await start_worker(redis_url=redis_url, result_ttl=60, shutdown_grace=0.5)
+    job_id = f"job-stopped-{uuid.uuid4().hex}"
+    request = line("stopped", mock={"latency": 30.0})
+    await publish(connection, settings.request_queue, request, message_id=job_id)
+    async with asyncio.timeout(10):
+        while calls_for(mock) < 1:
+            await asyncio.sleep(0.02)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        lease = f"cw:lease:{{{job_id}}}"
+        assert await client.exists(lease), "the call holds the job's lease"
+        worker.stop()
+        async with asyncio.timeout(10):
+            while await client.exists(lease):
+                await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
