@@ -66,7 +66,7 @@ def private_redis() -> Iterator[str]:
     take every other client's scripts too."""
     server = shutil.which("redis-server")
     if server is None:
-        pytest.skip("needs redis-server on the PATH")
+        pytest.fail("redis-server is not on the PATH (Debian's redis-server; .ci/run installs it)")
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         process = subprocess.Popen(
