@@ -68,7 +68,7 @@ def open_store(
         from worker.store.backends.redis import RedisBackend
 
         assert redis_url is not None
-        backend = RedisBackend(redis_url, connect_timeout=config.timeout)
+        backend = RedisBackend(redis_url, connect_timeout=config.timeout, timeout=config.timeout)
     metrics = StoreMetrics()
 
     def changed(old: CircuitState, new: CircuitState, reason: str) -> None:
