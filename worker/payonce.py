@@ -8,8 +8,9 @@ its checks:
    by another delivery is waited for (at most ten seconds), then the job goes round a
    delay queue; a dead letter replayed on purpose (``x-replayed``) ignores the store. The
    lease lives 30 s and is renewed while the call runs.
-2. With the cache on for the job (``WORKER_CACHE`` or its ``x-cache`` header), a stored
-   answer to the same tenant, model and body is served (``"hit"``: no call, cost 0; a
+2. With the cache on for the job (``WORKER_CACHE`` or its ``x-cache`` header), looked up
+   in the same write to Redis as the lease, a stored answer to the same tenant, model and
+   body is served (``"hit"``: no call, cost 0; a
    streamed job gets its deltas); a miss is called and its successful answer kept.
 3. :meth:`PayOnce.keep` stores the final result before it is published and ends the
    lease in the same round trip; :meth:`PayOnce.done` ends it when nothing was stored.
@@ -97,12 +98,22 @@ class PayOnce:
     ) -> JobOutcome | Deferral | None:
         """The job's outcome (``call(job, deltas)``, or served from the cache), a deferral,
         or None when ``ticket.stored`` holds a stored result to publish again instead."""
-        results = self.store.results
+        results, cache = self.store.results, self.store.cache
+        digest = None
+        if cache is not None and enabled_for(job.envelope.headers.get(H_CACHE), self.cache_default):
+            digest = cache_key(job.envelope.tenant, job.body)
+        hit: CachedAnswer | Skipped | None = None
+        looked = False  # whether `hit` answers for this delivery
         if results is not None:
             replayed = _truthy(job.envelope.headers.get(H_REPLAYED))
-            lease = await results.acquire(
-                ticket.job_id, ticket.holder, self.lease_ttl, reuse=not replayed
-            )
+            take = results.acquire(ticket.job_id, ticket.holder, self.lease_ttl, reuse=not replayed)
+            if digest is not None and cache is not None:
+                # The lease and the cache's answer in one write to Redis (the store's
+                # commands are pipelined); the answer counts only if the lease is taken.
+                lease, hit = await asyncio.gather(take, cache.get(digest, counted=False))
+                looked = isinstance(lease, Acquired | Skipped)
+            else:
+                lease = await take
             if isinstance(lease, Held):
                 lease = await results.wait_for(
                     ticket.job_id,
@@ -128,11 +139,11 @@ class PayOnce:
                 ticket.renew_at = asyncio.get_running_loop().call_later(
                     self.lease_ttl * RENEW_EVERY, self._start_renewing, ticket
                 )
-        cache = self.store.cache
-        digest = None
-        if cache is not None and enabled_for(job.envelope.headers.get(H_CACHE), self.cache_default):
-            digest = cache_key(job.envelope.tenant, job.body)
-            hit = await cache.get(digest)
+        if digest is not None and cache is not None:
+            if looked:
+                cache.count(hit)
+            else:
+                hit = await cache.get(digest)
             if isinstance(hit, CachedAnswer):
                 return await self._serve(job, hit, deltas)
             if isinstance(hit, Skipped):

@@ -5,7 +5,7 @@ billed, whatever the client did with it. The mock is ``worker.mock.upstream`` un
 this wrapper only
 
 - reads the job id from the prompt (``"<job id>: soak job"``, as ``soak.py`` writes it);
-- wraps the module's ``_reply`` and ``_stream`` to learn the fault the mock planned for
+- wraps the module's ``_send`` and ``_stream`` to learn the fault the mock planned for
   the request (a complete answer is one planned without a fault, or with a stall that the
   client waited out: a malformed body, an error event or a dropped connection is not);
 - in a middleware, finishes sending a plain answer itself (``prepare`` and ``write_eof``,
@@ -41,7 +41,7 @@ _slot: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
 )
 paid: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
 calls: collections.Counter[str] = collections.Counter()
-_reply, _stream = mock_upstream._reply, mock_upstream._stream
+_send, _stream = mock_upstream._send, mock_upstream._stream
 
 
 def job_of(body: Any) -> str | None:
@@ -61,9 +61,9 @@ def _planned(plan: Any, *, stream: bool) -> None:
         slot["fault"], slot["answered"], slot["stream"] = plan.fault, True, stream
 
 
-async def _reply_noted(request: web.Request, headers: Any, plan: Any, base: Any) -> Any:
+async def _send_noted(request: web.Request, headers: Any, plan: Any, reply: Any) -> Any:
     _planned(plan, stream=False)
-    return await _reply(request, headers, plan, base)
+    return await _send(request, headers, plan, reply)
 
 
 async def _stream_noted(request: web.Request, headers: Any, plan: Any, base: Any) -> Any:
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
-    mock_upstream._reply = _reply_noted  # type: ignore[assignment]
+    mock_upstream._send = _send_noted  # type: ignore[assignment]
     mock_upstream._stream = _stream_noted  # type: ignore[assignment]
     config = MockConfig(
         latency=args.latency,

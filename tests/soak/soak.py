@@ -156,16 +156,21 @@ async def main(args: argparse.Namespace) -> int:
             "0.005",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
     mock_url = f"http://127.0.0.1:{mock_port}"
     for _ in range(200):
+        if mock.poll() is not None:
+            raise SystemExit(
+                f"soak: the mock upstream exited ({mock.returncode}) before it listened"
+            )
         try:
             if httpx.get(f"{mock_url}/healthz").status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         await asyncio.sleep(0.05)
+    else:
+        raise SystemExit("soak: the mock upstream did not listen within 10 s")
     connection = await aio_pika.connect(args.amqp_url)
     await declare(connection, settings)
     channel = await connection.channel()

@@ -170,9 +170,10 @@ class AnswerCache:
     def key(self, digest: str) -> str:
         return f"{self._prefix}:cache:{digest}"
 
-    async def get(self, digest: str) -> CachedAnswer | Skipped | None:
+    async def get(self, digest: str, *, counted: bool = True) -> CachedAnswer | Skipped | None:
         """The answer stored under ``digest`` (from :func:`cache_key`); None: a miss;
-        :class:`Skipped`: Redis unavailable, so the cache is off for this job."""
+        :class:`Skipped`: Redis unavailable, so the cache is off for this job.
+        ``counted=False``: a look ahead, which :meth:`count` counts if it is used."""
         key = self.key(digest)
         found = await self._circuit.call("cache_get", lambda: self._backend.get(key))
         if isinstance(found, Skipped):
@@ -184,11 +185,16 @@ class AnswerCache:
                 answer = CachedAnswer.from_bytes(found)
             except ValueError:  # another writer's key, or a format of the past: a miss
                 answer = None
+        if counted:
+            self.count(answer)
+        return answer
+
+    def count(self, answer: CachedAnswer | Skipped | None) -> None:
+        """Count a lookup's answer as a hit or a miss (a skipped one was counted as such)."""
         if answer is None:
             self.metrics.cache_misses += 1
-        else:
+        elif isinstance(answer, CachedAnswer):
             self.metrics.cache_hits += 1
-        return answer
 
     async def put(self, digest: str, answer: CachedAnswer, ttl: float | None = None) -> bool:
         """Keep a successful ``answer`` for ``ttl`` seconds (the cache's by default); False:
