@@ -234,13 +234,14 @@ class DeliveryHandler:
     async def _pay_once(
         self, job: Job, deltas: DeltaSink, ticket: Ticket, call: Call, envelope: Envelope
     ) -> JobOutcome | Deferral | None:
-        """:meth:`PayOnce.run`, and for a plain call, its orphaning: a delivery cancelled
-        mid-call (its connection lost) leaves the call running in a task of its own, which
-        stores the result for the redelivered copy (the module docstring)."""
+        """:meth:`PayOnce.run`, and for a plain call, its result kept at once and its
+        orphaning: a delivery cancelled mid-call (its connection lost) leaves the call
+        running in a task of its own, which stores the result for the redelivered copy
+        (the module docstring)."""
         assert self.once is not None
         if job.stream:  # its deltas have nowhere to go: a redelivery streams again
             return await self.once.run(job, deltas, ticket, call)
-        run = asyncio.ensure_future(self.once.run(job, deltas, ticket, call))
+        run = asyncio.ensure_future(self._run_and_keep(job, deltas, ticket, call, envelope))
         try:
             return await asyncio.shield(run)
         except asyncio.CancelledError:
@@ -248,32 +249,43 @@ class DeliveryHandler:
                 run.cancel()
                 raise
             ticket.orphaned = True
-            orphan = asyncio.ensure_future(self._keep_orphan(run, envelope, job, ticket))
+            orphan = asyncio.ensure_future(self._orphan(run, ticket))
             self.orphans.add(orphan)
             orphan.add_done_callback(self.orphans.discard)
             raise
 
-    async def _keep_orphan(
-        self,
-        run: asyncio.Future[JobOutcome | Deferral | None],
-        envelope: Envelope,
-        job: Job,
-        ticket: Ticket,
+    async def _run_and_keep(
+        self, job: Job, deltas: DeltaSink, ticket: Ticket, call: Call, envelope: Envelope
+    ) -> JobOutcome | Deferral | None:
+        """The call, then its final result stored at once (§16: before it is published),
+        so that a delivery cancelled from here on leaves it stored."""
+        assert self.once is not None
+        outcome = await self.once.run(job, deltas, ticket, call)
+        if isinstance(outcome, JobOutcome) and ticket.leased:
+            ticket.document = render_result(
+                envelope, job.custom_id, job.model, outcome, self.identity
+            )
+            await self.once.keep(ticket, ticket.document)
+        return outcome
+
+    async def _orphan(
+        self, run: asyncio.Future[JobOutcome | Deferral | None], ticket: Ticket
     ) -> None:
-        """An orphan's end: store its final result for the redelivered copy; publish and
-        acknowledge nothing (its channel is gone)."""
+        """An orphan's end: its call and the result's storing finish; nothing is published
+        or acknowledged (its channel is gone)."""
         assert self.once is not None
         try:
             outcome = await run
-            if isinstance(outcome, JobOutcome) and ticket.stored is None:
-                document = render_result(envelope, job.custom_id, job.model, outcome, self.identity)
-                await self.once.keep(ticket, document)
+            if ticket.document is not None:
                 log.info(
                     "connection lost during the call; result stored for the redelivered copy",
                     stored=not ticket.leased,
                 )
             else:
-                log.info("connection lost during the call; the redelivered copy runs it")
+                log.info(
+                    "connection lost during the call; the redelivered copy runs it",
+                    deferred=isinstance(outcome, Deferral),
+                )
         except Exception:
             log.exception("connection lost during the call; the call failed after it")
         finally:
@@ -311,9 +323,12 @@ class DeliveryHandler:
                 retry_in_s=tier,
             )
             return False
-        document = render_result(envelope, custom_id, model, outcome, self.identity)
-        if ticket is not None and self.once is not None:
-            await self.once.keep(ticket, document)  # before it is published (§16)
+        if ticket is not None and ticket.document is not None:
+            document = ticket.document  # stored already, right after the call
+        else:
+            document = render_result(envelope, custom_id, model, outcome, self.identity)
+            if ticket is not None and self.once is not None:
+                await self.once.keep(ticket, document)  # before it is published (§16)
         error = outcome.error
         dead_lettered = False
         # A cancelled line is no failure to look into: its result says so, and a dead
