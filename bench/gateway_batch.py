@@ -223,6 +223,36 @@ async def memory(fleet: Fleet, megabytes: int) -> dict[str, float]:
     return {"idle": idle, "upload": up, "download": down, "mb": size / 2**20}
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """user + system CPU seconds so far of each named process (0 for one that is gone)."""
+    found = {}
+    for name, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+            found[name] = times.user + times.system
+        except psutil.Error:
+            found[name] = 0.0
+    return found
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ's Erlang VM (beam.smp), if this machine runs one."""
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] and "beam" in process.info["name"]:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "rabbit" in cmdline and "cw1@" not in cmdline:
+                return int(process.pid)
+    return None
+
+
+async def measured(pids: dict[str, int], work: Awaitable[float]) -> tuple[float, dict[str, float]]:
+    """``work``'s seconds, and the CPU seconds each process spent meanwhile."""
+    before = cpu_seconds(pids)
+    seconds = await work
+    after = cpu_seconds(pids)
+    return seconds, {name: after[name] - before[name] for name in pids}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lines", type=int, default=50_000)
@@ -232,8 +262,17 @@ async def main() -> None:
         fleet = Fleet(Path(folder))
         await fleet.start()
         try:
-            direct = await straight_to_queue(fleet, args.lines)
-            gateway = await through_gateway(fleet, args.lines)
+            pids = {
+                "gateway": fleet.procs[1].pid,
+                "worker 1": fleet.procs[2].pid,
+                "worker 2": fleet.procs[3].pid,
+                "mock": fleet.procs[0].pid,
+                "bench (publisher, collector)": os.getpid(),
+            }
+            if (broker := broker_pid()) is not None:
+                pids["broker"] = broker
+            direct, direct_cpu = await measured(pids, straight_to_queue(fleet, args.lines))
+            gateway, gateway_cpu = await measured(pids, through_gateway(fleet, args.lines))
             rss = await memory(fleet, args.upload_mb)
         finally:
             fleet.stop()
@@ -241,6 +280,16 @@ async def main() -> None:
     print(f"\n{'path':<28}{'lines':>8}{'seconds':>10}{'lines/s':>10}")
     for name, seconds in (("straight to the queue", direct), ("through the gateway", gateway)):
         print(f"{name:<28}{args.lines:>8}{seconds:>10.2f}{args.lines / seconds:>10.0f}")
+    print(f"\nCPU seconds (machine: {os.cpu_count()} CPUs){'straight':>14}{'gateway':>10}")
+    for name in direct_cpu:
+        print(f"  {name:<36}{direct_cpu[name]:>10.1f}{gateway_cpu[name]:>10.1f}")
+    total_direct, total_gateway = sum(direct_cpu.values()), sum(gateway_cpu.values())
+    print(f"  {'all':<36}{total_direct:>10.1f}{total_gateway:>10.1f}")
+    print(
+        f"  gateway per line: {gateway_cpu['gateway'] / args.lines * 1e6:.0f} us; CPU busy: "
+        f"{total_direct / direct / (os.cpu_count() or 1):.0%} straight, "
+        f"{total_gateway / gateway / (os.cpu_count() or 1):.0%} through the gateway"
+    )
     print(
         f"\ngateway RSS, MiB ({rss['mb']:.0f} MiB file): idle {rss['idle']:.0f}, "
         f"upload peak {rss['upload']:.0f}, download peak {rss['download']:.0f}"

@@ -28,11 +28,14 @@ from functools import partial
 from typing import Any
 
 import aiormq
+from aio_pika.abc import AbstractChannel
 from aiormq.abc import ChannelFrame
 from pamqp import frame as pamqp_frame
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
-__all__ = ["Outbox", "PreparedPublish", "refusal", "returned"]
+__all__ = ["Outbox", "PreparedPublish", "RobustOutbox", "encode_publish", "refusal", "returned"]
 
 _FRAME_HEADER = struct.Struct(">BHI")  # frame type, channel, payload size
 _CONTENT_HEADER = struct.Struct(">HxxQ")  # class id, weight (0), body size
@@ -147,6 +150,43 @@ class Outbox:
             returns[message_id] = tag
             confirmation.add_done_callback(partial(_forget, returns, message_id, tag))
         return ChannelFrame(payload=b"".join(item[0] for item in batch), should_close=False)
+
+
+def encode_publish(
+    channel: aiormq.Channel,
+    routing_key: str,
+    properties: Basic.Properties,
+    body: bytes,
+    *,
+    exchange: str = "",
+    mandatory: bool = True,
+) -> bytes:
+    """One publish's frames for :meth:`Outbox.send`, encoded by pamqp as aiormq's
+    ``basic_publish`` encodes them (for publishes whose properties differ each time)."""
+    frames: list[Any] = [
+        Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
+        ContentHeader(body_size=len(body), properties=properties),
+    ]
+    size = channel.max_content_size
+    frames += [ContentBody(body[k : k + size]) for k in range(0, len(body), size)]
+    return b"".join(pamqp_frame.marshal(frame, channel.number) for frame in frames)
+
+
+class RobustOutbox:
+    """The :class:`Outbox` of the channel now under a robust aio-pika channel (a new one
+    after a reconnect)."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        self._outbox: Outbox | None = None
+
+    async def get(self) -> Outbox:
+        channel = await self.channel.get_underlay_channel()
+        if self._outbox is None or self._outbox.channel is not channel:
+            if not isinstance(channel, aiormq.Channel):
+                raise TypeError(f"an aiormq channel is needed, not {type(channel).__name__}")
+            self._outbox = Outbox(channel)
+        return self._outbox
 
 
 def _forget(returns: dict[str, int], message_id: str, tag: int, _: asyncio.Future[Any]) -> None:

@@ -18,13 +18,10 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.frame import marshal
-from pamqp.header import ContentHeader
 from pydantic import ValidationError
 
-from worker.amqp.outbox import Outbox
+from worker.amqp.outbox import RobustOutbox, encode_publish
 from worker.amqp.topology import H_DEADLINE, H_JOB_ID
 from worker.gateway.chunks import CleanStream, Diverged, event
 from worker.gateway.errors import ApiError, BadRequest, TooLarge, Unavailable, job_error
@@ -63,7 +60,7 @@ class Calls:
         self.settings = settings
         self.metrics = metrics
         self.lane = settings.call_lane
-        self._outbox_of: Outbox | None = None
+        self._outbox = RobustOutbox(channel)
 
     async def publish(self, call: Call, raw: bytes, tenant: str | None) -> None:
         """The call as one request message (§3), confirmed by the broker.
@@ -93,31 +90,14 @@ class Calls:
             app_id=APP_ID,
         )
         try:
-            outbox = await self._outbox()
-            channel = outbox.channel
-            frames: list[Any] = [
-                Basic.Publish(exchange="", routing_key=self.lane, mandatory=True),
-                ContentHeader(body_size=len(line), properties=properties),
-            ]
-            size = channel.max_content_size
-            frames += [ContentBody(line[k : k + size]) for k in range(0, len(line), size)]
-            payload = b"".join(marshal(frame, channel.number) for frame in frames)
-            await outbox.send(payload, call.id)
+            outbox = await self._outbox.get()
+            await outbox.send(encode_publish(outbox.channel, self.lane, properties, line), call.id)
         except aiormq.exceptions.PublishError:
             raise Unavailable(f"no queue {self.lane!r} takes calls (WORKER_GATEWAY_LANE)") from None
         except aiormq.exceptions.DeliveryError:
             raise Unavailable("the broker refused the call; try again") from None
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError):
             raise Unavailable("the broker is out of reach; try again") from None
-
-    async def _outbox(self) -> Outbox:
-        """The outbox of the channel now under the robust one (a new one after a reconnect)."""
-        channel = await self.channel.get_underlay_channel()
-        if self._outbox_of is None or self._outbox_of.channel is not channel:
-            if not isinstance(channel, aiormq.Channel):
-                raise TypeError(f"an aiormq channel is needed, not {type(channel).__name__}")
-            self._outbox_of = Outbox(channel)
-        return self._outbox_of
 
 
 CALLS = web.AppKey("calls", Calls)

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
+from pamqp.commands import Basic
 
 from worker.amqp.cancellations import H_BATCH_ID
+from worker.amqp.outbox import RobustOutbox, encode_publish
 from worker.amqp.topology import H_DEADLINE
 from worker.gateway.output import job_id
 from worker.gateway.store import Record
@@ -27,21 +28,27 @@ class PublishRefused(Exception):
 
 
 class LinePublisher:
-    """Publishes lines to ``lane`` with ``reply_to`` the gateway's results queue."""
+    """Publishes lines to ``lane`` with ``reply_to`` the gateway's results queue.
+
+    Through the worker's :class:`~worker.amqp.outbox.Outbox`: a chunk's lines leave in one
+    write and their confirms are plain futures (an aio-pika publish a line cost the
+    gateway a task, a drain and pamqp's encoding of a ``Message`` each: a tenth of its
+    CPU in a 20,000-line batch).
+    """
 
     def __init__(self, channel: AbstractChannel, lane: str, reply_to: str) -> None:
         self.channel, self.lane, self.reply_to = channel, lane, reply_to
+        self._outbox = RobustOutbox(channel)
 
-    def message(self, batch: Record, line_no: int, raw: bytes) -> aio_pika.Message:
+    def properties(self, batch: Record, line_no: int) -> Basic.Properties:
         deadline = datetime.fromtimestamp(batch["expires_at"], UTC).isoformat()
         headers: dict[str, Any] = {H_BATCH_ID: batch["id"], H_DEADLINE: deadline}
         if batch["tenant"] is not None:
             headers[H_TENANT] = batch["tenant"]
         job = job_id(batch["id"], line_no)
-        return aio_pika.Message(
-            raw.strip(),
+        return Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=2,
             message_id=job,
             correlation_id=job,
             reply_to=self.reply_to,
@@ -51,11 +58,12 @@ class LinePublisher:
 
     async def publish(self, batch: Record, lines: Sequence[tuple[int, bytes]]) -> None:
         """Publish every line, confirmed; raises :class:`PublishRefused` if one is not."""
-        exchange = self.channel.default_exchange
-        sent = [
-            exchange.publish(self.message(batch, n, raw), self.lane, mandatory=True)
-            for n, raw in lines
-        ]
+        outbox = await self._outbox.get()
+        sent = []
+        for n, raw in lines:
+            properties = self.properties(batch, n)
+            payload = encode_publish(outbox.channel, self.lane, properties, raw.strip())
+            sent.append(outbox.send(payload, properties.message_id or ""))
         outcomes = await asyncio.gather(*sent, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, aiormq.exceptions.PublishError):
