@@ -20,9 +20,11 @@ $(VENV)/.base: pyproject.toml
 	$(call INSTALL,-e .)
 	touch $@
 
-# Everything the tests, the docs and the benchmarks use.
+# Everything the tests, the docs and the benchmarks use (a variable: a comma in $(call)
+# would split its argument).
+DEV_EXTRAS := .[dev,bench]
 $(VENV)/.installed: $(VENV)/.base
-	$(call INSTALL,-e '.[dev,bench]')
+	$(call INSTALL,-e '$(DEV_EXTRAS)')
 	touch $@
 
 demo: $(VENV)/.base
