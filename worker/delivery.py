@@ -265,14 +265,7 @@ class DeliveryHandler:
             ticket.document = render_result(
                 envelope, job.custom_id, job.model, outcome, self.identity
             )
-            keep = self.once.keep(ticket, ticket.document)
-            if outcome.cache == "hit":
-                # A hit's answer is in the cache already (a copy delivered before this
-                # lands is answered from it, free): its storing goes alongside the publish,
-                # and the delivery is acknowledged once both are done.
-                ticket.keeping = asyncio.ensure_future(keep)
-            else:
-                await keep
+            await self.once.keep(ticket, ticket.document)
         return outcome
 
     async def _orphan(
@@ -360,8 +353,6 @@ class DeliveryHandler:
                     },
                 )
         await publisher.result(envelope, custom_id, outcome, document, trace)
-        if ticket is not None and ticket.keeping is not None:
-            await ticket.keeping
         await message.ack()
         usage = outcome.usage or {}
         log.info(

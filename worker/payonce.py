@@ -82,7 +82,6 @@ class Ticket:
     leased: bool = False
     orphaned: bool = False  # its connection was lost mid-call: store the result, then stop
     document: bytes | None = None  # the final result, once rendered and kept right after the call
-    keeping: asyncio.Future[None] | None = None  # a cache hit's storing, alongside its publish
     extra: dict[str, Any] = field(default_factory=dict)
 
 
