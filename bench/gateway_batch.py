@@ -24,6 +24,8 @@ import aiohttp
 import orjson
 import psutil
 
+from worker.amqp.topology import DELAY_TIERS, delay_queue_name
+
 AMQP = os.environ.get("WORKER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
@@ -117,6 +119,8 @@ class Fleet:
         channel = await connection.channel()
         for name in ("WORKER_REQUEST_QUEUE", "WORKER_RESULT_QUEUE", "WORKER_DEAD_LETTER_QUEUE"):
             await channel.queue_delete(self.env[name])
+        for seconds in DELAY_TIERS:
+            await channel.queue_delete(delay_queue_name(self.queue, seconds, "quorum"))
         await channel.queue_delete(self.env["WORKER_GATEWAY_RESULTS_QUEUE"])
         await connection.close()
 

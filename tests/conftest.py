@@ -73,6 +73,22 @@ def _redis_answers(url: str) -> str | None:
     return None
 
 
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A Redis key prefix of this test's own; its keys (``<prefix>:*``) are deleted after."""
+    import redis.asyncio as aioredis
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{name}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real Redis: ``WORKER_TEST_REDIS_URL``, the local one on 6379, else a throwaway
@@ -116,6 +132,10 @@ def redis_url() -> Iterator[str]:
     )
 
 
+#: lanes tests name beside their request queue (``<request queue>.batch``, …)
+LANES = ("interactive", "batch")
+
+
 @pytest.fixture
 def names() -> dict[str, str]:
     """Queue and exchange names of this test alone."""
@@ -148,11 +168,11 @@ async def connection(amqp_url: str, names: dict[str, str]) -> AsyncIterator[Abst
     channel = await conn.channel()
     for name in (names["request_queue"], names["result_queue"], names["dead_letter_queue"]):
         await channel.queue_delete(name)
-    for seconds in DELAY_TIERS:
-        for queue_type in ("quorum", "classic"):
-            await channel.queue_delete(
-                delay_queue_name(names["request_queue"], seconds, queue_type)
-            )
+    # The request queue and the lanes tests add beside it, with their delay queues.
+    for lane in (names["request_queue"], *(f"{names['request_queue']}.{n}" for n in LANES)):
+        for seconds in DELAY_TIERS:
+            for queue_type in ("quorum", "classic"):
+                await channel.queue_delete(delay_queue_name(lane, seconds, queue_type))
     await channel.exchange_delete(names["result_exchange"])
     await channel.exchange_delete(names["events_exchange"])
     await channel.exchange_delete(names["events_exchange"] + ".batch-cancel")

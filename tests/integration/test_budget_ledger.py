@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,17 +33,9 @@ def rules(*entries: dict[str, Any]) -> BudgetsFile:
 
 
 @pytest.fixture
-async def prefix(redis_url: str) -> AsyncIterator[str]:
+def prefix(redis_prefix: str) -> str:
     """A key prefix of this test's own; its keys are deleted after it."""
-    name = f"test-budget:{uuid.uuid4().hex[:12]}"
-    yield name
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{name}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    return redis_prefix
 
 
 @pytest.fixture

@@ -126,6 +126,7 @@ async def test_calls_stop_at_the_tenants_limit_and_other_tenants_go_on(
     replies: Replies,
     mock: MockUpstream,
     redis_url: str,
+    redis_prefix: str,
     tmp_path: Path,
     settings: Any,
 ) -> None:
@@ -160,7 +161,7 @@ async def test_calls_stop_at_the_tenants_limit_and_other_tenants_go_on(
         budgets_file=budgets(tmp_path, usd_per_day=70),
     )
     assert worker.spending.ledger is not None
-    worker.spending.ledger.prefix = f"test-budget-{uuid.uuid4().hex}"
+    worker.spending.ledger.prefix = redis_prefix
     for tenant in ["team-a"] * 5 + ["team-b"] * 2:
         await publish(
             connection,
@@ -186,6 +187,7 @@ async def test_wait_resumes_when_the_period_turns(
     connection: AbstractConnection,
     replies: Replies,
     redis_url: str,
+    redis_prefix: str,
     tmp_path: Path,
     settings: Any,
 ) -> None:
@@ -197,7 +199,7 @@ async def test_wait_resumes_when_the_period_turns(
     )
     ledger = worker.spending.ledger
     assert ledger is not None
-    ledger.prefix = f"test-budget-{uuid.uuid4().hex}"
+    ledger.prefix = redis_prefix
     # One second before midnight, UTC, with most of the day's tokens spent already: the job
     # waits (round the delay queues) for the day to turn.
     day = datetime(2030, 1, 1, 23, 59, 59, tzinfo=UTC)
