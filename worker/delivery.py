@@ -240,7 +240,7 @@ class DeliveryHandler:
         (the module docstring)."""
         assert self.once is not None
         if job.stream:  # its deltas have nowhere to go: a redelivery streams again
-            return await self.once.run(job, deltas, ticket, call)
+            return await self._run_and_keep(job, deltas, ticket, call, envelope)
         run = asyncio.ensure_future(self._run_and_keep(job, deltas, ticket, call, envelope))
         try:
             return await asyncio.shield(run)
@@ -324,11 +324,9 @@ class DeliveryHandler:
             )
             return False
         if ticket is not None and ticket.document is not None:
-            document = ticket.document  # stored already, right after the call
+            document = ticket.document  # stored already, right after the call (§16)
         else:
             document = render_result(envelope, custom_id, model, outcome, self.identity)
-            if ticket is not None and self.once is not None:
-                await self.once.keep(ticket, document)  # before it is published (§16)
         error = outcome.error
         dead_lettered = False
         # A cancelled line is no failure to look into: its result says so, and a dead
